@@ -1,0 +1,174 @@
+"""Synthetic regression data: generation, splits, Parquet I/O and the ground truth.
+
+y = X·w_true + b_true + nonlinearity·g(X) + noise,   X ~ N(0, I),  noise ~ N(0, noise_std²)
+
+g is chosen to have mean 0, variance 1 and zero covariance with every feature, so
+the best linear model is exactly (w_true, b_true) whatever `nonlinearity` is, its
+excess error is exactly nonlinearity², and the Bayes error is noise_std².
+Rows are drawn in fixed-size blocks, each from its own seeded generator, so the
+files are byte-identical for the same params and memory stays flat at any size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+BLOCK_ROWS = 1 << 18
+G_FORMULA = "g(X) = ((x0**2 - 1)/sqrt(2) + x1*x2) / sqrt(2)"
+
+
+class DataError(PipelineError):
+    """A data file is missing, damaged, or does not match the expected schema."""
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What generated the data: enough to recompute every reference exactly."""
+
+    w_true: list[float]
+    b_true: float
+    noise_std: float
+    nonlinearity: float
+    g: str
+    seed: int
+    n_features: int
+    rows: dict[str, int]
+
+    def to_dict(self) -> dict:
+        """Plain dict for truth.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Truth:
+        """Parse truth.json, naming what is missing."""
+        missing = [f for f in cls.__dataclass_fields__ if f not in raw]
+        if missing:
+            raise DataError(f"truth.json lacks {missing}; rerun `dvc repro generate`")
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+
+
+def g(X: np.ndarray) -> np.ndarray:
+    """The nonlinear part: zero mean, unit variance, uncorrelated with every feature."""
+    return ((X[:, 0] ** 2 - 1.0) / math.sqrt(2.0) + X[:, 1] * X[:, 2]) / math.sqrt(2.0)
+
+
+def true_linear(seed: int, n_features: int) -> tuple[np.ndarray, float]:
+    """The true weights and bias, drawn from the seed alone."""
+    rng = np.random.default_rng([seed, 0])
+    w = rng.standard_normal(n_features)
+    b = float(rng.standard_normal())
+    return w, b
+
+
+def draw_block(
+    seed: int, split: int, block: int, rows: int, w: np.ndarray, b: float,
+    noise_std: float, nonlinearity: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One block of (X, y) as float32, from its own generator so blocks are independent."""
+    rng = np.random.default_rng([seed, 1, split, block])
+    X = rng.standard_normal((rows, w.shape[0]))
+    y = X @ w + b + noise_std * rng.standard_normal(rows)
+    if nonlinearity:
+        y += nonlinearity * g(X)
+    return X.astype(np.float32), y.astype(np.float32)
+
+
+def schema(n_features: int) -> pa.Schema:
+    """Columns x0 … x{d-1} and y, all float32."""
+    return pa.schema([(f"x{i}", pa.float32()) for i in range(n_features)] + [("y", pa.float32())])
+
+
+def _table(X: np.ndarray, y: np.ndarray, sch: pa.Schema) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(X[:, i]) for i in range(X.shape[1])] + [pa.array(y)], schema=sch)
+
+
+def split_blocks(rows: int) -> Iterator[int]:
+    """Block sizes that add up to `rows`."""
+    for start in range(0, rows, BLOCK_ROWS):
+        yield min(BLOCK_ROWS, rows - start)
+
+
+def generate(
+    out_dir: str | Path, *, seed: int, n_samples: int, n_features: int,
+    noise_std: float, nonlinearity: float, rows: dict[str, int],
+) -> Truth:
+    """Write data/{train,val,test}.parquet block by block; return the ground truth."""
+    out_dir = Path(out_dir)
+    w, b = true_linear(seed, n_features)
+    sch = schema(n_features)
+    for split_idx, split in enumerate(SPLITS):
+        with atomic_path(out_dir / f"{split}.parquet") as tmp:
+            with pq.ParquetWriter(tmp, sch, compression="snappy") as writer:
+                for block, size in enumerate(split_blocks(rows[split])):
+                    X, y = draw_block(seed, split_idx, block, size, w, b, noise_std, nonlinearity)
+                    writer.write_table(_table(X, y, sch))
+    return Truth(
+        w_true=w.tolist(), b_true=b, noise_std=noise_std, nonlinearity=nonlinearity,
+        g=G_FORMULA, seed=seed, n_features=n_features, rows=dict(rows),
+    )
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One short id for the whole dataset, from the per-file content hashes."""
+    text = ",".join(f"{k}:{digests[k]}" for k in sorted(digests))
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def read_truth(path: str | Path) -> Truth:
+    """Load truth.json, with a clear error when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return Truth.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; run `dvc repro generate` to create it") from None
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a valid truth file ({exc})") from None
+
+
+def check_consistent(truth: Truth, split: str, X: np.ndarray, path: str | Path) -> None:
+    """Refuse data that does not match truth.json (stale or hand-edited files)."""
+    expected = (truth.rows[split], truth.n_features)
+    if X.shape != expected:
+        raise DataError(
+            f"{path}: has {X.shape[0]} rows x {X.shape[1]} features, but truth.json says "
+            f"{expected[0]} x {expected[1]}; rerun `dvc repro generate`"
+        )
+
+
+def read_split(path: str | Path, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split as (X float32 [n, d], y float32 [n]); clear errors on a bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: missing; run `dvc repro generate` to create it")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    names = table.column_names
+    d = n_features if n_features is not None else len(names) - 1
+    expected = schema(d)
+    if not table.schema.equals(expected):
+        raise DataError(
+            f"{path}: columns {names} with types {[str(t) for t in table.schema.types]}; "
+            f"expected x0..x{d - 1} and y, all float32"
+        )
+    if table.num_rows == 0:
+        raise DataError(f"{path}: has no rows")
+    X = np.empty((table.num_rows, d), dtype=np.float32)
+    for i in range(d):
+        X[:, i] = table.column(i).to_numpy()
+    y = np.array(table.column(d).to_numpy(), dtype=np.float32)  # writable copy for torch
+    return X, y

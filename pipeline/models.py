@@ -1,0 +1,80 @@
+"""The three models, and their weights on disk as plain tensors.
+
+Every model maps X [n, d] to predictions [n, 1]. Weights are saved with
+safetensors together with the small architecture `spec` needed to rebuild the
+module, so loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.files import atomic_path
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def linear(n_features: int) -> nn.Linear:
+    """y = X·W + b: the model behind both linear_gd and linear."""
+    return nn.Linear(n_features, 1)
+
+
+def linear_from_weights(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    """Wrap hand-trained tensors w [d, 1] and b [1] as an nn.Linear (W = wᵀ)."""
+    module = linear(w.shape[0]).to(w.device)
+    with torch.no_grad():
+        module.weight.copy_(w.detach().T)
+        module.bias.copy_(b.detach().reshape(1))
+    return module
+
+
+def mlp(n_features: int, hidden: Sequence[int], activation: str, dropout: float) -> nn.Sequential:
+    """Linear → activation → dropout, once per hidden width, then a linear head."""
+    layers: list[nn.Module] = []
+    width = n_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def build(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its spec: {'kind': 'linear'|'mlp', 'n_features': d, ...}."""
+    if spec["kind"] == "linear":
+        return linear(spec["n_features"])
+    if spec["kind"] == "mlp":
+        return mlp(spec["n_features"], spec["hidden"], spec["activation"], spec["dropout"])
+    raise ValueError(f"unknown model kind {spec['kind']!r}; allowed: linear, mlp")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_weights(model: nn.Module, spec: dict[str, Any], path: str | Path) -> None:
+    """Write the state dict (CPU, contiguous) and spec to a safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec, sort_keys=True)})
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a safetensors file written by `save_weights`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        spec = json.loads((fh.metadata() or {})["spec"])
+    model = build(spec)
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model.to(device).eval(), spec

@@ -1,0 +1,244 @@
+"""The one module that talks to MLflow (and reads the environment for it).
+
+Where runs go is decided once, here: `MLFLOW_TRACKING_URI` when set (a team
+server), else `mlflow.db` and `mlartifacts/` at the workspace root. The root is
+DVC's `DVC_ROOT` when DVC runs the stage, which for queued experiments is the
+real workspace rather than the temp copy they run in, so no run is lost with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+BATCH = 1000  # MLflow's limit on metrics per log_batch call
+PARAM_BATCH = 100  # ... and on params
+
+
+class TrackingError(PipelineError):
+    """The tracking store cannot be used; the message names the URI and the cause."""
+
+
+def workspace_root() -> Path:
+    """The DVC workspace: DVC_ROOT when DVC runs us, else the nearest folder with dvc.yaml."""
+    if root := os.environ.get("DVC_ROOT"):
+        return Path(root).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists():
+            return folder
+    return here
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded SQLite store at the workspace root."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    return f"sqlite:///{(root or workspace_root()) / STORE_FILE}"
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes of retries, when a tracking server is down."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is not reachable ({reason}); start it, "
+            "or unset MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+@contextmanager
+def _store_lock(root: Path) -> Iterator[None]:
+    """Serialise store creation: concurrent first-time SQLite migrations crash."""
+    with open(root / f"{STORE_FILE}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def connect(experiment: str) -> tuple[MlflowClient, str]:
+    """Open the store (creating it and the experiment once, safely); return (client, experiment id)."""
+    root = workspace_root()
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        with _store_lock(root):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
+            )
+    else:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return client, exp_id
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def context_tags() -> dict[str, str]:
+    """Tags every run carries: git commit and, under `dvc exp`, the experiment's name and baseline."""
+    tags = {"git.commit": _git_commit()}
+    tags["mlflow.source.git.commit"] = tags["git.commit"]
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if value := os.environ.get(env):
+            tags[tag] = value
+    return tags
+
+
+class StageRun:
+    """One stage execution = one MLflow run; metrics are buffered and written in batches."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self._metrics: list[Metric] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log flat params (values stringified as MLflow stores them)."""
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], synchronous=True)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set several tags in one call."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Buffer summary metrics; they are written on flush."""
+        ts = _now_ms()
+        self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def log_curve(self, key: str, steps: Sequence[int], values: Sequence[float]) -> None:
+        """Buffer a whole curve (one point per step)."""
+        ts = _now_ms()
+        self._metrics += [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)]
+
+    def flush(self) -> None:
+        """Write buffered metrics in as few calls as MLflow allows."""
+        pending, self._metrics = self._metrics, []
+        for i in range(0, len(pending), BATCH):
+            self.client.log_batch(self.run_id, metrics=pending[i : i + BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
+        """Store a dict as a JSON artifact."""
+        self.client.log_dict(self.run_id, payload, artifact_file)
+
+    def log_dataset(self, path: str | Path, name: str, digest: str, context: str, rows: int) -> None:
+        """Record a data file as an MLflow dataset input; its digest is the file's content hash."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=digest)
+        entity = dataset._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context), InputTag("rows", str(rows))]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
+
+    def log_torch_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
+        """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.to("cpu").eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            pip_requirements=requirements,
+            serialization_format="pt2",
+        )
+        return info.model_uri
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[StageRun]:
+    """Start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM)."""
+    client, exp_id = connect(experiment)
+    all_tags = {"stage": stage, **context_tags(), **tags}
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
+    tracked = StageRun(client, run.info.run_id, exp_id)
+    status = RunStatus.to_string(RunStatus.FINISHED)
+    try:
+        yield tracked
+    except (KeyboardInterrupt, SystemExit):
+        status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    except BaseException:
+        status = RunStatus.to_string(RunStatus.FAILED)
+        raise
+    finally:
+        try:
+            tracked.flush()
+        finally:
+            mlflow.end_run(status)
+
+
+def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The newest finished run whose tags match all of `tags` (lineage look-ups)."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    clauses.append("attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [experiment_id], filter_string=" and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_metrics_to(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics to another (finished) run, e.g. test scores beside their training run."""
+    ts = _now_ms()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])

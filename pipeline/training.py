@@ -1,0 +1,234 @@
+"""Training loops: hand-written gradient descent, and mini-batch training with early stopping.
+
+Both loops keep data and model on one device, batch by slicing a shuffled copy
+of the data (no DataLoader, no per-sample Python), and read losses back to the
+host once per epoch (or once per `log_every` steps for gradient descent), which
+is also where divergence is detected and the progress bar moves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.models import linear_from_weights
+
+
+class Diverged(PipelineError):
+    """The loss became NaN or infinite; carries where, and the curve up to there."""
+
+    def __init__(self, step: int, loss: float, history: History) -> None:
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+        self.history = history
+
+
+@dataclass
+class History:
+    """Loss curves: `step` is the gradient step (linear_gd) or the epoch (mini-batch)."""
+
+    step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    def append(self, step: int, train_loss: float, val_loss: float) -> None:
+        """Record one point of both curves."""
+        self.step.append(step)
+        self.train_loss.append(train_loss)
+        self.val_loss.append(val_loss)
+
+    def rows(self) -> Iterator[tuple[int, float, float]]:
+        """(step, train_loss, val_loss) tuples, for CSV plots."""
+        return zip(self.step, self.train_loss, self.val_loss)
+
+
+@dataclass
+class TrainResult:
+    """A trained model and what happened on the way."""
+
+    model: nn.Module
+    history: History
+    best_step: int
+    stopped_early: bool
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+    step_losses: list[float] = field(default_factory=list)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' → CUDA when present, else CPU; 'cuda' without CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device: got 'cuda', but this machine has no CUDA device; allowed here: auto, cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    """One place that seeds torch and asks for deterministic kernels (bit-for-bit reruns)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def mse(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a model on (X, y), without building a graph; stays on device."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = F.mse_loss(model(X), y)
+    model.train(was_training)
+    return loss
+
+
+def analytic_gradient(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of mean((Xw + b − y)²): 2/n·Xᵀr and 2/n·Σr, with r the residual."""
+    residual = X @ w + b - y
+    n = X.shape[0]
+    return 2.0 / n * X.T @ residual, 2.0 / n * residual.sum().reshape(1)
+
+
+def _check_finite(values: list[float], first_step: int, history: History) -> None:
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise Diverged(first_step + offset, value, history)
+
+
+def train_linear_gd(
+    X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
+    *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
+) -> TrainResult:
+    """Linear regression by full-batch gradient descent, written out as in the source notes.
+
+    Each step: forward pass, mean squared residual, `loss.backward()` (autograd
+    fills w.grad and b.grad), a hand-written update outside autograd, then the
+    gradients are zeroed because backward() accumulates into .grad.
+    """
+    start = time.perf_counter()
+    n_features = X.shape[1]
+    w = torch.zeros(n_features, 1, device=X.device, requires_grad=True)
+    b = torch.zeros(1, device=X.device, requires_grad=True)
+    losses = torch.empty(steps, device=X.device)  # read back in chunks, not every step
+    history = History()
+    extra: dict[str, float] = {}
+    bar = tqdm(total=steps, desc="linear_gd", unit="step", disable=None if progress else True, leave=False)
+    done = 0
+    for step in range(steps):
+        y_hat = X @ w + b                      # forward
+        loss = ((y_hat - y) ** 2).mean()       # mean squared residual
+        loss.backward()                        # autograd: d loss / d w, d loss / d b
+
+        if step == 0:                          # autograd vs. the gradient worked out by hand
+            with torch.no_grad():
+                gw, gb = analytic_gradient(X, y, w, b)
+                diff = torch.maximum((w.grad - gw).abs().max(), (b.grad - gb).abs().max())
+            extra["grad_check_max_abs_diff"] = diff.item()
+
+        with torch.no_grad():                  # the hand-written gradient-descent step
+            w -= lr * w.grad
+            b -= lr * b.grad
+        w.grad.zero_()                         # backward() accumulates: clear for the next step
+        b.grad.zero_()
+        losses[step] = loss.detach()
+
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            chunk = losses[done : step + 1].tolist()
+            _check_finite(chunk, done, history)
+            val = ((X_val @ w + b - y_val) ** 2).mean().item()
+            history.append(step, chunk[-1], val)
+            bar.update(step + 1 - done)
+            bar.set_postfix(loss=f"{chunk[-1]:.4g}", val=f"{val:.4g}")
+            done = step + 1
+    bar.close()
+    model = linear_from_weights(w, b)
+    return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
+
+
+def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer by name; fused kernels where PyTorch has them for this device."""
+    fused = device.type in ("cpu", "cuda")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw")
+
+
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule: constant, cosine to zero, or ÷10 every third of the run."""
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+    raise ValueError(f"unknown schedule {name!r}; allowed: constant, cosine, step")
+
+
+def fit(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
+    *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
+    seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
+) -> TrainResult:
+    """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights."""
+    start = time.perf_counter()
+    device = X.device
+    model.to(device).train()
+    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, device)
+    sched = make_schedule(schedule, opt, epochs)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    history = History()
+    best_val, best_step, best_state, stale = math.inf, 0, None, 0
+    stopped_early = False
+    bar = tqdm(range(epochs), desc=type(model).__name__.lower(), unit="epoch", disable=None if progress else True, leave=False)
+    for epoch in bar:
+        perm = torch.randperm(X.shape[0], device=device, generator=generator)
+        Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices
+        n = Xs.shape[0]
+        batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
+        for j, i in enumerate(range(0, n, batch_size)):
+            loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            batch_losses[j] = loss.detach()
+        sched.step()
+        sizes = torch.full_like(batch_losses, batch_size)
+        sizes[-1] = n - batch_size * (len(batch_losses) - 1)
+        train_loss_t = (batch_losses * sizes).sum() / n
+        val_loss_t = mse(model, X_val, y_val)
+        train_loss, val_loss = torch.stack([train_loss_t, val_loss_t]).tolist()  # one sync per epoch
+        if not math.isfinite(train_loss):
+            per_batch = batch_losses.tolist()
+            bad = next(j for j, v in enumerate(per_batch) if not math.isfinite(v))
+            raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
+        history.append(epoch, train_loss, val_loss)
+        bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
+        if val_loss < best_val:
+            best_val, best_step, stale = val_loss, epoch, 0
+            if patience is not None:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if patience is not None and stale >= patience:
+                stopped_early = True
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_step = history.step[-1]  # no early stopping: the final weights are the ones kept
+    model.eval()
+    return TrainResult(model, history, best_step, stopped_early, time.perf_counter() - start)

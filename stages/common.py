@@ -1,0 +1,65 @@
+"""What every stage entry point shares: config first, one-line errors, signals, paths.
+
+Only light modules are imported here, so a bad params.yaml is reported in well
+under a second, before torch or mlflow are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+DATA = Path("data")
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+def weights_path(model: str) -> Path:
+    """Where a train stage writes its weights (a DVC output)."""
+    return MODELS / f"{model}.safetensors"
+
+
+def loss_plot_path(model: str) -> Path:
+    """Where a train stage writes its loss curves (a DVC plot)."""
+    return PLOTS / "loss" / f"{model}.csv"
+
+
+def split_path(split: str) -> Path:
+    """Where generate writes one split."""
+    return DATA / f"{split}.parquet"
+
+
+def run_name(stage: str) -> str:
+    """Readable MLflow run name: the stage, plus the DVC experiment when there is one."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{stage} [{exp}]" if exp else stage
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def main(stage: str, body: Callable[[config.Config], None]) -> None:
+    """Validate params.yaml, run the stage body, and turn known failures into one line + exit code."""
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
+    try:
+        cfg = config.load()
+    except PipelineError as exc:
+        print(f"{stage}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        body(cfg)
+    except PipelineError as exc:
+        print(f"{stage}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        print(f"{stage}: interrupted ({exc or 'Ctrl-C'}); no output was written", file=sys.stderr)
+        sys.exit(130)

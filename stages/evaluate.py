@@ -1,0 +1,111 @@
+"""DVC stage `evaluate`: score every model on the test split against the two exact references.
+
+Writes metrics/evaluation.json (DVC metrics) and plots/predictions/<model>.csv (DVC
+plots), logs an `evaluate` run, and copies each model's test metrics onto the
+training run that produced its weights, so one MLflow table shows params and test MSE.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+from pipeline import config
+from stages import common
+
+TEST_KEYS = ("mse", "rmse", "mae", "r2")
+
+
+def _predict(path: Any, X: Any) -> tuple[Any, dict[str, Any], Any]:
+    """Load weights from safetensors and predict on X; return (predictions, spec, model)."""
+    import torch
+
+    from pipeline import data, models
+
+    if not path.exists():
+        raise data.DataError(f"{path}: missing; run `dvc repro` to train it")
+    model, spec = models.load_weights(path)
+    with torch.no_grad():
+        pred = torch.cat([model(torch.from_numpy(X[i : i + 65536])) for i in range(0, len(X), 65536)])
+    return pred.numpy().ravel(), spec, model
+
+
+def _write_predictions(name: str, y: Any, pred: Any, points: int) -> None:
+    from pipeline.files import atomic_path
+
+    with atomic_path(common.PLOTS / "predictions" / f"{name}.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((f"{a:.6g}", f"{p:.6g}") for a, p in zip(y[:points], pred[:points]))
+
+
+def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compute every model's test metrics and the references; return (metrics, predictions)."""
+    import numpy as np
+
+    from pipeline import data, evaluation
+
+    truth = data.read_truth(common.DATA / "truth.json")
+    split_data = {}
+    for split in ("train", "test"):
+        path = common.split_path(split)
+        X, y = data.read_split(path, truth.n_features)
+        data.check_consistent(truth, split, X, path)
+        split_data[split] = (X, y)
+    (X_train, y_train), (X_test, y_test) = split_data["train"], split_data["test"]
+
+    w_ls, b_ls = evaluation.least_squares(X_train, y_train)
+    ls = evaluation.regression_metrics(y_test, X_test.astype(np.float64) @ w_ls + b_ls)
+    floor = truth.noise_std**2
+    w_true = np.asarray(truth.w_true)
+    metrics: dict[str, Any] = {
+        "references": {
+            "least_squares": {f"test_{k}": v for k, v in ls.items()}
+            | evaluation.weight_distance(w_ls, b_ls, w_true, truth.b_true),
+            "noise_floor": {"test_mse": floor},
+        }
+    }
+    predictions: dict[str, Any] = {}
+    for name in config.MODEL_NAMES:
+        pred, spec, model = _predict(common.weights_path(name), X_test)
+        scores = {f"test_{k}": v for k, v in evaluation.regression_metrics(y_test, pred).items()}
+        scores |= evaluation.compare_to_references(scores["test_mse"], ls["mse"], floor)
+        if spec["kind"] == "linear":
+            w = model.weight.detach().numpy().ravel()
+            scores |= evaluation.weight_distance(w, float(model.bias.item()), w_true, truth.b_true)
+        metrics[name] = scores
+        predictions[name] = pred
+    predictions["actual"] = y_test
+    return metrics, predictions
+
+
+def run(cfg: config.Config) -> None:
+    """Score, write DVC metrics and plots, then log to MLflow and link each training run."""
+    from pipeline import files, tracking
+
+    metrics, predictions = score_models(cfg)
+    files.write_json(common.METRICS / "evaluation.json", metrics)
+    for name in config.MODEL_NAMES:
+        _write_predictions(name, predictions["actual"], predictions[name], cfg.evaluate.plot_points)
+
+    stage = "evaluate"
+    model_digests = {name: files.md5_file(common.weights_path(name)) for name in config.MODEL_NAMES}
+    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), {"device": "cpu"}) as run:
+        run.log_params(config.stage_params(cfg, stage))
+        run.log_metrics(config.flatten(metrics))
+        run.log_artifact(common.METRICS / "evaluation.json")
+        run.log_artifact(common.PLOTS / "predictions", "plots/predictions")
+        run.log_artifact(common.PLOTS / "loss", "plots/loss")
+        scored = {}
+        for name in config.MODEL_NAMES:
+            train_run = tracking.latest_run(
+                run.client, run.experiment_id, {"stage": f"train@{name}", "model.digest": model_digests[name]}
+            )
+            if train_run:
+                tracking.log_metrics_to(run.client, train_run, metrics[name])
+                scored[f"scored.{name}.run_id"] = train_run
+        run.set_tags(scored)
+
+
+if __name__ == "__main__":
+    common.main("evaluate", run)

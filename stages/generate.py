@@ -1,0 +1,40 @@
+"""DVC stage `generate`: draw the data, write the splits and truth.json, log to MLflow."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline import config
+from stages import common
+
+
+def run(cfg: config.Config) -> None:
+    """Generate, write atomically, then record params, datasets and the true weights."""
+    from pipeline import data, files, tracking
+
+    d = cfg.data
+    rows = d.split.sizes(d.n_samples)
+    start = time.perf_counter()
+    truth = data.generate(
+        common.DATA, seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+        noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=rows,
+    )
+    seconds = time.perf_counter() - start
+    files.write_json(common.DATA / "truth.json", truth.to_dict())
+    digests = {s: files.md5_file(common.split_path(s)) for s in data.SPLITS}
+
+    stage = "generate"
+    tags = {"device": "cpu", "data.digest": data.combined_digest(digests)}
+    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
+        run.log_params(config.stage_params(cfg, stage))
+        for split in data.SPLITS:
+            run.log_dataset(common.split_path(split), split, digests[split], split, rows[split])
+        run.log_metrics({f"rows_{s}": n for s, n in rows.items()} | {
+            "generate_seconds": seconds, "rows_per_second": d.n_samples / seconds,
+        })
+        run.log_dict({"w_true": truth.w_true, "b_true": truth.b_true}, "weights/true_weights.json")
+        run.log_artifact(common.DATA / "truth.json")
+
+
+if __name__ == "__main__":
+    common.main("generate", run)
