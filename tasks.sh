@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One entry point for the project's commands; each installs what it needs first.
+#   ./tasks.sh repro     install into .venv, then `dvc repro` (the whole pipeline)
+#   ./tasks.sh test      install into .venv, then run the test suite
+#   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
+#   ./tasks.sh bench     run the benchmarks (bench/README in RESULTS.md)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="${PYTHON:-python3}"
+
+install() {
+  # Reinstall only when pyproject.toml changed since the last install.
+  local stamp="$VENV/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)"
+  if [[ ! -f "$stamp" ]]; then
+    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+  fi
+  export PATH="$PWD/$VENV/bin:$PATH"
+}
+
+case "${1:-}" in
+  install) install ;;
+  repro)   install; shift; dvc repro "$@" ;;
+  test)    install; shift; python -m pytest "$@" ;;
+  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" ;;
+  bench)   install; shift; python -m bench "$@" ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
+esac
