@@ -1,7 +1,8 @@
 """DVC stage `evaluate`: score every model on the test split against the two exact references.
 
-Writes metrics/evaluation.json (DVC metrics) and plots/predictions/<model>.csv (DVC
-plots), logs an `evaluate` run, and copies each model's test metrics onto the
+Writes metrics/evaluation/<row>.json, one row per model and reference so that
+`dvc metrics show metrics/evaluation` prints a table with one line each, and
+plots/predictions/<model>.csv (DVC plots), logs an `evaluate` run, and copies each model's test metrics onto the
 training run that produced its weights, so one MLflow table shows params and test MSE.
 """
 
@@ -40,7 +41,7 @@ def _write_predictions(name: str, y: Any, pred: Any, points: int) -> None:
 
 
 def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Compute every model's test metrics and the references; return (metrics, predictions)."""
+    """Compute every model's test metrics and the references; return (rows by name, predictions)."""
     import numpy as np
 
     from pipeline import data, evaluation
@@ -59,11 +60,10 @@ def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
     floor = truth.noise_std**2
     w_true = np.asarray(truth.w_true)
     metrics: dict[str, Any] = {
-        "references": {
-            "least_squares": {f"test_{k}": v for k, v in ls.items()}
-            | evaluation.weight_distance(w_ls, b_ls, w_true, truth.b_true),
-            "noise_floor": {"test_mse": floor},
-        }
+        "least_squares": {f"test_{k}": v for k, v in ls.items()}
+        | evaluation.compare_to_references(ls["mse"], ls["mse"], floor)
+        | evaluation.weight_distance(w_ls, b_ls, w_true, truth.b_true),
+        "noise_floor": {"test_mse": floor} | evaluation.compare_to_references(floor, ls["mse"], floor),
     }
     predictions: dict[str, Any] = {}
     for name in config.MODEL_NAMES:
@@ -84,7 +84,8 @@ def run(cfg: config.Config) -> None:
     from pipeline import files, tracking
 
     metrics, predictions = score_models(cfg)
-    files.write_json(common.METRICS / "evaluation.json", metrics)
+    for row, scores in metrics.items():
+        files.write_json(common.METRICS / "evaluation" / f"{row}.json", scores)
     for name in config.MODEL_NAMES:
         _write_predictions(name, predictions["actual"], predictions[name], cfg.evaluate.plot_points)
 
@@ -93,7 +94,7 @@ def run(cfg: config.Config) -> None:
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), {"device": "cpu"}) as run:
         run.log_params(config.stage_params(cfg, stage))
         run.log_metrics(config.flatten(metrics))
-        run.log_artifact(common.METRICS / "evaluation.json")
+        run.log_artifact(common.METRICS / "evaluation", "metrics")
         run.log_artifact(common.PLOTS / "predictions", "plots/predictions")
         run.log_artifact(common.PLOTS / "loss", "plots/loss")
         scored = {}

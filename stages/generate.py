@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pipeline import config
 from stages import common
 
 
-def run(cfg: config.Config) -> None:
-    """Generate, write atomically, then record params, datasets and the true weights."""
-    from pipeline import data, files, tracking
+def write_data(cfg: config.Config) -> tuple[Any, float]:
+    """Generate the splits and truth.json (atomically); return (truth, seconds)."""
+    from pipeline import data, files
 
     d = cfg.data
     rows = d.split.sizes(d.n_samples)
@@ -21,6 +22,15 @@ def run(cfg: config.Config) -> None:
     )
     seconds = time.perf_counter() - start
     files.write_json(common.DATA / "truth.json", truth.to_dict())
+    return truth, seconds
+
+
+def run(cfg: config.Config) -> None:
+    """Generate, then record params, datasets and the true weights in MLflow."""
+    from pipeline import data, files, tracking
+
+    truth, seconds = write_data(cfg)
+    rows = truth.rows
     digests = {s: files.md5_file(common.split_path(s)) for s in data.SPLITS}
 
     stage = "generate"
@@ -30,7 +40,7 @@ def run(cfg: config.Config) -> None:
         for split in data.SPLITS:
             run.log_dataset(common.split_path(split), split, digests[split], split, rows[split])
         run.log_metrics({f"rows_{s}": n for s, n in rows.items()} | {
-            "generate_seconds": seconds, "rows_per_second": d.n_samples / seconds,
+            "generate_seconds": seconds, "rows_per_second": cfg.data.n_samples / seconds,
         })
         run.log_dict({"w_true": truth.w_true, "b_true": truth.b_true}, "weights/true_weights.json")
         run.log_artifact(common.DATA / "truth.json")

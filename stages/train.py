@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from stages import common
 
 
-def _fit(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
+def fit_model(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Train model `name` on the tensors; return (TrainResult, architecture spec)."""
     from pipeline import models, training
 
@@ -39,6 +39,22 @@ def _fit(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool 
     return result, spec
 
 
+def load_tensors(truth: Any, device: Any) -> dict[str, Any]:
+    """Train and val splits as tensors on `device` (y as a column), checked against truth.json."""
+    import torch
+
+    from pipeline import data
+
+    arrays: dict[str, Any] = {}
+    for split, key in (("train", ""), ("val", "_val")):
+        path = common.split_path(split)
+        X, y = data.read_split(path, truth.n_features)
+        data.check_consistent(truth, split, X, path)
+        arrays[f"X{key}"] = torch.from_numpy(X).to(device)
+        arrays[f"y{key}"] = torch.from_numpy(y).to(device).unsqueeze(1)
+    return arrays
+
+
 def _write_loss_csv(name: str, history: Any) -> None:
     from pipeline.files import atomic_path
 
@@ -57,13 +73,7 @@ def run(cfg: config.Config, name: str) -> None:
     device = training.resolve_device(cfg.device)
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
-    arrays: dict[str, Any] = {}
-    for split, key in (("train", ""), ("val", "_val")):
-        path = common.split_path(split)
-        X, y = data.read_split(path, truth.n_features)
-        data.check_consistent(truth, split, X, path)
-        arrays[f"X{key}"] = torch.from_numpy(X).to(device)
-        arrays[f"y{key}"] = torch.from_numpy(y).to(device).unsqueeze(1)
+    arrays = load_tensors(truth, device)
     digests = {s: files.md5_file(common.split_path(s)) for s in ("train", "val")}
     all_digests = digests | {"test": files.md5_file(common.split_path("test"))}
 
@@ -74,7 +84,7 @@ def run(cfg: config.Config, name: str) -> None:
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
         try:
-            result, spec = _fit(cfg, name, arrays)
+            result, spec = fit_model(cfg, name, arrays)
         except training.Diverged as exc:
             run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
             run.log_curve("val_loss", exc.history.step, exc.history.val_loss)

@@ -1,0 +1,52 @@
+"""The default params teach what the README promises (run in-process, no MLflow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import config, models, training
+from stages import common, evaluate, generate, train
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def default_scores(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cfg = config.load(ROOT / "params.yaml")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path_factory.mktemp("defaults"))
+    try:
+        truth, _ = generate.write_data(cfg)
+        device = training.resolve_device("cpu")
+        tensors = train.load_tensors(truth, device)
+        for name in config.MODEL_NAMES:
+            training.seed_everything(cfg.seed)
+            result, spec = train.fit_model(cfg, name, tensors, progress=False)
+            models.save_weights(result.model, spec, common.weights_path(name))
+        scores, _ = evaluate.score_models(cfg)
+    finally:
+        mp.undo()
+    return scores
+
+
+def test_linear_models_land_within_one_percent_of_least_squares(default_scores: dict) -> None:
+    for name in ("linear_gd", "linear"):
+        assert default_scores[name]["ratio_to_least_squares"] < 1.01, name
+
+
+def test_mlp_lands_within_ten_percent_of_the_noise_floor_and_beats_the_lines(default_scores: dict) -> None:
+    mlp = default_scores["mlp"]
+    assert mlp["ratio_to_noise_floor"] < 1.10
+    assert mlp["test_mse"] < 0.75 * default_scores["linear"]["test_mse"]
+
+
+def test_least_squares_sits_nonlinearity_squared_above_the_floor(default_scores: dict) -> None:
+    ls, floor = default_scores["least_squares"]["test_mse"], default_scores["noise_floor"]["test_mse"]
+    assert ls - floor == pytest.approx(1.0, rel=0.1)  # nonlinearity² with g of unit variance
+
+
+def test_params_file_is_valid_and_flattens_for_mlflow() -> None:
+    cfg = config.load(ROOT / "params.yaml")
+    flat = config.stage_params(cfg, "train@mlp")
+    assert flat["mlp.hidden"] == [64, 64] and flat["seed"] == cfg.seed and "linear.lr" not in flat
+    assert set(config.stage_params(cfg, "generate")) >= {"seed", "data.n_samples", "data.split.train"}
+
