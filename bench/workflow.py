@@ -82,9 +82,10 @@ def scale(work: Path, updates: dict[str, Any], rows: int, features: int) -> list
     """generate and train@linear_gd at `rows` x `features`: speed against a bare script, memory against the data."""
     repo = copy_project(work / "scale", {**updates, "data.n_samples": rows, "data.n_features": features})
     raw = rows * (features + 1) * 4  # float32 X and y
-    bare = timed(repo, PY, str(ROOT / "bench" / "bare_generate.py"), str(work / "bare.parquet"), str(rows), str(features))
-    gen = timed(repo, PY, "-m", "stages.generate")
-    train = timed(repo, PY, "-m", "stages.train", "linear_gd")
+    bare = timed(repo, PY, str(ROOT / "bench" / "bare_generate.py"), str(work / "bare.parquet"), str(rows), str(features),
+                 peak_rss=True)
+    gen = timed(repo, PY, "-m", "stages.generate", peak_rss=True)
+    train = timed(repo, PY, "-m", "stages.train", "linear_gd", peak_rss=True)
     size = f"{rows:,} rows x {features}"
     mb = 1 << 20
     return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,26 +45,31 @@ def set_params(repo: Path, updates: dict[str, Any]) -> None:
 
 @dataclass
 class Timed:
-    """A finished command: wall seconds, peak resident memory of the process in bytes, output."""
+    """A finished command: wall seconds, peak resident memory of the process in bytes (0 if not asked), output."""
 
     seconds: float
     peak_rss: int
     stdout: str
 
 
-def timed(repo: Path, *cmd: str) -> Timed:
-    """Run a command to completion in `repo`; fail loudly with its output if it fails."""
-    with tempfile.TemporaryFile("w+") as out:
+def timed(repo: Path, *cmd: str, peak_rss: bool = False) -> Timed:
+    """Run a command to completion in `repo`; fail loudly with its output if it fails.
+
+    With `peak_rss`, the command runs under bench/peak.py, which reports its own
+    child's wall time and peak memory (so the benchmark's memory does not leak in).
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-cmd-") as tmp:
+        result = Path(tmp) / "peak.json"
+        full = (sys.executable, str(ROOT / "bench" / "peak.py"), str(result), *cmd) if peak_rss else cmd
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=out, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        proc = subprocess.run(full, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} in {repo}:\n{text[-4000:]}")
-    return Timed(seconds, usage.ru_maxrss * 1024, text)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} in {repo}:\n{proc.stdout[-4000:]}")
+        if not peak_rss:
+            return Timed(seconds, 0, proc.stdout)
+        measured = json.loads(result.read_text())
+        return Timed(measured["seconds"], measured["peak_rss"], proc.stdout)
 
 
 def copy_project(dest: Path, updates: dict[str, Any]) -> Path:
