@@ -102,11 +102,11 @@ def run(cfg: config.Config, name: str) -> None:
             "best_step": result.best_step,
             "steps_run": result.history.step[-1] + 1,
             "stopped_early": int(result.stopped_early),
-            "train_seconds": result.seconds,
             "n_parameters": models.count_parameters(result.model),
             **result.extra,
         }
-        files.write_json(common.METRICS / "train" / f"{name}.json", summary)
+        files.write_json(common.METRICS / "train" / f"{name}.json", summary)  # no timings: reruns are byte-identical
+        summary["train_seconds"] = result.seconds
 
         if result.step_losses:
             run.log_curve("train_loss", range(len(result.step_losses)), result.step_losses)
