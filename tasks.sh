@@ -27,7 +27,7 @@ case "${1:-}" in
   install) install ;;
   repro)   install; shift; dvc repro "$@" ;;
   test)    install; shift; python -m pytest "$@" ;;
-  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" ;;
+  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
   bench)   install; shift; python -m bench "$@" ;;
   *) sed -n '2,7p' "$0"; exit 2 ;;
 esac
