@@ -74,11 +74,10 @@ def run(cfg: config.Config, name: str) -> None:
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
     arrays = load_tensors(truth, device)
-    digests = {s: files.md5_file(common.split_path(s)) for s in ("train", "val")}
-    all_digests = digests | {"test": files.md5_file(common.split_path("test"))}
+    digests = common.data_digests()
 
     stage = f"train@{name}"
-    tags = {"device": str(device), "model": name, "data.digest": data.combined_digest(all_digests)}
+    tags = {"device": str(device), "model": name, "data.digest": data.combined_digest(digests)}
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
         for split in ("train", "val"):
