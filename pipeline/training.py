@@ -181,6 +181,7 @@ def fit(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
     seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
+    desc: str = "train",
 ) -> TrainResult:
     """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights."""
     start = time.perf_counter()
@@ -192,7 +193,7 @@ def fit(
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
-    bar = tqdm(range(epochs), desc=type(model).__name__.lower(), unit="epoch", disable=None if progress else True, leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:
         perm = torch.randperm(X.shape[0], device=device, generator=generator)
         Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices

@@ -28,13 +28,14 @@ def fit_model(cfg: config.Config, name: str, tensors: dict[str, Any], progress: 
         result = training.fit(
             models.linear(n_features), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr,
             weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, progress=progress,
+            desc=name,
         )
         return result, {"kind": "linear", "n_features": n_features}
     spec = {"kind": "mlp", "n_features": n_features, "hidden": list(p.hidden), "activation": p.activation, "dropout": p.dropout}
     result = training.fit(
         models.build(spec), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, schedule=p.schedule, patience=p.patience,
-        progress=progress,
+        progress=progress, desc=name,
     )
     return result, spec
 
