@@ -12,6 +12,7 @@ def run(cfg: config.Config) -> None:
     """Generate, write atomically, then record params, datasets and the true weights."""
     from pipeline import data, files, tracking
 
+    tracking.preflight()
     d = cfg.data
     rows = d.split.sizes(d.n_samples)
     start = time.perf_counter()

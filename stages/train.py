@@ -50,11 +50,16 @@ def _write_loss_csv(name: str, history: Any) -> None:
 
 def run(cfg: config.Config, name: str) -> None:
     """Load data, train, write outputs atomically, then log everything to one MLflow run."""
+    from pipeline import training
+
+    # Cheap checks first: `device: cuda` without CUDA fails right after torch is imported,
+    # and a tracking server that is down fails in seconds, both before any data is read.
+    device = training.resolve_device(cfg.device)
     import torch
 
-    from pipeline import data, files, models, tracking, training
+    from pipeline import data, files, models, tracking
 
-    device = training.resolve_device(cfg.device)
+    tracking.preflight()
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
     arrays: dict[str, Any] = {}
@@ -92,11 +97,12 @@ def run(cfg: config.Config, name: str) -> None:
             "best_step": result.best_step,
             "steps_run": result.history.step[-1] + 1,
             "stopped_early": int(result.stopped_early),
-            "train_seconds": result.seconds,
             "n_parameters": models.count_parameters(result.model),
             **result.extra,
         }
+        # Wall time stays out of the DVC metrics file so a rerun gives the same bytes (and dvc.lock).
         files.write_json(common.METRICS / "train" / f"{name}.json", summary)
+        summary["train_seconds"] = result.seconds
 
         if result.step_losses:
             run.log_curve("train_loss", range(len(result.step_losses)), result.step_losses)
