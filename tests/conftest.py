@@ -114,6 +114,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if r.when == "call" and "bad_input" in r.keywords
     ]
     if reports:
-        count = lambda rs: sum(dict(r.user_properties).get("bad_input_cases", 1) for r in rs)  # noqa: E731
-        passed = count(r for r in reports if r.passed)
-        terminalreporter.write_line(f"bad-input cases covered: {count(reports)} ({passed} passed)")
+        cases = [dict(r.user_properties).get("bad_input_cases", 1) for r in reports]
+        passed = sum(n for n, r in zip(cases, reports) if r.passed)
+        terminalreporter.write_line(f"bad-input cases covered: {sum(cases)} ({passed} passed)")
