@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
@@ -67,6 +68,23 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def preflight() -> str:
+    """Check the store can be used before a stage does expensive work; return its URI.
+
+    A server that is down fails here in seconds (not after minutes of MLflow's
+    retries, and not after the data was generated or the model trained); a SQLite
+    store whose folder does not exist fails with the path instead of a traceback.
+    """
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist; create it or fix MLFLOW_TRACKING_URI")
+    return uri
+
+
 @contextmanager
 def _store_lock(root: Path) -> Iterator[None]:
     """Serialise store creation: concurrent first-time SQLite migrations crash."""
@@ -97,7 +115,13 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     else:
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        try:
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        except MlflowException:  # another stage created it first: no file lock reaches a server
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     return client, exp_id
 
 

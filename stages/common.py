@@ -68,5 +68,5 @@ def main(stage: str, body: Callable[[config.Config], None]) -> None:
         print(f"{stage}: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        print(f"{stage}: interrupted ({exc or 'Ctrl-C'}); no output was written", file=sys.stderr)
+        print(f"{stage}: interrupted ({str(exc) or 'Ctrl-C'}); no output was written", file=sys.stderr)
         sys.exit(130)

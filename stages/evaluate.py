@@ -23,9 +23,15 @@ def _predict(path: Any, X: Any) -> tuple[Any, dict[str, Any], Any]:
 
     from pipeline import data, models
 
+    from safetensors import SafetensorError
+
     if not path.exists():
         raise data.DataError(f"{path}: missing; run `dvc repro` to train it")
-    model, spec = models.load_weights(path)
+    try:
+        model, spec = models.load_weights(path)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise data.DataError(f"{path}: not a weights file this pipeline wrote ({reason}); run `dvc repro` to retrain") from None
     with torch.no_grad():
         pred = torch.cat([model(torch.from_numpy(X[i : i + 65536])) for i in range(0, len(X), 65536)])
     return pred.numpy().ravel(), spec, model
@@ -83,6 +89,7 @@ def run(cfg: config.Config) -> None:
     """Score, write DVC metrics and plots, then log to MLflow and link each training run."""
     from pipeline import data, files, tracking
 
+    tracking.preflight()
     metrics, predictions = score_models(cfg)
     for row, scores in metrics.items():
         files.write_json(common.METRICS / "evaluation" / f"{row}.json", scores)

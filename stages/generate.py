@@ -13,6 +13,7 @@ def write_data(cfg: config.Config) -> tuple[Any, float]:
     """Generate the splits and truth.json (atomically); return (truth, seconds)."""
     from pipeline import data, files
 
+    tracking.preflight()
     d = cfg.data
     rows = d.split.sizes(d.n_samples)
     start = time.perf_counter()

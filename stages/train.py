@@ -67,11 +67,16 @@ def _write_loss_csv(name: str, history: Any) -> None:
 
 def run(cfg: config.Config, name: str) -> None:
     """Load data, train, write outputs atomically, then log everything to one MLflow run."""
+    from pipeline import training
+
+    # Cheap checks first: `device: cuda` without CUDA fails right after torch is imported,
+    # and a tracking server that is down fails in seconds, both before any data is read.
+    device = training.resolve_device(cfg.device)
     import torch
 
-    from pipeline import data, files, models, tracking, training
+    from pipeline import data, files, models, tracking
 
-    device = training.resolve_device(cfg.device)
+    tracking.preflight()
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
     arrays = load_tensors(truth, device)
