@@ -13,7 +13,6 @@ def write_data(cfg: config.Config) -> tuple[Any, float]:
     """Generate the splits and truth.json (atomically); return (truth, seconds)."""
     from pipeline import data, files
 
-    tracking.preflight()
     d = cfg.data
     rows = d.split.sizes(d.n_samples)
     start = time.perf_counter()
@@ -30,6 +29,7 @@ def run(cfg: config.Config) -> None:
     """Generate, then record params, datasets and the true weights in MLflow."""
     from pipeline import data, tracking
 
+    tracking.preflight()  # a store that is down fails here, before any data is drawn
     truth, seconds = write_data(cfg)
     rows = truth.rows
     digests = common.data_digests()
