@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,30 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+# Steps with fewer multiply-adds than this (batch rows x parameters) run on one CPU thread.
+SMALL_STEP = 1 << 22
+
+
+@contextmanager
+def small_step_threads(device: torch.device, work: int) -> Iterator[None]:
+    """Run steps of `work` multiply-adds on one CPU thread when they are small; restore after.
+
+    Splitting a sub-millisecond step across threads costs more in synchronisation
+    than it saves, and on a busy machine (other stages, `dvc queue start -j 2`) every
+    op waits for the descheduled worker: measured here (bench/RESULTS.md), the
+    default MLP trains up to 10x faster on one thread under load, and as fast when idle.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or work > SMALL_STEP or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def mse(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean squared error of a model on (X, y), without building a graph; stays on device."""
     was_training = model.training
@@ -123,32 +148,33 @@ def train_linear_gd(
     extra: dict[str, float] = {}
     bar = tqdm(total=steps, desc="linear_gd", unit="step", disable=None if progress else True, leave=False)
     done = 0
-    for step in range(steps):
-        y_hat = X @ w + b                      # forward
-        loss = ((y_hat - y) ** 2).mean()       # mean squared residual
-        loss.backward()                        # autograd: d loss / d w, d loss / d b
+    with small_step_threads(X.device, X.shape[0] * (n_features + 1)):
+        for step in range(steps):
+            y_hat = X @ w + b                      # forward
+            loss = ((y_hat - y) ** 2).mean()       # mean squared residual
+            loss.backward()                        # autograd: d loss / d w, d loss / d b
 
-        if step == 0:                          # autograd vs. the gradient worked out by hand
-            with torch.no_grad():
-                gw, gb = analytic_gradient(X, y, w, b)
-                diff = torch.maximum((w.grad - gw).abs().max(), (b.grad - gb).abs().max())
-            extra["grad_check_max_abs_diff"] = diff.item()
+            if step == 0:                          # autograd vs. the gradient worked out by hand
+                with torch.no_grad():
+                    gw, gb = analytic_gradient(X, y, w, b)
+                    diff = torch.maximum((w.grad - gw).abs().max(), (b.grad - gb).abs().max())
+                extra["grad_check_max_abs_diff"] = diff.item()
 
-        with torch.no_grad():                  # the hand-written gradient-descent step
-            w -= lr * w.grad
-            b -= lr * b.grad
-        w.grad.zero_()                         # backward() accumulates: clear for the next step
-        b.grad.zero_()
-        losses[step] = loss.detach()
+            with torch.no_grad():                  # the hand-written gradient-descent step
+                w -= lr * w.grad
+                b -= lr * b.grad
+            w.grad.zero_()                         # backward() accumulates: clear for the next step
+            b.grad.zero_()
+            losses[step] = loss.detach()
 
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            chunk = losses[done : step + 1].tolist()
-            _check_finite(chunk, done, history)
-            val = ((X_val @ w + b - y_val) ** 2).mean().item()
-            history.append(step, chunk[-1], val)
-            bar.update(step + 1 - done)
-            bar.set_postfix(loss=f"{chunk[-1]:.4g}", val=f"{val:.4g}")
-            done = step + 1
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                chunk = losses[done : step + 1].tolist()
+                _check_finite(chunk, done, history)
+                val = ((X_val @ w + b - y_val) ** 2).mean().item()
+                history.append(step, chunk[-1], val)
+                bar.update(step + 1 - done)
+                bar.set_postfix(loss=f"{chunk[-1]:.4g}", val=f"{val:.4g}")
+                done = step + 1
     bar.close()
     model = linear_from_weights(w, b)
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
@@ -194,38 +220,39 @@ def fit(
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
-    for epoch in bar:
-        perm = torch.randperm(X.shape[0], device=device, generator=generator)
-        Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices
-        n = Xs.shape[0]
-        batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
-        for j, i in enumerate(range(0, n, batch_size)):
-            loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            batch_losses[j] = loss.detach()
-        sched.step()
-        sizes = torch.full_like(batch_losses, batch_size)
-        sizes[-1] = n - batch_size * (len(batch_losses) - 1)
-        train_loss_t = (batch_losses * sizes).sum() / n
-        val_loss_t = mse(model, X_val, y_val)
-        train_loss, val_loss = torch.stack([train_loss_t, val_loss_t]).tolist()  # one sync per epoch
-        if not math.isfinite(train_loss):
-            per_batch = batch_losses.tolist()
-            bad = next(j for j, v in enumerate(per_batch) if not math.isfinite(v))
-            raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
-        history.append(epoch, train_loss, val_loss)
-        bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
-        if val_loss < best_val:
-            best_val, best_step, stale = val_loss, epoch, 0
-            if patience is not None:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if patience is not None and stale >= patience:
-                stopped_early = True
-                break
+    with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
+        for epoch in bar:
+            perm = torch.randperm(X.shape[0], device=device, generator=generator)
+            Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices
+            n = Xs.shape[0]
+            batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
+            for j, i in enumerate(range(0, n, batch_size)):
+                loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                batch_losses[j] = loss.detach()
+            sched.step()
+            sizes = torch.full_like(batch_losses, batch_size)
+            sizes[-1] = n - batch_size * (len(batch_losses) - 1)
+            train_loss_t = (batch_losses * sizes).sum() / n
+            val_loss_t = mse(model, X_val, y_val)
+            train_loss, val_loss = torch.stack([train_loss_t, val_loss_t]).tolist()  # one sync per epoch
+            if not math.isfinite(train_loss):
+                per_batch = batch_losses.tolist()
+                bad = next(j for j, v in enumerate(per_batch) if not math.isfinite(v))
+                raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
+            history.append(epoch, train_loss, val_loss)
+            bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
+            if val_loss < best_val:
+                best_val, best_step, stale = val_loss, epoch, 0
+                if patience is not None:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if patience is not None and stale >= patience:
+                    stopped_early = True
+                    break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -65,6 +65,31 @@ def _write_loss_csv(name: str, history: Any) -> None:
         writer.writerows(history.rows())
 
 
+def train_and_write(cfg: config.Config, name: str, tensors: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Train, then write the stage's DVC outputs (weights, loss curve, metrics); no MLflow.
+
+    The stage wraps this in a tracked run; the benchmark also calls it alone to
+    measure what tracking costs. Returns (TrainResult, summary metrics).
+    """
+    from pipeline import files, models
+
+    result, spec = fit_model(cfg, name, tensors)
+    models.save_weights(result.model, spec, common.weights_path(name))
+    _write_loss_csv(name, result.history)
+    summary = {
+        "final_train_loss": result.history.train_loss[-1],
+        "best_val_loss": min(result.history.val_loss),
+        "best_step": result.best_step,
+        "steps_run": result.history.step[-1] + 1,
+        "stopped_early": int(result.stopped_early),
+        "n_parameters": models.count_parameters(result.model),
+        **result.extra,
+    }
+    # Wall time stays out of the DVC metrics file so a rerun gives the same bytes (and dvc.lock).
+    files.write_json(common.METRICS / "train" / f"{name}.json", summary)
+    return result, summary | {"train_seconds": result.seconds}
+
+
 def run(cfg: config.Config, name: str) -> None:
     """Load data, train, write outputs atomically, then log everything to one MLflow run."""
     from pipeline import training
@@ -74,7 +99,7 @@ def run(cfg: config.Config, name: str) -> None:
     device = training.resolve_device(cfg.device)
     import torch
 
-    from pipeline import data, files, models, tracking
+    from pipeline import data, files, tracking
 
     tracking.preflight()
     training.seed_everything(cfg.seed)
@@ -89,7 +114,7 @@ def run(cfg: config.Config, name: str) -> None:
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
         try:
-            result, spec = fit_model(cfg, name, arrays)
+            result, summary = train_and_write(cfg, name, arrays)
         except training.Diverged as exc:
             run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
             run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
@@ -98,20 +123,6 @@ def run(cfg: config.Config, name: str) -> None:
                 f"training diverged: the loss became {exc.loss} at step {exc.step}; "
                 f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g}). No model was written."
             ) from None
-
-        models.save_weights(result.model, spec, common.weights_path(name))
-        _write_loss_csv(name, result.history)
-        summary = {
-            "final_train_loss": result.history.train_loss[-1],
-            "best_val_loss": min(result.history.val_loss),
-            "best_step": result.best_step,
-            "steps_run": result.history.step[-1] + 1,
-            "stopped_early": int(result.stopped_early),
-            "n_parameters": models.count_parameters(result.model),
-            **result.extra,
-        }
-        files.write_json(common.METRICS / "train" / f"{name}.json", summary)  # no timings: reruns are byte-identical
-        summary["train_seconds"] = result.seconds
 
         if result.step_losses:
             run.log_curve("train_loss", range(len(result.step_losses)), result.step_losses)

@@ -1,0 +1,94 @@
+"""python -m bench: every performance figure of the project against its baseline, in one run.
+
+Prints the machine, then one table: training throughput (CPU, and CUDA when present),
+tracking overhead, stage start-up, the user's DVC loop, and generation/training at scale.
+`--tiny` shrinks every size so the whole run takes about a minute (the smoke test uses it);
+its ratios measure mostly fixed costs and say little about the real targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SECTIONS = ("throughput", "workflow", "scale", "gpu")
+
+# Sizes for --tiny: as small as a stage allows, so the run is dominated by process start-up.
+TINY = {
+    "data.n_samples": 600, "linear_gd.steps": 30, "linear.epochs": 2, "linear.batch_size": 64,
+    "mlp.hidden": [8], "mlp.epochs": 3, "mlp.batch_size": 64, "mlp.patience": 2, "evaluate.plot_points": 50,
+}
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and one repeat: checks that it runs, ~1 min")
+    parser.add_argument("--scale-rows", type=int, default=None, metavar="N",
+                        help="rows for the scale figures (default 10,000,000; 20,000 with --tiny)")
+    parser.add_argument("--scale-features", type=int, default=20, metavar="D", help="features for the scale figures")
+    parser.add_argument("--repeats", type=int, default=None, metavar="R",
+                        help="timings per figure, best kept (default 3; 1 with --tiny)")
+    parser.add_argument("--epochs", type=int, default=None, metavar="E",
+                        help="epochs per throughput timing (default 10; 1 with --tiny)")
+    parser.add_argument("--only", default=",".join(SECTIONS), metavar="LIST",
+                        help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
+    for name in ("scale_rows", "scale_features", "repeats", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: got {value}; must be >= 1")
+    args.scale_rows = args.scale_rows or (20_000 if args.tiny else 10_000_000)
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    args.epochs = args.epochs or (1 if args.tiny else 10)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """Run the chosen sections, print the table; exit 0 whether or not targets are met."""
+    args = _args(argv)
+    import torch
+
+    from bench import loops, report, workflow
+    from bench.workspace import ROOT
+    from pipeline import config
+
+    print(report.machine(), flush=True)
+    params = config.load(ROOT / "params.yaml")
+    updates = TINY if args.tiny else {}
+    rows: list[report.Row] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        if "throughput" in args.only:
+            print("measuring training throughput (CPU) ...", flush=True)
+            rows += loops.throughput(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)
+        if "gpu" in args.only:
+            if torch.cuda.is_available():
+                print("measuring training throughput (CUDA) ...", flush=True)
+                rows += loops.throughput(params, torch.device("cuda"), epochs=args.epochs, repeats=args.repeats,
+                                         label="cuda")
+            else:
+                rows.append(report.Row("GPU throughput", None, None, "", note="skipped: no CUDA device on this machine"))
+        if "workflow" in args.only:
+            print("measuring the DVC loop, tracking overhead and stage start-up ...", flush=True)
+            rows += workflow.workflow_rows(work, updates, args.repeats)
+        if "scale" in args.only:
+            print(f"measuring generation and training at {args.scale_rows:,} rows ...", flush=True)
+            rows += workflow.scale(work, updates, args.scale_rows, args.scale_features)
+    print()
+    print(report.table(rows))
+    print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s; load average now "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

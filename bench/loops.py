@@ -1,0 +1,193 @@
+"""Training throughput: the project's loops against the loops a user would write by hand.
+
+Every loop trains the same model on the same data with the same batch size; each is
+timed `repeats` times, interleaved so that a burst of load from elsewhere hits all of
+them alike, and the best run counts (the least disturbed one).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench.report import Row
+from pipeline import config, data, models, training
+
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def problem(params: config.Config, device: torch.device) -> Tensors:
+    """Train and val splits drawn exactly as the generate stage draws them, on `device`."""
+    d = params.data
+    rows = d.split.sizes(d.n_samples)
+    w, b = data.true_linear(params.seed, d.n_features)
+    out = []
+    for split_idx, split in enumerate(("train", "val")):
+        X, y = data.draw_block(params.seed, split_idx, 0, rows[split], w, b, d.noise_std, d.nonlinearity)
+        out += [torch.from_numpy(X).to(device), torch.from_numpy(y).unsqueeze(1).to(device)]
+    return out[0], out[1], out[2], out[3]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mlp(params: config.Config, device: torch.device) -> torch.nn.Module:
+    p = params.mlp
+    torch.manual_seed(params.seed)
+    return models.mlp(params.data.n_features, p.hidden, p.activation, p.dropout).to(device)
+
+
+def bare_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
+    """What a user writes: slice a fresh permutation per batch, Adam with its defaults. Seconds."""
+    X, y = t[0], t[1]
+    model = _mlp(params, X.device)
+    opt = torch.optim.Adam(model.parameters(), lr=params.mlp.lr)
+    batch = params.mlp.batch_size
+    _sync(X.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(X.shape[0], device=X.device)
+        for i in range(0, X.shape[0], batch):
+            idx = perm[i : i + batch]
+            loss = F.mse_loss(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
+    """The tutorial loop: DataLoader(TensorDataset(X, y), shuffle=True). Seconds."""
+    X, y = t[0], t[1]
+    model = _mlp(params, X.device)
+    opt = torch.optim.Adam(model.parameters(), lr=params.mlp.lr)
+    loader = DataLoader(TensorDataset(X, y), batch_size=params.mlp.batch_size, shuffle=True)
+    _sync(X.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            loss = F.mse_loss(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def tracked_run(store: str) -> Iterator[object]:
+    """A real MLflow run of the project's tracking module, on a throwaway SQLite store in `store`."""
+    from pipeline import tracking
+
+    saved = os.environ.get("DVC_ROOT"), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["DVC_ROOT"] = store  # tracking resolves the store at the workspace root
+    try:
+        with tracking.stage_run("bench", "bench", "bench", {}) as run:
+            yield run
+    finally:
+        for key, value in zip(("DVC_ROOT", "MLFLOW_TRACKING_URI"), saved):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def project_mlp(params: config.Config, t: Tensors, epochs: int, run: object | None) -> float:
+    """pipeline.training.fit as the stage calls it, curves logged to `run` when given. Seconds."""
+    X, y, Xv, yv = t
+    p = params.mlp
+    model = _mlp(params, X.device)
+    _sync(X.device)
+    start = time.perf_counter()
+    result = training.fit(
+        model, X, y, Xv, yv, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+        batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule,
+        patience=p.patience, progress=False,
+    )
+    if run is not None:
+        run.log_curve("train_loss", result.history.step, result.history.train_loss)  # type: ignore[attr-defined]
+        run.log_curve("val_loss", result.history.step, result.history.val_loss)  # type: ignore[attr-defined]
+        run.flush()  # type: ignore[attr-defined]
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+def bare_gd(params: config.Config, t: Tensors, steps: int) -> float:
+    """The source notes' loop, nothing else: forward, loss, backward, update, zero. Seconds."""
+    X, y = t[0], t[1]
+    lr = params.linear_gd.lr
+    w = torch.zeros(X.shape[1], 1, device=X.device, requires_grad=True)
+    b = torch.zeros(1, device=X.device, requires_grad=True)
+    _sync(X.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = ((X @ w + b - y) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            w -= lr * w.grad
+            b -= lr * b.grad
+        w.grad.zero_()
+        b.grad.zero_()
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+def project_gd(params: config.Config, t: Tensors, steps: int) -> float:
+    """pipeline.training.train_linear_gd as the stage calls it. Seconds."""
+    X, y, Xv, yv = t
+    _sync(X.device)
+    start = time.perf_counter()
+    training.train_linear_gd(X, y, Xv, yv, steps=steps, lr=params.linear_gd.lr, progress=False)
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+def best_of(repeats: int, loops: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Run each loop `repeats` times, interleaved; the shortest time of each."""
+    best = {name: float("inf") for name in loops}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            best[name] = min(best[name], loop())
+    return best
+
+
+def throughput(params: config.Config, device: torch.device, *, epochs: int, repeats: int, label: str = "") -> list[Row]:
+    """Samples/s of the project's MLP and linear_gd loops against their baselines, on `device`."""
+    t = problem(params, device)
+    n = t[0].shape[0]
+    steps = params.linear_gd.steps
+    dl_epochs = max(1, epochs // 4)  # the slow baseline: fewer epochs, same samples/s
+    suffix = f" [{label}]" if label else ""
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as store, tracked_run(store) as run:
+        for warm in (bare_mlp, dataloader_mlp):  # first-call costs (allocator, kernels) out of the timings
+            warm(params, t, 1)
+        project_mlp(params, t, 1, None)
+        best = best_of(repeats, {
+            "bare": lambda: bare_mlp(params, t, epochs),
+            "dataloader": lambda: dataloader_mlp(params, t, dl_epochs),
+            "project": lambda: project_mlp(params, t, epochs, run),
+            "bare_gd": lambda: bare_gd(params, t, steps),
+            "project_gd": lambda: project_gd(params, t, steps),
+        })
+    rate = {k: n * (dl_epochs if k == "dataloader" else epochs) / v for k, v in best.items() if "gd" not in k}
+    gd = {k: n * steps / v for k, v in best.items() if "gd" in k}
+    batch = params.mlp.batch_size
+    return [
+        Row(f"mlp loop, tracking on{suffix}", rate["project"], rate["bare"], "samples/s", "bare eager loop",
+            (">=", 1.2), f"batch {batch}, {epochs} epochs of {n} rows, best of {repeats}"),
+        Row(f"mlp loop vs DataLoader{suffix}", rate["project"], rate["dataloader"], "samples/s",
+            "DataLoader(TensorDataset)", (">=", 4.0)),
+        Row(f"linear_gd loop{suffix}", gd["project_gd"], gd["bare_gd"], "samples/s", "bare full-batch loop",
+            (">=", 1.0), f"{steps} steps on {n} rows"),
+    ]

@@ -1,0 +1,89 @@
+"""Throwaway copies of this project, and commands timed with their peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env() -> dict[str, str]:
+    """The environment for timed commands: this venv first, a git identity, no outside MLflow/DVC state."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    out.update(
+        GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
+        GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid",
+        DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
+    )
+    return out
+
+
+def set_params(repo: Path, updates: dict[str, Any]) -> None:
+    """Apply dotted-key updates ({'mlp.lr': 0.1}) to repo/params.yaml."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@dataclass
+class Timed:
+    """A finished command: wall seconds, peak resident memory of the process in bytes (0 if not asked), output."""
+
+    seconds: float
+    peak_rss: int
+    stdout: str
+
+
+def timed(repo: Path, *cmd: str, peak_rss: bool = False) -> Timed:
+    """Run a command to completion in `repo`; fail loudly with its output if it fails.
+
+    With `peak_rss`, the command runs under bench/peak.py, which reports its own
+    child's wall time and peak memory (so the benchmark's memory does not leak in).
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-cmd-") as tmp:
+        result = Path(tmp) / "peak.json"
+        full = (sys.executable, str(ROOT / "bench" / "peak.py"), str(result), *cmd) if peak_rss else cmd
+        start = time.perf_counter()
+        proc = subprocess.run(full, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} in {repo}:\n{proc.stdout[-4000:]}")
+        if not peak_rss:
+            return Timed(seconds, 0, proc.stdout)
+        measured = json.loads(result.read_text())
+        return Timed(measured["seconds"], measured["peak_rss"], proc.stdout)
+
+
+def copy_project(dest: Path, updates: dict[str, Any]) -> Path:
+    """This project's source (tracked and new files, no outputs) as a fresh git repo at `dest`."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    for rel in filter(None, listing.split("\0")):
+        src = ROOT / rel
+        if src.is_file() and rel != "dvc.lock" and not rel.startswith(("tests/", "bench/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    set_params(dest, updates)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench baseline"]):
+        subprocess.run(cmd, cwd=dest, env=env(), check=True, capture_output=True)
+    return dest
