@@ -11,11 +11,13 @@ from typing import Any
 
 from pipeline import config
 from pipeline.errors import PipelineError
-from stages import common
+from stages import common, distributed
 
 
-def _fit(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train model `name` on the tensors; return (TrainResult, architecture spec)."""
+def _fit(
+    cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True, shard: tuple[int, int] = (0, 1),
+) -> tuple[Any, dict[str, Any]]:
+    """Train model `name` on the tensors (the mlp data-parallel when shard's world > 1); return (TrainResult, spec)."""
     from pipeline import models, training
 
     X, y, X_val, y_val = tensors["X"], tensors["y"], tensors["X_val"], tensors["y_val"]
@@ -31,11 +33,16 @@ def _fit(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool 
         )
         return result, {"kind": "linear", "n_features": n_features}
     spec = {"kind": "mlp", "n_features": n_features, "hidden": list(p.hidden), "activation": p.activation, "dropout": p.dropout}
+    model = models.build(spec)
+    if shard[1] > 1:
+        model = distributed.wrap(model, X.device)
     result = training.fit(
-        models.build(spec), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+        model, X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, schedule=p.schedule, patience=p.patience,
-        progress=progress,
+        progress=progress, shard=shard,
     )
+    if shard[1] > 1:
+        result.model = result.model.module  # the plain MLP inside DDP, for saving and logging
     return result, spec
 
 
@@ -49,12 +56,34 @@ def _write_loss_csv(name: str, history: Any) -> None:
 
 
 def run(cfg: config.Config, name: str) -> None:
-    """Load data, train, write outputs atomically, then log everything to one MLflow run."""
+    """Train one model; the mlp over `mlp.distributed.nproc` processes (torchrun) when that is > 1."""
+    from pipeline import training
+
+    nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
+    rank = distributed.launched()
+    device = training.resolve_device(cfg.device)
+    if rank is None:
+        if nproc == 1:
+            _train(cfg, name, device)
+            return
+        distributed.check_devices(device, nproc, "mlp.distributed.nproc")
+        distributed.launch(nproc, "stages.train", name)  # runs this stage once per rank, below
+        return
+    if name != "mlp" or rank.world != nproc:
+        raise PipelineError(
+            f"started by torchrun with WORLD_SIZE={rank.world}, but only train@mlp runs data-parallel, "
+            f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages.train {name}` directly"
+        )
+    with distributed.process_group(rank, device) as (rank_device, backend):
+        _train(cfg, name, rank_device, rank, backend)
+
+
+def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | None = None, backend: str = "") -> None:
+    """Load data, train, write outputs atomically, then log everything to one MLflow run (rank 0 only)."""
     import torch
 
-    from pipeline import data, files, models, tracking, training
+    from pipeline import data, files, training
 
-    device = training.resolve_device(cfg.device)
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
     arrays: dict[str, Any] = {}
@@ -64,17 +93,27 @@ def run(cfg: config.Config, name: str) -> None:
         data.check_consistent(truth, split, X, path)
         arrays[f"X{key}"] = torch.from_numpy(X).to(device)
         arrays[f"y{key}"] = torch.from_numpy(y).to(device).unsqueeze(1)
+    if rank is not None and rank.rank != 0:  # the other ranks train their shards; rank 0 writes and logs
+        _fit(cfg, name, arrays, progress=False, shard=(rank.rank, rank.world))
+        return
+
+    from pipeline import models, tracking
+
     digests = {s: files.md5_file(common.split_path(s)) for s in ("train", "val")}
     all_digests = digests | {"test": files.md5_file(common.split_path("test"))}
 
     stage = f"train@{name}"
     tags = {"device": str(device), "model": name, "data.digest": data.combined_digest(all_digests)}
+    if name == "mlp":
+        tags["distributed.world_size"] = str(rank.world if rank else 1)
+    if rank is not None:
+        tags["distributed.backend"] = backend
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
         try:
-            result, spec = _fit(cfg, name, arrays)
+            result, spec = _fit(cfg, name, arrays, shard=(0, rank.world) if rank else (0, 1))
         except training.Diverged as exc:
             run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
             run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
