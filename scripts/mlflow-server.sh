@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --auth) auth=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "mlflow-server.sh: unknown option '$1'; allowed: --auth, --help, -- <mlflow server options>" >&2; exit 2 ;;
   esac
 done
