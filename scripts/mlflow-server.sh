@@ -29,6 +29,7 @@
 # MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (sent as HTTP basic auth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[[ -x .venv/bin/mlflow ]] && export PATH="$PWD/.venv/bin:$PATH"  # the project's mlflow, as tasks.sh installs it
 
 auth=0
 while [[ $# -gt 0 ]]; do
