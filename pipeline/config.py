@@ -110,6 +110,12 @@ class LinearConfig(_Strict):
     epochs: int = Field(gt=0)
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training: nproc > 1 runs DistributedDataParallel over that many processes."""
+
+    nproc: int = Field(default=1, ge=1)
+
+
 class MLPConfig(_Strict):
     """A configurable MLP with early stopping on validation loss."""
 
@@ -123,6 +129,16 @@ class MLPConfig(_Strict):
     batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     patience: int = Field(gt=0)
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _rows_for_every_rank(self) -> MLPConfig:
+        if self.distributed.nproc > self.batch_size:
+            raise ValueError(
+                f"distributed.nproc={self.distributed.nproc} is larger than batch_size={self.batch_size}; "
+                "each process needs at least one row of every batch"
+            )
+        return self
 
     @field_validator("hidden", mode="before")
     @classmethod

@@ -114,15 +114,31 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             )
     else:
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
         try:
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        except MlflowException:  # another stage created it first: no file lock reaches a server
             exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
+            try:
+                exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            except MlflowException:  # another stage created it first: no file lock reaches a server
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        except MlflowException as exc:
+            raise TrackingError(_refusal(uri, exc)) from None
     return client, exp_id
+
+
+def _refusal(uri: str, exc: MlflowException) -> str:
+    """One line for a server that answers but refuses: credentials are the usual cause."""
+    status = exc.get_http_status_code()
+    if status in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        hint = (
+            f"the server refused user {who!r}: check MLFLOW_TRACKING_PASSWORD, and that the user may write here"
+            if who else "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        return f"MLflow server at {uri} answered HTTP {status}; {hint}"
+    return f"MLflow server at {uri} refused the request: {exc.message.splitlines()[0]}"
 
 
 def _git_commit() -> str:
