@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,16 +19,26 @@ WEIGHT_ATOL = 1e-5
 LOSS_RTOL = 1e-5
 
 
-def _mlp_runs(repo: Path) -> list:
+def _store(repo: Path) -> tuple[Any, str]:
+    """The project's embedded MLflow store: (client, id of the 'regression' experiment)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("regression")
-    return client.search_runs([exp.experiment_id], filter_string="tags.stage = 'train@mlp'")
+    return client, client.get_experiment_by_name("regression").experiment_id
+
+
+def _mlp_runs(repo: Path) -> list[Any]:
+    client, exp_id = _store(repo)
+    return client.search_runs([exp_id], filter_string="tags.stage = 'train@mlp'")
+
+
+def _logged_models(repo: Path, run_id: str) -> list[Any]:
+    client, exp_id = _store(repo)
+    return client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'")
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(project: Path, tmp_path: Path) -> None:
+def test_two_gloo_processes_match_one(project: Path) -> None:
     """One MLflow run records world size 2; outputs match single-process training within tolerance."""
     # 421 train rows: the last batch of 37 rows splits unevenly (18 + 19) across the two ranks
     set_params(project, {"mlp.distributed.nproc": 2, "data.n_samples": 601, "mlp.epochs": 4})
@@ -60,14 +71,6 @@ def test_two_gloo_processes_match_one(project: Path, tmp_path: Path) -> None:
     for key in ("best_val_loss", "final_train_loss"):
         assert metrics[key] == pytest.approx(ddp_metrics[key], rel=LOSS_RTOL), key
     assert (metrics["best_step"], metrics["steps_run"]) == (ddp_metrics["best_step"], ddp_metrics["steps_run"])
-
-
-def _logged_models(repo: Path, run_id: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("regression")
-    return client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run_id}'")
 
 
 @pytest.mark.parametrize(

@@ -86,17 +86,18 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
     def start(*args: str, **env: str) -> Server:
         folder = tmp_path / f"server{len(started)}"
         url = f"http://127.0.0.1:{_free_port()}"
-        log = open(tmp_path / f"server{len(started)}.log", "wb")
-        proc = subprocess.Popen(
-            [str(SERVER_SCRIPT), *args],
-            env=run_env(SERVER_DIR=str(folder), PORT=url.rsplit(":", 1)[1], WORKERS="1",
-                        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        log = tmp_path / f"server{len(started)}.log"
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [str(SERVER_SCRIPT), *args],
+                env=run_env(SERVER_DIR=str(folder), PORT=url.rsplit(":", 1)[1], WORKERS="1",
+                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         started.append(proc)
         for _ in range(1200):  # up to two minutes on a busy machine
             if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{(tmp_path / log.name).read_text()}")
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log.read_text()}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                     if resp.status == 200:
