@@ -81,7 +81,7 @@ def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def run(cfg: config.Config) -> None:
     """Score, write DVC metrics and plots, then log to MLflow and link each training run."""
-    from pipeline import files, tracking
+    from pipeline import data, files, tracking
 
     metrics, predictions = score_models(cfg)
     files.write_json(common.METRICS / "evaluation.json", metrics)
@@ -90,8 +90,11 @@ def run(cfg: config.Config) -> None:
 
     stage = "evaluate"
     model_digests = {name: files.md5_file(common.weights_path(name)) for name in config.MODEL_NAMES}
-    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), {"device": "cpu"}) as run:
+    data_digest = data.combined_digest({s: files.md5_file(common.split_path(s)) for s in data.SPLITS})
+    tags = {"device": "cpu", "data.digest": data_digest}
+    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
+        tracking.link_generate_run(run, data_digest)
         run.log_metrics(config.flatten(metrics))
         run.log_artifact(common.METRICS / "evaluation.json")
         run.log_artifact(common.PLOTS / "predictions", "plots/predictions")
