@@ -9,6 +9,7 @@ real workspace rather than the temp copy they run in, so no run is lost with it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import urllib.error
@@ -122,8 +123,6 @@ def _uncommitted_digest() -> str | None:
         return None
     if out.returncode != 0 or not out.stdout:
         return None
-    import hashlib
-
     return hashlib.md5(out.stdout).hexdigest()[:8]
 
 

@@ -8,6 +8,7 @@ two executors in .dvc/tmp/exps create the store at the same moment.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,11 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     by_id = {r.info.run_id: r for r in runs}
     for name, exp in exps.items():
         mine = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
-        stages = {r.data.tags["stage"] for r in mine}
-        # train@mlp and evaluate always rerun; the rest may come from the run cache (no new run).
-        assert {"train@mlp", "evaluate"} <= stages, (name, stages)
+        stages = sorted(r.data.tags["stage"] for r in mine)
+        # Exactly one run per stage DVC ran; stages restored from the run cache add none.
+        ran = sorted(re.findall(r"Running stage '([^']+)'", dvc(project, "queue", "logs", name).stdout))
+        assert stages == ran, (name, stages, ran)
+        assert {"train@mlp", "evaluate"} <= set(stages), (name, stages)
         for run in mine:
             assert run.data.tags["pipeline"] == f"{name}@{baseline[:7]}"
             assert run.data.tags["dvc.baseline_rev"] == baseline
