@@ -143,6 +143,8 @@ class MLPConfig(_Strict):
     @field_validator("hidden", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):  # `-S mlp.hidden=32` instead of `[32]`
+            raise ValueError(f"must be a list of layer widths, e.g. [{v}] (dvc exp run -S 'mlp.hidden=[{v}]') or [64, 64]")
         return tuple(v) if isinstance(v, list) else v
 
     @field_validator("hidden")

@@ -98,9 +98,11 @@ def run(cfg: config.Config) -> None:
 
     stage = "evaluate"
     model_digests = {name: files.md5_file(common.weights_path(name)) for name in config.MODEL_NAMES}
-    tags = {"device": "cpu", "data.digest": data.combined_digest(common.data_digests())}
+    data_digest = data.combined_digest(common.data_digests())
+    tags = {"device": "cpu", "data.digest": data_digest}
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
+        tracking.link_generate_run(run, data_digest)
         run.log_metrics(config.flatten(metrics))
         run.log_artifact(common.METRICS / "evaluation", "metrics")
         run.log_artifact(common.PLOTS / "predictions", "plots/predictions")

@@ -149,6 +149,7 @@ def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | 
         tags["distributed.backend"] = backend
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
+        tracking.link_generate_run(run, tags["data.digest"])
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
         try:
