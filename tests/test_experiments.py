@@ -71,8 +71,8 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     grid = {(e["params"]["mlp"]["lr"], tuple(e["params"]["mlp"]["hidden"])) for e in exps.values()}
     assert grid == {(lr, h) for lr in (0.001, 0.1) for h in ((4,), (6, 6))}
     for exp in exps.values():
-        scores = exp["metrics"]["metrics/evaluation.json"]
-        assert all(scores[m]["test_mse"] > 0 for m in ("linear_gd", "linear", "mlp"))
+        scores = exp["metrics"]
+        assert all(scores[f"metrics/evaluation/{m}.json"]["test_mse"] > 0 for m in ("linear_gd", "linear", "mlp"))
 
     # Every run is in the workspace's store, FINISHED, tagged with its experiment and pipeline.
     from mlflow.tracking import MlflowClient
@@ -108,7 +108,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
         for model in ("linear_gd", "linear", "mlp"):
             scored = by_id[evaluate.data.tags[f"scored.{model}.run_id"]]
             assert scored.data.metrics["test_mse"] > 0
-        test_mse = exp["metrics"]["metrics/evaluation.json"]["mlp"]["test_mse"]
+        test_mse = exp["metrics"]["metrics/evaluation/mlp.json"]["test_mse"]
         assert mlp_run.data.metrics["test_mse"] == pytest.approx(test_mse)
 
         # Lineage back to the data: train and evaluate name the generate run with their data digest.
@@ -137,7 +137,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
             mlmodel = (model_dir / "MLmodel").read_text()
             assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
         if stage == "evaluate":
-            assert json.loads((root / "evaluation.json").read_text())["mlp"]["test_mse"] > 0
+            assert json.loads((root / "metrics" / "mlp.json").read_text())["test_mse"] > 0
     assert not list((project / ".dvc" / "tmp" / "exps").glob("tmp*")), "executor temp dirs left behind"
 
     # params diff / metrics diff between the workspace and an experiment, and between two experiments.
@@ -148,6 +148,6 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     expected = {k for k in ("mlp.lr", "mlp.hidden") if exps[names[0]]["params"]["mlp"][k[4:]] != exps[names[1]]["params"]["mlp"][k[4:]]}
     assert changed == expected
     metrics = json.loads(dvc(project, "metrics", "diff", names[1], "--json").stdout)
-    mlp_mse = metrics["metrics/evaluation.json"]["mlp.test_mse"]
-    assert mlp_mse["old"] == pytest.approx(exps[names[1]]["metrics"]["metrics/evaluation.json"]["mlp"]["test_mse"])
-    assert mlp_mse["new"] == pytest.approx(exps[names[0]]["metrics"]["metrics/evaluation.json"]["mlp"]["test_mse"])
+    mlp_mse = metrics["metrics/evaluation/mlp.json"]["test_mse"]
+    assert mlp_mse["old"] == pytest.approx(exps[names[1]]["metrics"]["metrics/evaluation/mlp.json"]["test_mse"])
+    assert mlp_mse["new"] == pytest.approx(exps[names[0]]["metrics"]["metrics/evaluation/mlp.json"]["test_mse"])
