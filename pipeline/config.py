@@ -233,6 +233,17 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: got {_show(error.get('input'))}; {_allowed(error)}"
 
 
+def _merge_typos(errors: list[Any]) -> list[Any]:
+    """A renamed key (`lrr:` for `lr:`) is one mistake: keep 'unknown key, did you mean' and drop 'missing'."""
+    extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    meant = {
+        loc[:-1] + (hint[0],)
+        for loc in extra
+        if (hint := difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1))
+    }
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+
+
 def parse(raw: Any) -> Config:
     """Validate an already-loaded params mapping; raise ConfigError listing every problem."""
     sections = ", ".join(Config.model_fields)
@@ -243,7 +254,7 @@ def parse(raw: Any) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_describe(e) for e in _merge_typos(exc.errors())]
         if len(lines) == 1:
             raise ConfigError(f"invalid {PARAMS_FILE}: {lines[0]}") from None
         raise ConfigError(f"invalid {PARAMS_FILE} ({len(lines)} problems):\n  " + "\n  ".join(lines)) from None

@@ -166,3 +166,14 @@ def test_stage_stops_before_heavy_imports(tmp_path: Path, stage: list[str]) -> N
     assert len(messages) == 1 and "Traceback" not in proc.stderr
     assert "invalid params.yaml: mlp.lrr: unknown key (did you mean 'lr'?)" in messages[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.bad_input
+def test_renamed_key_is_one_problem() -> None:
+    """`lrr:` instead of `lr:` is reported once, as the typo, not also as 'mlp.lr: missing'."""
+    params = tiny_params()
+    params["mlp"]["lrr"] = params["mlp"].pop("lr")
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(params)
+    assert str(err.value).startswith("invalid params.yaml: mlp.lrr: unknown key (did you mean 'lr'?)")
+    assert "missing" not in str(err.value)
