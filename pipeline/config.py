@@ -47,9 +47,9 @@ class _Verbatim(str):
 
 
 class _Strict(BaseModel):
-    """Forbid unknown keys (a typo must not be silently ignored) and type coercion."""
+    """Forbid unknown keys (a typo must not be silently ignored), type coercion, and inf/nan."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Split(_Strict):
@@ -201,6 +201,12 @@ def _section_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _meant(loc: tuple[Any, ...]) -> str | None:
+    """The allowed key closest to an unknown one, if any is close (a likely typo)."""
+    hint = difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1)
+    return hint[0] if hint else None
+
+
 def _allowed(error: dict[str, Any]) -> str:
     """pydantic's 'Input should be …' as 'must be …', with plainer words for list/section types."""
     kind, ctx = error["type"], error.get("ctx") or {}
@@ -221,11 +227,10 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: missing; add it (params.yaml's comments list every key)"
     if kind == "extra_forbidden":
-        section, name = ".".join(str(p) for p in loc[:-1]), str(loc[-1])
-        allowed = _section_keys(loc)
-        hint = difflib.get_close_matches(name, allowed, n=1)
-        guess = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(allowed)}"
+        section = ".".join(str(p) for p in loc[:-1])
+        hint = _meant(loc)
+        guess = f" (did you mean {hint!r}?)" if hint else ""
+        return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(_section_keys(loc))}"
     bad = (error.get("ctx") or {}).get("error")
     if isinstance(bad, _Bad):
         full = ".".join(filter(None, [key, bad.key]))
@@ -236,11 +241,7 @@ def _describe(error: dict[str, Any]) -> str:
 def _merge_typos(errors: list[Any]) -> list[Any]:
     """A renamed key (`lrr:` for `lr:`) is one mistake: keep 'unknown key, did you mean' and drop 'missing'."""
     extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
-    meant = {
-        loc[:-1] + (hint[0],)
-        for loc in extra
-        if (hint := difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1))
-    }
+    meant = {loc[:-1] + (hint,) for loc in extra if (hint := _meant(loc))}
     return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
 
 

@@ -47,6 +47,8 @@ BAD_PARAMS: list[tuple[str, Any, tuple[str, ...]]] = [
     ("mlp.hidden", 64, ("mlp.hidden: got 64", "must be a list")),
     ("mlp", 5, ("mlp: got 5", "must be a section")),
     ("mlp.lr", 0, ("mlp.lr: got 0", "must be greater than 0")),
+    ("mlp.lr", float("inf"), ("mlp.lr: got inf", "must be a finite number")),
+    ("data.noise_std", float("nan"), ("data.noise_std: got nan", "must be a finite number")),
     ("linear.lr", -0.1, ("linear.lr: got -0.1", "must be greater than 0")),
     ("linear_gd.lr", 0.0, ("linear_gd.lr: got 0.0", "must be greater than 0")),
     ("linear.epochs", 0, ("linear.epochs: got 0", "must be greater than 0")),
