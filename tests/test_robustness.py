@@ -1,9 +1,10 @@
 """Hard to break: bad params and data, divergence, interruptions, store faults, bit-for-bit reruns, safe weights.
 
-Everything here runs the real thing: `dvc repro` in a throwaway git+DVC repository, the
+The `slow` tests run the real thing: `dvc repro` in a throwaway git+DVC repository, the
 stage entry points as subprocesses, and a real MLflow SQLite store. One baseline repository
 is reproduced once per module (tiny params, secrets in the environment, a git remote with a
 token in its URL); each test works on its own copy of it, with a fresh MLflow store.
+The bad-data cases call the readers in-process on files written by the real generator.
 """
 
 from __future__ import annotations
