@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,24 @@ def stage_pid(repo: Path, model: str) -> int | None:
         except OSError:
             continue
     return None
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start background commands in their own process group; whatever is left is killed after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: a killed `dvc` would orphan its stage
+            proc.communicate()
 
 
 def _running(repo: Path, stage: str) -> bool:
@@ -380,16 +399,13 @@ def test_divergence_fails_the_run_with_its_curve_and_writes_no_model(baseline: P
 
 
 @pytest.mark.slow
-def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path) -> None:
+def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path, spawn: Any) -> None:
     """SIGINT to a stage run by hand, then SIGTERM to a stage under `dvc repro`; then `dvc repro` completes."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
     set_params(repo, {"linear_gd.steps": 5_000_000})  # minutes of training: it is stopped long before
 
-    by_hand = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "linear_gd"], cwd=repo, env=run_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    by_hand = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
     wait_for_running(repo, "train@linear_gd", by_hand)
     by_hand.send_signal(signal.SIGINT)
     out, err = by_hand.communicate(timeout=120)
@@ -398,10 +414,7 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     assert statuses(repo) == {"train@linear_gd": ["KILLED"]}
     assert_untouched(repo, before, lock)
 
-    repro = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=run_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    repro = spawn([sys.executable, "-m", "dvc", "repro"], repo)
     wait_for_running(repo, "train@linear_gd", repro)
     pid = stage_pid(repo, "linear_gd")
     assert pid is not None
@@ -497,16 +510,12 @@ with tracking.stage_run("worker", "regression", f"worker {sys.argv[2]}", {"worke
 
 
 @pytest.mark.slow
-def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path) -> None:
+def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path, spawn: Any) -> None:
     """Three processes open a store that does not exist yet at the same instant: all runs land, one experiment."""
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     go = tmp_path / "go"
     env = run_env(PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(go), str(i)], cwd=tmp_path, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for i in range(3)
-    ]
+    workers = [spawn([sys.executable, "-c", WORKER, str(go), str(i)], tmp_path, env) for i in range(3)]
     for w in workers:  # every worker has imported mlflow and waits: then they all start together
         assert w.stdout.readline().strip() == "ready"
     assert not (tmp_path / "mlflow.db").exists()
