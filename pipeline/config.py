@@ -47,9 +47,9 @@ class _Verbatim(str):
 
 
 class _Strict(BaseModel):
-    """Forbid unknown keys (a typo must not be silently ignored) and type coercion."""
+    """Forbid unknown keys (a typo must not be silently ignored), type coercion, and inf/nan."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Split(_Strict):
@@ -219,6 +219,12 @@ def _section_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _meant(loc: tuple[Any, ...]) -> str | None:
+    """The allowed key closest to an unknown one, if any is close (a likely typo)."""
+    hint = difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1)
+    return hint[0] if hint else None
+
+
 def _allowed(error: dict[str, Any]) -> str:
     """pydantic's 'Input should be …' as 'must be …', with plainer words for list/section types."""
     kind, ctx = error["type"], error.get("ctx") or {}
@@ -239,16 +245,22 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: missing; add it (params.yaml's comments list every key)"
     if kind == "extra_forbidden":
-        section, name = ".".join(str(p) for p in loc[:-1]), str(loc[-1])
-        allowed = _section_keys(loc)
-        hint = difflib.get_close_matches(name, allowed, n=1)
-        guess = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(allowed)}"
+        section = ".".join(str(p) for p in loc[:-1])
+        hint = _meant(loc)
+        guess = f" (did you mean {hint!r}?)" if hint else ""
+        return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(_section_keys(loc))}"
     bad = (error.get("ctx") or {}).get("error")
     if isinstance(bad, _Bad):
         full = ".".join(filter(None, [key, bad.key]))
         return f"{full}: got {_show(bad.value)}; {bad.allowed}"
     return f"{key}: got {_show(error.get('input'))}; {_allowed(error)}"
+
+
+def _merge_typos(errors: list[Any]) -> list[Any]:
+    """A renamed key (`lrr:` for `lr:`) is one mistake: keep 'unknown key, did you mean' and drop 'missing'."""
+    extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    meant = {loc[:-1] + (hint,) for loc in extra if (hint := _meant(loc))}
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
 
 
 def parse(raw: Any) -> Config:
@@ -261,7 +273,7 @@ def parse(raw: Any) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_describe(e) for e in _merge_typos(exc.errors())]
         if len(lines) == 1:
             raise ConfigError(f"invalid {PARAMS_FILE}: {lines[0]}") from None
         raise ConfigError(f"invalid {PARAMS_FILE} ({len(lines)} problems):\n  " + "\n  ".join(lines)) from None

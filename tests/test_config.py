@@ -47,6 +47,8 @@ BAD_PARAMS: list[tuple[str, Any, tuple[str, ...]]] = [
     ("mlp.hidden", 64, ("mlp.hidden: got 64", "must be a list")),
     ("mlp", 5, ("mlp: got 5", "must be a section")),
     ("mlp.lr", 0, ("mlp.lr: got 0", "must be greater than 0")),
+    ("mlp.lr", float("inf"), ("mlp.lr: got inf", "must be a finite number")),
+    ("data.noise_std", float("nan"), ("data.noise_std: got nan", "must be a finite number")),
     ("linear.lr", -0.1, ("linear.lr: got -0.1", "must be greater than 0")),
     ("linear_gd.lr", 0.0, ("linear_gd.lr: got 0.0", "must be greater than 0")),
     ("linear.epochs", 0, ("linear.epochs: got 0", "must be greater than 0")),
@@ -166,3 +168,14 @@ def test_stage_stops_before_heavy_imports(tmp_path: Path, stage: list[str]) -> N
     assert len(messages) == 1 and "Traceback" not in proc.stderr
     assert "invalid params.yaml: mlp.lrr: unknown key (did you mean 'lr'?)" in messages[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.bad_input
+def test_renamed_key_is_one_problem() -> None:
+    """`lrr:` instead of `lr:` is reported once, as the typo, not also as 'mlp.lr: missing'."""
+    params = tiny_params()
+    params["mlp"]["lrr"] = params["mlp"].pop("lr")
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(params)
+    assert str(err.value).startswith("invalid params.yaml: mlp.lrr: unknown key (did you mean 'lr'?)")
+    assert "missing" not in str(err.value)

@@ -1,9 +1,10 @@
 """Hard to break: bad params and data, divergence, interruptions, store faults, bit-for-bit reruns, safe weights.
 
-Everything here runs the real thing: `dvc repro` in a throwaway git+DVC repository, the
+The `slow` tests run the real thing: `dvc repro` in a throwaway git+DVC repository, the
 stage entry points as subprocesses, and a real MLflow SQLite store. One baseline repository
 is reproduced once per module (tiny params, secrets in the environment, a git remote with a
 token in its URL); each test works on its own copy of it, with a fresh MLflow store.
+The bad-data cases call the readers in-process on files written by the real generator.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,6 @@ import yaml
 from conftest import TINY, copy_project, dvc, run_env, set_params, sh
 from pipeline import data
 from pipeline.files import atomic_path, md5_file
-
-pytestmark = pytest.mark.slow
 
 SECRETS = {"API_TOKEN": "tok-5ecret-never-logged", "DB_PASSWORD": "pw-5ecret-never-logged"}
 REMOTE_TOKEN = "ghp-5ecret-in-the-remote-url"
@@ -50,6 +50,18 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline run")
     return repo
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/{train,val,test}.parquet and truth.json as the generate stage writes them (in-process, tiny)."""
+    folder = tmp_path_factory.mktemp("tiny") / "data"
+    truth = data.generate(
+        folder, seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
+        rows={"train": N_TRAIN, "val": 90, "test": 90},
+    )
+    (folder / "truth.json").write_text(json.dumps(truth.to_dict()))
+    return folder
 
 
 def clone(baseline: Path, dest: Path) -> Path:
@@ -130,6 +142,24 @@ def stage_pid(repo: Path, model: str) -> int | None:
     return None
 
 
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start background commands in their own process group; whatever is left is killed after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: a killed `dvc` would orphan its stage
+            proc.communicate()
+
+
 def _running(repo: Path, stage: str) -> bool:
     """Whether `stage` has a RUNNING run, read-only (the poller must not create the store the stage is creating)."""
     db = repo / "mlflow.db"
@@ -179,6 +209,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_bad_params_stop_dvc_repro_cleanly(baseline: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Each case: non-zero exit, its one line, no traceback, dvc.lock and outputs untouched, no MLflow run."""
@@ -215,10 +246,10 @@ def test_bad_params_stop_dvc_repro_cleanly(baseline: Path, tmp_path: Path, reque
 # ---------------------------------------------------------------- bad data
 
 
-def _split_file(baseline: Path, tmp_path: Path, split: str = "train") -> Path:
+def _split_file(tiny_data: Path, tmp_path: Path, split: str = "train") -> Path:
     dest = tmp_path / "data" / f"{split}.parquet"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(baseline / "data" / f"{split}.parquet", dest)
+    shutil.copy(tiny_data / f"{split}.parquet", dest)
     return dest
 
 
@@ -246,16 +277,16 @@ BAD_DATA: list[tuple[str, Any, str]] = [
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "damage", "expected"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
-def test_bad_split_file_is_named(baseline: Path, tmp_path: Path, name: str, damage: Any, expected: str) -> None:
-    path = _split_file(baseline, tmp_path)
+def test_bad_split_file_is_named(tiny_data: Path, tmp_path: Path, name: str, damage: Any, expected: str) -> None:
+    path = _split_file(tiny_data, tmp_path)
     damage(path)
     with pytest.raises(data.DataError) as err:
         data.read_split(path, 10)
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
-def _truth(baseline: Path) -> dict[str, Any]:
-    return json.loads((baseline / "data" / "truth.json").read_text())
+def _truth(tiny_data: Path) -> dict[str, Any]:
+    return json.loads((tiny_data / "truth.json").read_text())
 
 
 BAD_TRUTH: list[tuple[str, Any, str]] = [
@@ -270,12 +301,12 @@ BAD_TRUTH: list[tuple[str, Any, str]] = [
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "edit", "expected"), BAD_TRUTH, ids=[c[0] for c in BAD_TRUTH])
-def test_bad_truth_file_is_named(baseline: Path, tmp_path: Path, name: str, edit: Any, expected: str) -> None:
+def test_bad_truth_file_is_named(tiny_data: Path, tmp_path: Path, name: str, edit: Any, expected: str) -> None:
     path = tmp_path / "truth.json"
     if isinstance(edit, str):
         path.write_text(edit)
     else:
-        path.write_text(json.dumps(edit(_truth(baseline)) if callable(edit) else edit))
+        path.write_text(json.dumps(edit(_truth(tiny_data)) if callable(edit) else edit))
     with pytest.raises(data.DataError) as err:
         data.read_truth(path)
     assert expected in str(err.value) and str(path) in str(err.value)
@@ -284,8 +315,8 @@ def test_bad_truth_file_is_named(baseline: Path, tmp_path: Path, name: str, edit
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("change", ["rows", "n_features"])
-def test_truth_that_does_not_match_the_data(baseline: Path, tmp_path: Path, change: str) -> None:
-    raw = _truth(baseline)
+def test_truth_that_does_not_match_the_data(tiny_data: Path, tmp_path: Path, change: str) -> None:
+    raw = _truth(tiny_data)
     if change == "rows":
         raw["rows"]["train"] += 1
         expected = f"has {N_TRAIN} rows x 10 features, but truth.json says {N_TRAIN + 1} x 10"
@@ -293,7 +324,7 @@ def test_truth_that_does_not_match_the_data(baseline: Path, tmp_path: Path, chan
         raw = raw | {"n_features": 11, "w_true": raw["w_true"] + [0.0]}
         expected = "missing column(s) x10"
     truth = data.Truth.from_dict(raw)
-    path = _split_file(baseline, tmp_path)
+    path = _split_file(tiny_data, tmp_path)
     with pytest.raises(data.DataError) as err:
         X, _ = data.read_split(path, truth.n_features)
         data.check_consistent(truth, "train", X, path)
@@ -302,19 +333,24 @@ def test_truth_that_does_not_match_the_data(baseline: Path, tmp_path: Path, chan
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("damage", ["truncated", "not-safetensors"])
-def test_damaged_weights_are_named(baseline: Path, tmp_path: Path, damage: str) -> None:
+def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
     import numpy as np
 
+    from pipeline import models
     from stages.evaluate import _predict
 
     path = tmp_path / "mlp.safetensors"
-    raw = (baseline / "models" / "mlp.safetensors").read_bytes()
+    spec = {"kind": "mlp", "n_features": 10, "hidden": [8], "activation": "relu", "dropout": 0.0}
+    models.save_weights(models.build(spec), spec, path)
+    raw = path.read_bytes()
+    assert _predict(path, np.zeros((2, 10), np.float32))[0].shape == (2,)  # intact, it loads
     path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"PK\x03\x04 a zip, say")
     with pytest.raises(data.DataError, match="not a weights file this pipeline wrote") as err:
         _predict(path, np.zeros((2, 10), np.float32))
     assert str(path) in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_path: Path) -> None:
     """Through DVC: the train stage names the file, starts no run, writes nothing; `dvc repro` restores the data."""
@@ -335,6 +371,7 @@ def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_p
 # ---------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_divergence_fails_the_run_with_its_curve_and_writes_no_model(baseline: Path, tmp_path: Path) -> None:
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
@@ -361,16 +398,14 @@ def test_divergence_fails_the_run_with_its_curve_and_writes_no_model(baseline: P
 # ---------------------------------------------------------------- interruptions
 
 
-def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path, spawn: Any) -> None:
     """SIGINT to a stage run by hand, then SIGTERM to a stage under `dvc repro`; then `dvc repro` completes."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
     set_params(repo, {"linear_gd.steps": 5_000_000})  # minutes of training: it is stopped long before
 
-    by_hand = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "linear_gd"], cwd=repo, env=run_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    by_hand = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
     wait_for_running(repo, "train@linear_gd", by_hand)
     by_hand.send_signal(signal.SIGINT)
     out, err = by_hand.communicate(timeout=120)
@@ -379,10 +414,7 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     assert statuses(repo) == {"train@linear_gd": ["KILLED"]}
     assert_untouched(repo, before, lock)
 
-    repro = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=run_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    repro = spawn([sys.executable, "-m", "dvc", "repro"], repo)
     wait_for_running(repo, "train@linear_gd", repro)
     pid = stage_pid(repo, "linear_gd")
     assert pid is not None
@@ -417,6 +449,7 @@ def test_atomic_write_interrupted_leaves_the_old_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the MLflow store
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_tracking_server_down_fails_fast_before_any_work(baseline: Path, tmp_path: Path) -> None:
     repo = clone(baseline, tmp_path / "repo")
@@ -443,6 +476,7 @@ def test_tracking_server_down_fails_fast_before_any_work(baseline: Path, tmp_pat
     assert proc.returncode == 1 and expected in proc.stderr and "parquet" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="this machine has CUDA")
 def test_cuda_without_cuda_fails_before_store_and_data(baseline: Path, tmp_path: Path) -> None:
@@ -475,16 +509,13 @@ with tracking.stage_run("worker", "regression", f"worker {sys.argv[2]}", {"worke
 """
 
 
-def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path, spawn: Any) -> None:
     """Three processes open a store that does not exist yet at the same instant: all runs land, one experiment."""
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     go = tmp_path / "go"
     env = run_env(PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(go), str(i)], cwd=tmp_path, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for i in range(3)
-    ]
+    workers = [spawn([sys.executable, "-c", WORKER, str(go), str(i)], tmp_path, env) for i in range(3)]
     for w in workers:  # every worker has imported mlflow and waits: then they all start together
         assert w.stdout.readline().strip() == "ready"
     assert not (tmp_path / "mlflow.db").exists()
@@ -504,6 +535,7 @@ def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- bit-for-bit reruns
 
 
+@pytest.mark.slow
 def test_forced_rerun_is_bit_for_bit(baseline: Path, tmp_path: Path) -> None:
     repo = clone(baseline, tmp_path / "repo")
     dvc(repo, "repro", "--force")
@@ -516,6 +548,7 @@ def test_forced_rerun_is_bit_for_bit(baseline: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- safe weights, no secrets
 
 
+@pytest.mark.slow
 def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pickle
 
@@ -541,6 +574,7 @@ def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.Mon
     assert spec["kind"] == "mlp" and torch.isfinite(model(torch.ones(2, 10))).all()
 
 
+@pytest.mark.slow
 def test_logged_models_are_pt2_and_load_with_pickle_disallowed(baseline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
     import torch
@@ -564,6 +598,7 @@ def test_logged_models_are_pt2_and_load_with_pickle_disallowed(baseline: Path, m
             assert torch.allclose(loaded(x), reference(x), atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_no_secret_from_the_environment_is_logged(baseline: Path) -> None:
     """Tokens/passwords in the stages' environment and in the git remote URL appear nowhere in the store."""
     secrets = [*SECRETS.values(), REMOTE_TOKEN]
