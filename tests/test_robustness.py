@@ -261,7 +261,7 @@ def _rewrite(path: Path, change: Any) -> None:
 BAD_DATA: list[tuple[str, Any, str]] = [
     ("missing", lambda p: p.unlink(), "train.parquet: missing; run `dvc repro generate`"),
     ("empty-file", lambda p: p.write_bytes(b""), "train.parquet: not a readable Parquet file"),
-    ("truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "train.parquet: not a readable Parquet file (Could not open"),
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "train.parquet: not a readable Parquet file ("),
     ("renamed-column", lambda p: _rewrite(p, lambda t: t.rename_columns([*t.column_names[:-1], "target"])),
      "train.parquet: missing column(s) y; unexpected column(s) target; expected columns x0..x9 and y, all float32"),
     ("float64-column", lambda p: _rewrite(p, lambda t: t.set_column(0, "x0", t.column(0).cast(pa.float64()))),
