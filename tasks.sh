@@ -3,6 +3,8 @@
 #   ./tasks.sh repro     install into .venv, then `dvc repro` (the whole pipeline)
 #   ./tasks.sh test      install into .venv, then run the test suite
 #   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
+#   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
+#   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
 #   ./tasks.sh bench     run the benchmarks (bench/README in RESULTS.md)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,7 +29,9 @@ case "${1:-}" in
   install) install ;;
   repro)   install; shift; dvc repro "$@" ;;
   test)    install; shift; python -m pytest "$@" ;;
-  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" ;;
+  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
   bench)   install; shift; python -m bench "$@" ;;
-  *) sed -n '2,7p' "$0"; exit 2 ;;
+  compare) install; shift; python -m pipeline.compare "$@" ;;
+  server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -7,8 +7,10 @@ user a fraction of a second and one readable line instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,26 +31,40 @@ class ConfigError(PipelineError):
     """params.yaml is not usable; the message says which key, what value, what is allowed."""
 
 
-class _Strict(BaseModel):
-    """Forbid unknown keys (a typo must not be silently ignored) and type coercion."""
+class _Bad(ValueError):
+    """A cross-field problem pinned to the key the user should edit (relative to the section)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    def __init__(self, key: str | None, value: Any, allowed: str) -> None:
+        super().__init__(f"{key or '(section)'}: got {value!r}; {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+class _Verbatim(str):
+    """A value shown as written (no quotes), e.g. a sum spelled out."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class _Strict(BaseModel):
+    """Forbid unknown keys (a typo must not be silently ignored), type coercion, and inf/nan."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Split(_Strict):
     """Fractions of the rows that go to each split; they must sum to 1."""
 
-    train: float = Field(ge=0, le=1)
-    val: float = Field(ge=0, le=1)
-    test: float = Field(ge=0, le=1)
+    train: float = Field(gt=0, le=1)
+    val: float = Field(gt=0, le=1)
+    test: float = Field(gt=0, le=1)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> Split:
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-9):
-            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
-        if min(self.train, self.val, self.test) <= 0:
-            raise ValueError("every split fraction must be > 0")
+            shown = f"train {self.train:g} + val {self.val:g} + test {self.test:g} = {total:g}"
+            raise _Bad(None, _Verbatim(shown), "the fractions must sum to 1")
         return self
 
     def sizes(self, n_samples: int) -> dict[str, int]:
@@ -70,10 +86,10 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _nonempty_splits(self) -> DataConfig:
         if self.nonlinearity > 0 and self.n_features < 3:
-            raise ValueError("n_features must be >= 3 when nonlinearity > 0 (g uses x0, x1, x2)")
+            raise _Bad("n_features", self.n_features, "must be at least 3 when data.nonlinearity > 0 (g uses x0, x1, x2)")
         empty = [k for k, v in self.split.sizes(self.n_samples).items() if v < 1]
         if empty:
-            raise ValueError(f"n_samples={self.n_samples} leaves split(s) {empty} empty")
+            raise _Bad("n_samples", self.n_samples, f"must be large enough to give every split a row ({', '.join(empty)} would be empty)")
         return self
 
 
@@ -94,6 +110,12 @@ class LinearConfig(_Strict):
     epochs: int = Field(gt=0)
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training: nproc > 1 runs DistributedDataParallel over that many processes."""
+
+    nproc: int = Field(default=1, ge=1)
+
+
 class MLPConfig(_Strict):
     """A configurable MLP with early stopping on validation loss."""
 
@@ -107,17 +129,29 @@ class MLPConfig(_Strict):
     batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
     patience: int = Field(gt=0)
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _rows_for_every_rank(self) -> MLPConfig:
+        if self.distributed.nproc > self.batch_size:
+            raise ValueError(
+                f"distributed.nproc={self.distributed.nproc} is larger than batch_size={self.batch_size}; "
+                "each process needs at least one row of every batch"
+            )
+        return self
 
     @field_validator("hidden", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):  # `-S mlp.hidden=32` instead of `[32]`
+            raise ValueError(f"must be a list of layer widths, e.g. [{v}] (dvc exp run -S 'mlp.hidden=[{v}]') or [64, 64]")
         return tuple(v) if isinstance(v, list) else v
 
     @field_validator("hidden")
     @classmethod
     def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(w <= 0 for w in v):
-            raise ValueError(f"every hidden width must be > 0, got {list(v)}")
+            raise _Bad(None, list(v), "every width must be greater than 0")
         return v
 
 
@@ -151,9 +185,9 @@ class Config(_Strict):
         for name in ("linear", "mlp"):
             batch = getattr(self, name).batch_size
             if batch > n_train:
-                raise ValueError(
-                    f"{name}.batch_size={batch} is larger than the train split "
-                    f"({n_train} rows); use at most {n_train} or raise data.n_samples"
+                raise _Bad(
+                    f"{name}.batch_size", batch,
+                    f"must be at most {n_train}, the rows in the train split (or raise data.n_samples)",
                 )
         return self
 
@@ -164,28 +198,85 @@ class Config(_Strict):
         return getattr(self, name)
 
 
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+def _show(value: Any) -> str:
+    """The bad value as the user wrote it, kept short."""
+    return _short.repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section that holds `loc` (for 'did you mean')."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _meant(loc: tuple[Any, ...]) -> str | None:
+    """The allowed key closest to an unknown one, if any is close (a likely typo)."""
+    hint = difflib.get_close_matches(str(loc[-1]), _section_keys(loc), n=1)
+    return hint[0] if hint else None
+
+
+def _allowed(error: dict[str, Any]) -> str:
+    """pydantic's 'Input should be …' as 'must be …', with plainer words for list/section types."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "tuple_type":
+        return "must be a list, e.g. [64, 64]"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length', 1)} item(s)"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "must be a section (a mapping of keys)"
+    return error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+
+
 def _describe(error: dict[str, Any]) -> str:
     """One line for one pydantic error: key, bad value, what is allowed."""
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    kind, msg = error["type"], error["msg"]
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = error["type"]
     if kind == "missing":
-        return f"{key}: missing (required)"
+        return f"{key}: missing; add it (params.yaml's comments list every key)"
     if kind == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling; see params.yaml's comments for the allowed keys)"
-    value = error.get("input")
-    msg = msg.removeprefix("Value error, ")
-    return f"{key}: got {value!r}; {msg}"
+        section = ".".join(str(p) for p in loc[:-1])
+        hint = _meant(loc)
+        guess = f" (did you mean {hint!r}?)" if hint else ""
+        return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(_section_keys(loc))}"
+    bad = (error.get("ctx") or {}).get("error")
+    if isinstance(bad, _Bad):
+        full = ".".join(filter(None, [key, bad.key]))
+        return f"{full}: got {_show(bad.value)}; {bad.allowed}"
+    return f"{key}: got {_show(error.get('input'))}; {_allowed(error)}"
+
+
+def _merge_typos(errors: list[Any]) -> list[Any]:
+    """A renamed key (`lrr:` for `lr:`) is one mistake: keep 'unknown key, did you mean' and drop 'missing'."""
+    extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    meant = {loc[:-1] + (hint,) for loc in extra if (hint := _meant(loc))}
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
 
 
 def parse(raw: Any) -> Config:
     """Validate an already-loaded params mapping; raise ConfigError listing every problem."""
+    sections = ", ".join(Config.model_fields)
+    if raw is None:
+        raise ConfigError(f"{PARAMS_FILE} is empty; it must hold the sections {sections}")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{PARAMS_FILE} must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{PARAMS_FILE} must be a mapping of sections ({sections}), got {_show(raw)}")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError(f"invalid {PARAMS_FILE}:\n  " + "\n  ".join(lines)) from None
+        lines = [_describe(e) for e in _merge_typos(exc.errors())]
+        if len(lines) == 1:
+            raise ConfigError(f"invalid {PARAMS_FILE}: {lines[0]}") from None
+        raise ConfigError(f"invalid {PARAMS_FILE} ({len(lines)} problems):\n  " + "\n  ".join(lines)) from None
 
 
 class _Loader(yaml.SafeLoader):
@@ -215,8 +306,12 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse(raw)
 
 

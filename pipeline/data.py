@@ -55,11 +55,25 @@ class Truth:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Truth:
-        """Parse truth.json, naming what is missing."""
+        """Parse truth.json; ValueError names what is missing or does not add up."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         missing = [f for f in cls.__dataclass_fields__ if f not in raw]
         if missing:
-            raise DataError(f"truth.json lacks {missing}; rerun `dvc repro generate`")
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+            raise ValueError(f"lacks {missing}")
+        truth = cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        d = truth.n_features
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"n_features is {d!r}; expected a positive integer")
+        if not isinstance(truth.w_true, list) or len(truth.w_true) != d:
+            count = len(truth.w_true) if isinstance(truth.w_true, list) else truth.w_true
+            raise ValueError(f"w_true has {count!r} entries but n_features is {d}")
+        rows = truth.rows
+        if not isinstance(rows, dict) or sorted(rows) != sorted(SPLITS) or not all(
+            isinstance(n, int) and n >= 1 for n in rows.values()
+        ):
+            raise ValueError(f"rows is {rows!r}; expected a positive row count for each of {', '.join(SPLITS)}")
+        return truth
 
 
 def g(X: np.ndarray) -> np.ndarray:
@@ -133,11 +147,19 @@ def read_truth(path: str | Path) -> Truth:
     """Load truth.json, with a clear error when it is missing or malformed."""
     path = Path(path)
     try:
-        return Truth.from_dict(json.loads(path.read_text()))
+        text = path.read_text()
     except FileNotFoundError:
         raise DataError(f"{path}: missing; run `dvc repro generate` to create it") from None
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: not a valid truth file ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); rerun `dvc repro generate`") from None
+    try:
+        return Truth.from_dict(raw)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a valid truth file: {exc}; rerun `dvc repro generate`") from None
 
 
 def check_consistent(truth: Truth, split: str, X: np.ndarray, path: str | Path) -> None:
@@ -148,6 +170,21 @@ def check_consistent(truth: Truth, split: str, X: np.ndarray, path: str | Path) 
             f"{path}: has {X.shape[0]} rows x {X.shape[1]} features, but truth.json says "
             f"{expected[0]} x {expected[1]}; rerun `dvc repro generate`"
         )
+
+
+def _schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
+    """What differs between two schemas, in words: missing, unexpected, mistyped or reordered columns."""
+    have, want = actual.names, expected.names
+    problems = []
+    if missing := [n for n in want if n not in have]:
+        problems.append(f"missing column(s) {', '.join(missing)}")
+    if extra := [n for n in have if n not in want]:
+        problems.append(f"unexpected column(s) {', '.join(extra)}")
+    if typed := [f"{n} is {actual.field(n).type}" for n in want if n in have and actual.field(n).type != expected.field(n).type]:
+        problems.append(", ".join(typed))
+    if not problems:
+        problems.append(f"columns in the wrong order ({', '.join(have)})")
+    return "; ".join(problems)
 
 
 def read_split(path: str | Path, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +206,8 @@ def read_split(path: str | Path, n_features: int | None = None) -> tuple[np.ndar
     expected = schema(d)
     if not found.equals(expected):
         raise DataError(
-            f"{path}: columns {names} with types {[str(t) for t in found.types]}; "
-            f"expected x0..x{d - 1} and y, all float32"
+            f"{path}: {_schema_difference(found, expected)}; expected columns x0..x{d - 1} and y, "
+            "all float32 (rerun `dvc repro generate`)"
         )
     n = pf.metadata.num_rows
     if n == 0:
@@ -181,6 +218,9 @@ def read_split(path: str | Path, n_features: int | None = None) -> tuple[np.ndar
     try:
         for group in range(pf.num_row_groups):
             block = pf.read_row_group(group)
+            gaps = {name: block.column(name).null_count for name in names if block.column(name).null_count}
+            if gaps:
+                raise DataError(f"{path}: missing values in {gaps} (column: count); rerun `dvc repro generate`")
             stop = start + block.num_rows
             for i in range(d):
                 X[start:stop, i] = block.column(i).to_numpy()

@@ -9,6 +9,7 @@ real workspace rather than the temp copy they run in, so no run is lost with it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import urllib.error
@@ -21,6 +22,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
@@ -67,6 +69,23 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def preflight() -> str:
+    """Check the store can be used before a stage does expensive work; return its URI.
+
+    A server that is down fails here in seconds (not after minutes of MLflow's
+    retries, and not after the data was generated or the model trained); a SQLite
+    store whose folder does not exist fails with the path instead of a traceback.
+    """
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist; create it or fix MLFLOW_TRACKING_URI")
+    return uri
+
+
 @contextmanager
 def _store_lock(root: Path) -> Iterator[None]:
     """Serialise store creation: concurrent first-time SQLite migrations crash."""
@@ -96,9 +115,31 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             )
     else:
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            try:
+                exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            except MlflowException:  # another stage created it first: no file lock reaches a server
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        except MlflowException as exc:
+            raise TrackingError(_refusal(uri, exc)) from None
     return client, exp_id
+
+
+def _refusal(uri: str, exc: MlflowException) -> str:
+    """One line for a server that answers but refuses: credentials are the usual cause."""
+    status = exc.get_http_status_code()
+    if status in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        hint = (
+            f"the server refused user {who!r}: check MLFLOW_TRACKING_PASSWORD, and that the user may write here"
+            if who else "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        return f"MLflow server at {uri} answered HTTP {status}; {hint}"
+    return f"MLflow server at {uri} refused the request: {exc.message.splitlines()[0]}"
 
 
 def _git_commit() -> str:
@@ -109,10 +150,44 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _uncommitted_digest() -> str | None:
+    """Short hash of uncommitted changes to tracked files (params, code), None when clean.
+
+    dvc.lock and .gitignore files are left out: DVC rewrites them while the
+    pipeline runs, and every stage of one execution must get the same answer.
+    """
+    cmd = ["git", "diff", "HEAD", "--binary", "--", ".", ":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=30)
+    except OSError:
+        return None
+    if out.returncode != 0 or not out.stdout:
+        return None
+    return hashlib.md5(out.stdout).hexdigest()[:8]
+
+
+def pipeline_id(commit: str) -> str:
+    """The `pipeline` tag: one value per pipeline execution, shared by all its stage runs.
+
+    Stages are separate processes, so the id is derived from what they share:
+    under `dvc exp run` (queued or not) DVC names the execution, and the name plus
+    its baseline commit is unique (`sweet-tuna@1a2b3c4`). A plain `dvc repro` has
+    no name, so its id is the commit plus a hash of the uncommitted changes
+    (`repro@1a2b3c4+9f8e7d6c`): editing params.yaml or code starts a new group,
+    re-running the same state adds to the same one.
+    """
+    if name := os.environ.get("DVC_EXP_NAME"):
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV") or commit
+        return f"{name}@{baseline[:7]}"
+    dirty = _uncommitted_digest()
+    return f"repro@{commit[:7]}" + (f"+{dirty}" if dirty else "")
+
+
 def context_tags() -> dict[str, str]:
-    """Tags every run carries: git commit and, under `dvc exp`, the experiment's name and baseline."""
+    """Tags every run carries: git commit, pipeline execution and, under `dvc exp`, name and baseline."""
     tags = {"git.commit": _git_commit()}
     tags["mlflow.source.git.commit"] = tags["git.commit"]
+    tags["pipeline"] = pipeline_id(tags["git.commit"])
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
         if value := os.environ.get(env):
             tags[tag] = value
@@ -242,3 +317,62 @@ def log_metrics_to(client: MlflowClient, run_id: str, metrics: dict[str, float])
     """Add metrics to another (finished) run, e.g. test scores beside their training run."""
     ts = _now_ms()
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+
+
+def link_generate_run(run: StageRun, data_digest: str) -> str | None:
+    """Tag `run` with the generate run that produced its data (same data.digest); return its id.
+
+    When generate was restored from DVC's run cache, that is the earlier run
+    which made the identical files; when no run made them (data pulled from a
+    remote into a fresh store), no tag is set.
+    """
+    found = latest_run(run.client, run.experiment_id, {"stage": "generate", "data.digest": data_digest})
+    if found:
+        run.set_tags({"generate.run_id": found})
+    return found
+
+
+def _open_existing(uri: str) -> MlflowClient:
+    """A client for a store that must already exist: reading never creates an empty SQLite file."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise TrackingError(f"no MLflow store at {path}; run `dvc repro` first, or set MLFLOW_TRACKING_URI")
+    return MlflowClient(uri)
+
+
+def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10000) -> list[dict[str, Any]]:
+    """Finished runs of the stages starting with `stage_prefix`, newest first, as plain dicts.
+
+    Each row: run_id, run_name, experiment_id, start_time and end_time (ms),
+    params, metrics (latest values) and tags. Used by `python -m pipeline.compare`.
+    """
+    uri = tracking_uri()
+    client = _open_existing(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
+    filter_string = f"tags.stage LIKE '{stage_prefix}%' and attributes.status = 'FINISHED'"
+    rows: list[dict[str, Any]] = []
+    token = None
+    while len(rows) < max_runs:
+        page = client.search_runs(
+            [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+            max_results=min(1000, max_runs - len(rows)), page_token=token,
+        )
+        rows += [
+            {
+                "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                "start_time": r.info.start_time, "end_time": r.info.end_time,
+                "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+            }
+            for r in page
+        ]
+        token = page.token
+        if not token:
+            break
+    return rows

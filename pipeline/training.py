@@ -207,8 +207,18 @@ def fit(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
     seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
+    desc: str = "train", shard: tuple[int, int] = (0, 1),
 ) -> TrainResult:
-    """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights."""
+    """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights.
+
+    `shard=(rank, world)` is for a DistributedDataParallel `model` in an initialised
+    process group: every rank draws the same permutation, takes its slice of each
+    batch, and scales its summed loss by world/len(batch), so DDP's gradient average
+    is exactly the whole batch's mean-loss gradient: single-process steps, up to the
+    order of float additions. Epoch losses are averaged across ranks, so every rank
+    sees the same numbers and makes the same early-stopping decision.
+    """
+    rank, world = shard
     start = time.perf_counter()
     device = X.device
     model.to(device).train()
@@ -218,7 +228,7 @@ def fit(
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
-    bar = tqdm(range(epochs), desc=type(model).__name__.lower(), unit="epoch", disable=None if progress else True, leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
         for epoch in bar:
             perm = torch.randperm(X.shape[0], device=device, generator=generator)
@@ -226,7 +236,12 @@ def fit(
             n = Xs.shape[0]
             batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
             for j, i in enumerate(range(0, n, batch_size)):
-                loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
+                if world == 1:
+                    loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
+                else:
+                    m = min(batch_size, n - i)
+                    lo, hi = i + m * rank // world, i + m * (rank + 1) // world
+                    loss = F.mse_loss(model(Xs[lo:hi]), ys[lo:hi], reduction="sum") * (world / m)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -236,10 +251,15 @@ def fit(
             sizes[-1] = n - batch_size * (len(batch_losses) - 1)
             train_loss_t = (batch_losses * sizes).sum() / n
             val_loss_t = mse(model, X_val, y_val)
-            train_loss, val_loss = torch.stack([train_loss_t, val_loss_t]).tolist()  # one sync per epoch
+            epoch_losses = torch.stack([train_loss_t, val_loss_t])
+            if world > 1:
+                torch.distributed.all_reduce(epoch_losses)
+                epoch_losses /= world
+            train_loss, val_loss = epoch_losses.tolist()  # one sync per epoch
             if not math.isfinite(train_loss):
                 per_batch = batch_losses.tolist()
-                bad = next(j for j, v in enumerate(per_batch) if not math.isfinite(v))
+                # under DDP the bad batch may have been another rank's: then blame this epoch's last one
+                bad = next((j for j, v in enumerate(per_batch) if not math.isfinite(v)), len(per_batch) - 1)
                 raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
             history.append(epoch, train_loss, val_loss)
             bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")

@@ -37,6 +37,13 @@ def split_path(split: str) -> Path:
     return DATA / f"{split}.parquet"
 
 
+def data_digests() -> dict[str, str]:
+    """md5 of each split file (as in dvc.lock), keyed by split."""
+    from pipeline.files import md5_file
+
+    return {split: md5_file(split_path(split)) for split in ("train", "val", "test")}
+
+
 def run_name(stage: str) -> str:
     """Readable MLflow run name: the stage, plus the DVC experiment when there is one."""
     exp = os.environ.get("DVC_EXP_NAME")
@@ -61,5 +68,5 @@ def main(stage: str, body: Callable[[config.Config], None]) -> None:
         print(f"{stage}: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        print(f"{stage}: interrupted ({exc or 'Ctrl-C'}); no output was written", file=sys.stderr)
+        print(f"{stage}: interrupted ({str(exc) or 'Ctrl-C'}); no output was written", file=sys.stderr)
         sys.exit(130)

@@ -23,9 +23,15 @@ def _predict(path: Any, X: Any) -> tuple[Any, dict[str, Any], Any]:
 
     from pipeline import data, models
 
+    from safetensors import SafetensorError
+
     if not path.exists():
         raise data.DataError(f"{path}: missing; run `dvc repro` to train it")
-    model, spec = models.load_weights(path)
+    try:
+        model, spec = models.load_weights(path)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise data.DataError(f"{path}: not a weights file this pipeline wrote ({reason}); run `dvc repro` to retrain") from None
     with torch.no_grad():
         pred = torch.cat([model(torch.from_numpy(X[i : i + 65536])) for i in range(0, len(X), 65536)])
     return pred.numpy().ravel(), spec, model
@@ -81,8 +87,9 @@ def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def run(cfg: config.Config) -> None:
     """Score, write DVC metrics and plots, then log to MLflow and link each training run."""
-    from pipeline import files, tracking
+    from pipeline import data, files, tracking
 
+    tracking.preflight()
     metrics, predictions = score_models(cfg)
     for row, scores in metrics.items():
         files.write_json(common.METRICS / "evaluation" / f"{row}.json", scores)
@@ -91,8 +98,11 @@ def run(cfg: config.Config) -> None:
 
     stage = "evaluate"
     model_digests = {name: files.md5_file(common.weights_path(name)) for name in config.MODEL_NAMES}
-    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), {"device": "cpu"}) as run:
+    data_digest = data.combined_digest(common.data_digests())
+    tags = {"device": "cpu", "data.digest": data_digest}
+    with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
+        tracking.link_generate_run(run, data_digest)
         run.log_metrics(config.flatten(metrics))
         run.log_artifact(common.METRICS / "evaluation", "metrics")
         run.log_artifact(common.PLOTS / "predictions", "plots/predictions")

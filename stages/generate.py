@@ -27,11 +27,12 @@ def write_data(cfg: config.Config) -> tuple[Any, float]:
 
 def run(cfg: config.Config) -> None:
     """Generate, then record params, datasets and the true weights in MLflow."""
-    from pipeline import data, files, tracking
+    from pipeline import data, tracking
 
+    tracking.preflight()  # a store that is down fails here, before any data is drawn
     truth, seconds = write_data(cfg)
     rows = truth.rows
-    digests = {s: files.md5_file(common.split_path(s)) for s in data.SPLITS}
+    digests = common.data_digests()
 
     stage = "generate"
     tags = {"device": "cpu", "data.digest": data.combined_digest(digests)}

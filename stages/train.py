@@ -11,11 +11,13 @@ from typing import Any
 
 from pipeline import config
 from pipeline.errors import PipelineError
-from stages import common
+from stages import common, distributed
 
 
-def fit_model(cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train model `name` on the tensors; return (TrainResult, architecture spec)."""
+def fit_model(
+    cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True, shard: tuple[int, int] = (0, 1),
+) -> tuple[Any, dict[str, Any]]:
+    """Train model `name` on the tensors (the mlp data-parallel when shard's world > 1); return (TrainResult, spec)."""
     from pipeline import models, training
 
     X, y, X_val, y_val = tensors["X"], tensors["y"], tensors["X_val"], tensors["y_val"]
@@ -28,14 +30,20 @@ def fit_model(cfg: config.Config, name: str, tensors: dict[str, Any], progress: 
         result = training.fit(
             models.linear(n_features), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr,
             weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, progress=progress,
+            desc=name,
         )
         return result, {"kind": "linear", "n_features": n_features}
     spec = {"kind": "mlp", "n_features": n_features, "hidden": list(p.hidden), "activation": p.activation, "dropout": p.dropout}
+    model = models.build(spec)
+    if shard[1] > 1:
+        model = distributed.wrap(model, X.device)
     result = training.fit(
-        models.build(spec), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+        model, X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, schedule=p.schedule, patience=p.patience,
-        progress=progress,
+        progress=progress, desc=name, shard=shard,
     )
+    if shard[1] > 1:
+        result.model = result.model.module  # the plain MLP inside DDP, for saving and logging
     return result, spec
 
 
@@ -64,7 +72,9 @@ def _write_loss_csv(name: str, history: Any) -> None:
         writer.writerows(history.rows())
 
 
-def train_and_write(cfg: config.Config, name: str, tensors: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def train_and_write(
+    cfg: config.Config, name: str, tensors: dict[str, Any], shard: tuple[int, int] = (0, 1),
+) -> tuple[Any, dict[str, Any]]:
     """Train, then write the stage's DVC outputs (weights, loss curve, metrics); no MLflow.
 
     The stage wraps this in a tracked run; the benchmark also calls it alone to
@@ -72,7 +82,7 @@ def train_and_write(cfg: config.Config, name: str, tensors: dict[str, Any]) -> t
     """
     from pipeline import files, models
 
-    result, spec = fit_model(cfg, name, tensors)
+    result, spec = fit_model(cfg, name, tensors, shard=shard)
     models.save_weights(result.model, spec, common.weights_path(name))
     _write_loss_csv(name, result.history)
     summary = {
@@ -81,35 +91,69 @@ def train_and_write(cfg: config.Config, name: str, tensors: dict[str, Any]) -> t
         "best_step": result.best_step,
         "steps_run": result.history.step[-1] + 1,
         "stopped_early": int(result.stopped_early),
-        "train_seconds": result.seconds,
         "n_parameters": models.count_parameters(result.model),
         **result.extra,
     }
+    # Wall time stays out of the DVC metrics file so a rerun gives the same bytes (and dvc.lock).
     files.write_json(common.METRICS / "train" / f"{name}.json", summary)
-    return result, summary
+    return result, summary | {"train_seconds": result.seconds}
 
 
 def run(cfg: config.Config, name: str) -> None:
-    """Load data, train, write outputs atomically, then log everything to one MLflow run."""
+    """Train one model; the mlp over `mlp.distributed.nproc` processes (torchrun) when that is > 1."""
+    from pipeline import training
+
+    # Cheap checks first: `device: cuda` without CUDA fails right after torch is imported,
+    # and a tracking server that is down fails in seconds, both before any data is read.
+    nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
+    rank = distributed.launched()
+    device = training.resolve_device(cfg.device)
+    if rank is None:
+        if nproc == 1:
+            _train(cfg, name, device)
+            return
+        distributed.check_devices(device, nproc, "mlp.distributed.nproc")
+        distributed.launch(nproc, "stages.train", name)  # runs this stage once per rank, below
+        return
+    if name != "mlp" or rank.world != nproc:
+        raise PipelineError(
+            f"started by torchrun with WORLD_SIZE={rank.world}, but only train@mlp runs data-parallel, "
+            f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages.train {name}` directly"
+        )
+    with distributed.process_group(rank, device) as (rank_device, backend):
+        _train(cfg, name, rank_device, rank, backend)
+
+
+def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | None = None, backend: str = "") -> None:
+    """Load data, train, write outputs atomically, then log everything to one MLflow run (rank 0 only)."""
     import torch
 
     from pipeline import data, files, tracking, training
 
-    device = training.resolve_device(cfg.device)
+    if rank is None or rank.rank == 0:
+        tracking.preflight()
     training.seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
     arrays = load_tensors(truth, device)
-    digests = {s: files.md5_file(common.split_path(s)) for s in ("train", "val")}
-    all_digests = digests | {"test": files.md5_file(common.split_path("test"))}
+    shard = (rank.rank, rank.world) if rank else (0, 1)
+    if shard[0] != 0:  # the other ranks train their shards; rank 0 writes and logs
+        fit_model(cfg, name, arrays, progress=False, shard=shard)
+        return
+    digests = common.data_digests()
 
     stage = f"train@{name}"
-    tags = {"device": str(device), "model": name, "data.digest": data.combined_digest(all_digests)}
+    tags = {"device": str(device), "model": name, "data.digest": data.combined_digest(digests)}
+    if name == "mlp":
+        tags["distributed.world_size"] = str(shard[1])
+    if rank is not None:
+        tags["distributed.backend"] = backend
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
         run.log_params(config.stage_params(cfg, stage))
+        tracking.link_generate_run(run, tags["data.digest"])
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
         try:
-            result, summary = train_and_write(cfg, name, arrays)
+            result, summary = train_and_write(cfg, name, arrays, shard)
         except training.Diverged as exc:
             run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
             run.log_curve("val_loss", exc.history.step, exc.history.val_loss)

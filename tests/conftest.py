@@ -101,3 +101,19 @@ def project(tmp_path: Path) -> Path:
 
 
 requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "bad_input: a bad-input case (params, data, store); counted in the summary")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print how many bad-input cases ran (a test covering several sets user property bad_input_cases)."""
+    reports = [
+        r for outcome in ("passed", "failed") for r in terminalreporter.stats.get(outcome, [])
+        if r.when == "call" and "bad_input" in r.keywords
+    ]
+    if reports:
+        cases = [dict(r.user_properties).get("bad_input_cases", 1) for r in reports]
+        passed = sum(n for n, r in zip(cases, reports) if r.passed)
+        terminalreporter.write_line(f"bad-input cases covered: {sum(cases)} ({passed} passed)")

@@ -66,7 +66,7 @@ def test_missing_and_wrong_schema_files_get_clear_errors(tmp_path: Path) -> None
     with pytest.raises(data.DataError, match="missing"):
         data.read_split(tmp_path / "nope.parquet")
     _generate(tmp_path)
-    with pytest.raises(data.DataError, match="expected x0..x2 and y"):
+    with pytest.raises(data.DataError, match="expected columns x0..x2 and y"):
         data.read_split(tmp_path / "train.parquet", 3)
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(data.DataError, match="not a readable Parquet file"):

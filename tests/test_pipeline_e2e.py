@@ -26,8 +26,8 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     from tests.conftest import copy_project
 
     repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
-    out = dvc(repo, "repro").stdout
-    return repo, out
+    proc = dvc(repo, "repro")
+    return repo, proc.stdout + proc.stderr
 
 
 def _client(repo: Path):  # noqa: ANN202 - MlflowClient, imported lazily
@@ -39,6 +39,7 @@ def _client(repo: Path):  # noqa: ANN202 - MlflowClient, imported lazily
 def test_every_stage_ran_and_wrote_its_outputs(repro: tuple[Path, str]) -> None:
     repo, out = repro
     assert _ran(out) == STAGES
+    assert "%|" not in out  # progress bars stay quiet when output is not a terminal
     for rel in ["data/train.parquet", "data/val.parquet", "data/test.parquet", "data/truth.json",
                 "models/linear_gd.safetensors", "models/linear.safetensors", "models/mlp.safetensors",
                 "plots/loss/mlp.csv", "plots/predictions/mlp.csv", "metrics/evaluation/mlp.json", "metrics/train/mlp.json"]:
@@ -71,6 +72,7 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
         assert run.data.params and run.data.metrics, stage
         assert run.data.tags["git.commit"] != "unknown" and run.data.tags["device"] == "cpu"
         assert run.info.run_name == stage
+        assert run.data.tags["data.digest"] == runs["generate"].data.tags["data.digest"]
     mlp = runs["train@mlp"]
     assert mlp.data.params["mlp.hidden"] == "[8]" and "linear.lr" not in mlp.data.params
     assert mlp.data.metrics["test_mse"] > 0  # evaluate put the test score beside the training run

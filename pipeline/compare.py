@@ -1,0 +1,219 @@
+"""Compare the trained models in the MLflow store: `python -m pipeline.compare`.
+
+One row per distinct trained model (runs with the same weights digest are one
+model; the newest evaluated run stands for it), the latest `--limit` per model
+kind, sorted by test MSE. Only the params whose values differ between the rows
+are shown, so a sweep reads as the knobs it turned. The store is the one every
+stage uses (MLFLOW_TRACKING_URI, else the workspace's mlflow.db); MLflow is
+queried by pipeline/tracking.py, this module only shapes and prints the rows.
+
+    python -m pipeline.compare                      # aligned table
+    python -m pipeline.compare --format markdown    # or csv, json
+    python -m pipeline.compare --model mlp --limit 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+FORMATS = ("table", "csv", "json", "markdown")
+DATA_KEY = "data"  # pseudo-param: the dataset digest, shown when rows were trained on different data
+# (column, where it comes from, how it is printed in table/markdown)
+METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("val_mse", "best_val_loss", "{:.4g}"),
+    ("test_mse", "test_mse", "{:.4g}"),
+    ("vs_lstsq", "ratio_to_least_squares", "{:.3f}"),
+    ("vs_floor", "ratio_to_noise_floor", "{:.3f}"),
+)
+TAIL_COLUMNS = ("device", "train_s", "run_s", "run_id")
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _record(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as the row it becomes: identity, all params (plus data digest), scores, cost."""
+    tags, metrics = run["tags"], run["metrics"]
+    params = dict(run["params"])
+    if digest := tags.get("data.digest"):
+        params[DATA_KEY] = digest[:8]
+    end, start = run.get("end_time"), run.get("start_time")
+    record: dict[str, Any] = {
+        "run": run["run_name"],
+        "model": tags.get("model") or tags.get("stage", "").removeprefix("train@"),
+        "params": params,
+    }
+    record |= {col: _number(metrics.get(key)) for col, key, _ in METRIC_COLUMNS}
+    record |= {
+        "device": tags.get("device", ""),
+        "train_s": _number(metrics.get("train_seconds")),
+        "run_s": (end - start) / 1000 if end and start else None,
+        "run_id": run["run_id"],
+        "pipeline": tags.get("pipeline", ""),
+        "start_time": start or 0,
+        "digest": tags.get("model.digest") or run["run_id"],
+    }
+    return record
+
+
+def select(runs: Sequence[dict[str, Any]], limit: int, models: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Latest `limit` distinct models per kind, best test MSE first (unscored rows last)."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in map(_record, runs):
+        if models and record["model"] not in models:
+            continue
+        # Same weights = same model; the run evaluate scored (newest among them) represents it.
+        key = (record["test_mse"] is not None, record["start_time"])
+        held = best.get(record["digest"])
+        if held is None or key > (held["test_mse"] is not None, held["start_time"]):
+            best[record["digest"]] = record
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    for record in sorted(best.values(), key=lambda r: r["start_time"], reverse=True):
+        kept = per_model.setdefault(record["model"], [])
+        if len(kept) < limit:
+            kept.append(record)
+    rows = [r for kept in per_model.values() for r in kept]
+    rows.sort(key=lambda r: (r["test_mse"] is None, r["test_mse"] or 0.0, -r["start_time"]))
+    return rows
+
+
+def differing_params(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Params with at least two distinct values among the rows that have them (data digest first)."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for key, value in row["params"].items():
+            values.setdefault(key, set()).add(str(value))
+    keys = sorted(k for k, seen in values.items() if len(seen) > 1)
+    return sorted(keys, key=lambda k: k != DATA_KEY)
+
+
+def _cells(row: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """One row as printed text: 4 significant digits, seconds to 0.1, '-' for missing."""
+    cells = [row["run"], row["model"], *(str(row["params"].get(k, "-")) for k in keys)]
+    cells += ["-" if row[col] is None else fmt.format(row[col]) for col, _, fmt in METRIC_COLUMNS]
+    cells.append(row["device"] or "-")
+    cells += ["-" if row[col] is None else f"{row[col]:.1f}" for col in ("train_s", "run_s")]
+    cells.append(row["run_id"])
+    return cells
+
+
+def _header(keys: Sequence[str]) -> list[str]:
+    return ["run", "model", *keys, *(c for c, _, _ in METRIC_COLUMNS), *TAIL_COLUMNS]
+
+
+def _numeric(header: Sequence[str]) -> list[bool]:
+    return [h in {c for c, _, _ in METRIC_COLUMNS} | {"train_s", "run_s"} for h in header]
+
+
+def render_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """Aligned plain-text columns (numbers right-aligned); run ids shortened to 8 characters."""
+    header = _header(keys)
+    body = [_cells(r, keys) for r in rows]
+    for cells in body:
+        cells[-1] = cells[-1][:8]
+    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
+    numeric = _numeric(header)
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *map(line, body)]) + "\n"
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table, numeric columns right-aligned."""
+    header = _header(keys)
+    align = ["---:" if num else "---" for num in _numeric(header)]
+    lines = [header, align, *(_cells(r, keys) for r in rows)]
+    return "".join("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n" for cells in lines)
+
+
+def _plain(value: Any) -> Any:
+    """JSON has no Infinity/NaN: a non-finite ratio (noise floor 0) becomes null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _export(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The machine-readable row: full precision, full run id, the differing params, the pipeline tag."""
+    out = {"run": row["run"], "model": row["model"], "params": {k: row["params"][k] for k in keys if k in row["params"]}}
+    out |= {c: _plain(row[c]) for c, _, _ in METRIC_COLUMNS}
+    out |= {c: _plain(row[c]) for c in TAIL_COLUMNS}
+    out["pipeline"] = row["pipeline"]
+    return out
+
+
+def render_json(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """A JSON list of row objects; `params` holds only the params that differ."""
+    return json.dumps([_export(r, keys) for r in rows], indent=2) + "\n"
+
+
+def render_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """CSV with one column per differing param; empty cell where a row lacks it."""
+    header = [*_header(keys), "pipeline"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = _export(row, keys)
+        params = flat.pop("params")
+        writer.writerow({**flat, **params})
+    return buf.getvalue()
+
+
+RENDERERS = {"table": render_table, "csv": render_csv, "json": render_json, "markdown": render_markdown}
+
+
+def render(rows: Sequence[dict[str, Any]], fmt: str) -> str:
+    """The comparison in one of FORMATS."""
+    return RENDERERS[fmt](rows, differing_params(rows))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.compare",
+        description="Compare the latest trained models in the MLflow store, best test MSE first.",
+    )
+    parser.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment in params.yaml)")
+    parser.add_argument("--limit", type=int, default=10, help="latest distinct models per kind (default 10)")
+    parser.add_argument("--model", action="append", choices=config.MODEL_NAMES, help="only this model (repeatable)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, read the runs, print the comparison; errors are one line and exit 1."""
+    args = _parser().parse_args(argv)
+    if args.limit < 1:
+        print(f"compare: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    try:
+        experiment = args.experiment or config.load().mlflow.experiment
+        from pipeline import tracking
+
+        runs = tracking.stage_runs(experiment, "train@")
+    except PipelineError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 1
+    rows = select(runs, args.limit, args.model or ())
+    if not rows:
+        print(f"compare: no finished training runs in MLflow experiment {experiment!r} at {tracking.tracking_uri()}", file=sys.stderr)
+    if rows or args.format in ("csv", "json"):
+        sys.stdout.write(render(rows, args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""`python -m pipeline.compare` on a real SQLite store holding runs whose values we chose."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, run_env
+
+from pipeline import compare, tracking
+
+EXPERIMENT = "compare-test"
+DATA = "d" * 32
+
+
+def _train_run(name: str, model: str, params: dict[str, Any], metrics: dict[str, float], digest: str, data: str = DATA) -> str:
+    """A finished train run as the train stage leaves it (after evaluate copied its test metrics)."""
+    tags = {"model": model, "model.digest": digest, "data.digest": data, "device": "cpu"}
+    with tracking.stage_run(f"train@{model}", EXPERIMENT, name, tags) as run:
+        run.log_params({"seed": 42, "device": "auto", **{f"{model}.{k}": v for k, v in params.items()}})
+        run.log_metrics(metrics)
+    return run.run_id
+
+
+def _scores(val: float, test: float | None) -> dict[str, float]:
+    out = {"best_val_loss": val, "train_seconds": 1.25, "n_parameters": 11}
+    if test is not None:
+        out |= {"test_mse": test, "ratio_to_least_squares": test / 0.8, "ratio_to_noise_floor": test / 0.5}
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A workspace whose store holds: a generate run, 6 train runs (one a duplicate model, one
+    not yet evaluated), and a failed train run. Yields {label: run id}."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("DVC_ROOT", str(root))
+        ids: dict[str, str] = {}
+        with tracking.stage_run("generate", EXPERIMENT, "generate", {"data.digest": DATA}):
+            pass
+        ids["gd"] = _train_run("train@linear_gd", "linear_gd", {"steps": 30, "lr": 0.1}, _scores(1.2, 1.1), "g1")
+        ids["linear"] = _train_run("train@linear", "linear", {"lr": 0.02, "epochs": 2}, _scores(1.0, 1.05), "l1")
+        ids["mlp_good"] = _train_run("train@mlp [a]", "mlp", {"lr": 0.01, "hidden": [32]}, _scores(0.8, 0.9), "m1")
+        ids["mlp_bad"] = _train_run("train@mlp [b]", "mlp", {"lr": 0.1, "hidden": [32]}, _scores(1.4, 1.5), "m2")
+        ids["mlp_new"] = _train_run("train@mlp [c]", "mlp", {"lr": 0.001, "hidden": [64, 64]}, _scores(0.7, None), "m3")
+        # Same weights as mlp_good, retrained later and not evaluated: must not add a row.
+        ids["mlp_dup"] = _train_run("train@mlp [d]", "mlp", {"lr": 0.01, "hidden": [32]}, _scores(0.8, None), "m1")
+        with pytest.raises(RuntimeError), tracking.stage_run("train@mlp", EXPERIMENT, "train@mlp [failed]", {"model": "mlp"}):
+            raise RuntimeError("diverged")
+        mp.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
+        mp.delenv("DVC_ROOT")
+        yield ids
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert compare.main(["--experiment", EXPERIMENT, *argv]) == 0
+    return capsys.readouterr().out
+
+
+ORDER = ["train@mlp [a]", "train@linear", "train@linear_gd", "train@mlp [b]", "train@mlp [c]"]
+
+
+def test_json_rows_sorted_by_test_mse_with_differing_params(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    rows = json.loads(_main(capsys, "--format", "json"))
+    assert [r["run"] for r in rows] == ORDER
+    assert [r["run_id"] for r in rows] == [store[k] for k in ("mlp_good", "linear", "gd", "mlp_bad", "mlp_new")]
+    best = rows[0]
+    assert best["params"] == {"mlp.hidden": "[32]", "mlp.lr": "0.01"}  # seed, device, data: the same everywhere
+    assert best["test_mse"] == pytest.approx(0.9)
+    assert best["val_mse"] == pytest.approx(0.8)
+    assert best["vs_lstsq"] == pytest.approx(0.9 / 0.8)
+    assert best["vs_floor"] == pytest.approx(0.9 / 0.5)
+    assert best["device"] == "cpu" and best["train_s"] == pytest.approx(1.25) and best["run_s"] >= 0
+    assert rows[1]["params"] == {}  # the single linear row has nothing that differs
+    assert rows[-1]["test_mse"] is None and rows[-1]["params"] == {"mlp.hidden": "[64, 64]", "mlp.lr": "0.001"}
+
+
+def test_table_aligned_with_short_run_ids(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    lines = _main(capsys).splitlines()
+    header = lines[0].split()
+    assert header == ["run", "model", "mlp.hidden", "mlp.lr", "val_mse", "test_mse", "vs_lstsq", "vs_floor",
+                      "device", "train_s", "run_s", "run_id"]
+    assert set(lines[1]) == {"-", " "}
+    body = [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
+    assert [cells[0] for cells in body] == ORDER
+    assert body[0][:9] == ["train@mlp [a]", "mlp", "[32]", "0.01", "0.8", "0.9", "1.125", "1.800", "cpu"]
+    assert body[0][-1] == store["mlp_good"][:8]
+    assert body[-1][2:9] == ["[64, 64]", "0.001", "0.7", "-", "-", "-", "cpu"]  # not evaluated yet
+    # Aligned: text columns start under their header, numbers end under theirs.
+    assert lines[2].index(store["mlp_good"][:8]) == lines[0].index("run_id")
+    end = lines[0].index("test_mse") + len("test_mse")
+    assert [line[end - 5 : end] for line in lines[2:]] == ["  0.9", " 1.05", "  1.1", "  1.5", "    -"]
+
+
+def test_csv_one_column_per_differing_param(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    rows = list(csv.DictReader(io.StringIO(_main(capsys, "--format", "csv"))))
+    assert [r["run"] for r in rows] == ORDER
+    assert [r["mlp.lr"] for r in rows] == ["0.01", "", "", "0.1", "0.001"]
+    assert float(rows[0]["test_mse"]) == pytest.approx(0.9) and rows[-1]["test_mse"] == ""
+    assert rows[0]["run_id"] == store["mlp_good"]
+    assert rows[0]["pipeline"].startswith("repro@")
+
+
+def test_markdown_table(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    lines = _main(capsys, "--format", "markdown").splitlines()
+    assert lines[0].startswith("| run | model | mlp.hidden | mlp.lr | val_mse | test_mse |")
+    assert lines[1].startswith("| --- | --- | --- | --- | ---: | ---: |")
+    assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == ORDER
+    assert lines[2].endswith(f"| {store['mlp_good']} |")
+
+
+def test_model_filter_and_limit(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    rows = json.loads(_main(capsys, "--format", "json", "--model", "mlp"))
+    assert [r["run"] for r in rows] == ["train@mlp [a]", "train@mlp [b]", "train@mlp [c]"]
+    rows = json.loads(_main(capsys, "--format", "json", "--limit", "1"))
+    assert [r["run"] for r in rows] == ["train@linear", "train@linear_gd", "train@mlp [c]"]  # newest per model
+
+
+def test_rows_on_different_data_show_the_digest() -> None:
+    def run(run_id: str, data: str, test: float) -> dict[str, Any]:
+        return {"run_id": run_id, "run_name": run_id, "start_time": 1, "end_time": 2, "params": {"seed": "1"},
+                "metrics": {"test_mse": test}, "tags": {"model": "linear", "model.digest": run_id, "data.digest": data}}
+
+    rows = compare.select([run("x", "a" * 32, 2.0), run("y", "b" * 32, 1.0)], limit=10)
+    assert [r["run"] for r in rows] == ["y", "x"]
+    assert compare.differing_params(rows) == ["data"]
+    assert json.loads(compare.render(rows, "json"))[0]["params"] == {"data": "b" * 8}
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'none.db'}")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "x"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"compare: no MLflow store at {tmp_path / 'none.db'}; "
+                                                "run `dvc repro` first, or set MLFLOW_TRACKING_URI"]
+    assert not (tmp_path / "none.db").exists()
+    env["PYTHONPATH"] = str(ROOT)  # run from a folder without params.yaml
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("compare: cannot read params.yaml")
+
+
+def test_cli_unknown_experiment_names_the_ones_there(store: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", "nope"], cwd=ROOT,
+                          env=run_env(MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"]), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "no MLflow experiment 'nope'" in proc.stderr and EXPERIMENT in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cli_against_tracking_server(store: dict[str, str]) -> None:
+    """The same rows through a real `mlflow server` on 127.0.0.1 via MLFLOW_TRACKING_URI."""
+    port = _free_port()
+    tracking_root = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
+    server_env = run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=server_env, cwd=tracking_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not answer /health"
+                time.sleep(0.5)
+        proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", EXPERIMENT, "--format", "json"],
+                              cwd=ROOT, env=run_env(MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert [r["run"] for r in json.loads(proc.stdout)] == ORDER
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,0 +1,153 @@
+"""Sweeps with `dvc exp`: queued experiments run two at a time land in the workspace's store.
+
+One slow end-to-end test (a few minutes on 2 cores): a 4-point grid queued on a
+repo whose MLflow store does not exist yet, run with `dvc queue start -j 2`, so
+two executors in .dvc/tmp/exps create the store at the same moment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+from conftest import dvc, sh
+
+pytestmark = pytest.mark.slow
+
+GRID = ("mlp.lr=0.001,0.1", "mlp.hidden=[4],[6,6]")
+MLP_PARAMETERS = {"[4]": 10 * 4 + 4 + 4 + 1, "[6, 6]": 10 * 6 + 6 + 6 * 6 + 6 + 6 + 1}
+
+
+def _wait_for_queue(repo: Path, deadline_s: float = 1500) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last status."""
+    end = time.monotonic() + deadline_s
+    while True:
+        status = dvc(repo, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        if time.monotonic() > end:
+            raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
+        time.sleep(5)
+
+
+def _experiments(repo: Path) -> dict[str, dict[str, Any]]:
+    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's experiments."""
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    baseline = next(b for b in shown if b["name"] == "main")
+    out = {}
+    for exp in baseline["experiments"] or []:
+        rev = exp["revs"][0]
+        out[rev["name"]] = {
+            "rev": rev["rev"],
+            "params": rev["data"]["params"]["params.yaml"]["data"],
+            "metrics": {k: v["data"] for k, v in rev["data"]["metrics"].items()},
+        }
+    return out
+
+
+def _local_path(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path))
+
+
+def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
+    assert not (project / "mlflow.db").exists()
+    baseline = sh(project, "git", "rev-parse", "HEAD").stdout.strip()
+    dvc(project, "exp", "run", "--queue", *(a for s in GRID for a in ("-S", s)))
+    try:
+        dvc(project, "queue", "start", "-j", "2")
+        status = _wait_for_queue(project)
+    finally:
+        dvc(project, "queue", "stop", check=False)
+    assert "Failed" not in status, status
+
+    # dvc exp show: 4 experiments, each with its params and per-model test metrics.
+    exps = _experiments(project)
+    assert len(exps) == 4, exps.keys()
+    grid = {(e["params"]["mlp"]["lr"], tuple(e["params"]["mlp"]["hidden"])) for e in exps.values()}
+    assert grid == {(lr, h) for lr in (0.001, 0.1) for h in ((4,), (6, 6))}
+    for exp in exps.values():
+        scores = exp["metrics"]
+        assert all(scores[f"metrics/evaluation/{m}.json"]["test_mse"] > 0 for m in ("linear_gd", "linear", "mlp"))
+
+    # Every run is in the workspace's store, FINISHED, tagged with its experiment and pipeline.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("regression")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    by_id = {r.info.run_id: r for r in runs}
+    for name, exp in exps.items():
+        mine = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
+        stages = sorted(r.data.tags["stage"] for r in mine)
+        # Exactly one run per stage DVC ran; stages restored from the run cache add none.
+        ran = sorted(re.findall(r"Running stage '([^']+)'", dvc(project, "queue", "logs", name).stdout))
+        assert stages == ran, (name, stages, ran)
+        assert {"train@mlp", "evaluate"} <= set(stages), (name, stages)
+        for run in mine:
+            assert run.data.tags["pipeline"] == f"{name}@{baseline[:7]}"
+            assert run.data.tags["dvc.baseline_rev"] == baseline
+            assert run.data.tags["git.commit"] == baseline
+            assert run.info.run_name.endswith(f"[{name}]")
+
+        # The mlp run has the experiment's params, round-tripped from -S through params.yaml.
+        (mlp_run,) = [r for r in mine if r.data.tags["stage"] == "train@mlp"]
+        hidden = mlp_run.data.params["mlp.hidden"]
+        assert hidden == str(list(exp["params"]["mlp"]["hidden"]))
+        assert float(mlp_run.data.params["mlp.lr"]) == exp["params"]["mlp"]["lr"]
+        assert mlp_run.data.metrics["n_parameters"] == MLP_PARAMETERS[hidden]
+
+        # evaluate scored this experiment's models and copied their test metrics onto the train runs.
+        (evaluate,) = [r for r in mine if r.data.tags["stage"] == "evaluate"]
+        assert evaluate.data.tags["scored.mlp.run_id"] == mlp_run.info.run_id
+        for model in ("linear_gd", "linear", "mlp"):
+            scored = by_id[evaluate.data.tags[f"scored.{model}.run_id"]]
+            assert scored.data.metrics["test_mse"] > 0
+        test_mse = exp["metrics"]["metrics/evaluation/mlp.json"]["test_mse"]
+        assert mlp_run.data.metrics["test_mse"] == pytest.approx(test_mse)
+
+        # Lineage back to the data: train and evaluate name the generate run with their data digest.
+        for run in (mlp_run, evaluate):
+            generate = by_id[run.data.tags["generate.run_id"]]
+            assert generate.data.tags["stage"] == "generate"
+            assert generate.data.tags["data.digest"] == run.data.tags["data.digest"]
+
+    # Artifacts live under the workspace's mlartifacts/ and are readable after the temp dirs are gone.
+    artifacts = project / "mlartifacts"
+    for run in runs:
+        root = _local_path(run.info.artifact_uri)
+        assert root.is_relative_to(artifacts), run.info.artifact_uri
+        files = [p for p in root.rglob("*") if p.is_file()]
+        assert files, f"{run.info.run_name}: no artifacts"
+        stage = run.data.tags["stage"]
+        if stage.startswith("train@"):
+            model = stage.removeprefix("train@")
+            assert (root / "weights" / f"{model}.safetensors").stat().st_size > 0
+            logged = client.search_logged_models(
+                [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+            )
+            assert len(logged) == 1
+            model_dir = _local_path(logged[0].artifact_location)
+            assert model_dir.is_relative_to(artifacts)
+            mlmodel = (model_dir / "MLmodel").read_text()
+            assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
+        if stage == "evaluate":
+            assert json.loads((root / "metrics" / "mlp.json").read_text())["test_mse"] > 0
+    assert not list((project / ".dvc" / "tmp" / "exps").glob("tmp*")), "executor temp dirs left behind"
+
+    # params diff / metrics diff between the workspace and an experiment, and between two experiments.
+    names = sorted(exps)
+    dvc(project, "exp", "apply", names[0])
+    params = json.loads(dvc(project, "params", "diff", names[1], "--json").stdout)["params.yaml"]
+    changed = {k for k, v in params.items() if v["old"] != v["new"]}
+    expected = {k for k in ("mlp.lr", "mlp.hidden") if exps[names[0]]["params"]["mlp"][k[4:]] != exps[names[1]]["params"]["mlp"][k[4:]]}
+    assert changed == expected
+    metrics = json.loads(dvc(project, "metrics", "diff", names[1], "--json").stdout)
+    mlp_mse = metrics["metrics/evaluation/mlp.json"]["test_mse"]
+    assert mlp_mse["old"] == pytest.approx(exps[names[1]]["metrics"]["metrics/evaluation/mlp.json"]["test_mse"])
+    assert mlp_mse["new"] == pytest.approx(exps[names[0]]["metrics"]["metrics/evaluation/mlp.json"]["test_mse"])

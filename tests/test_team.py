@@ -1,0 +1,195 @@
+"""Working as a team: the pipeline logs through a real `mlflow server`, and data moves through a DVC remote."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, dvc, run_env, sh
+
+pytestmark = pytest.mark.slow
+
+SERVER_SCRIPT = ROOT / "scripts" / "mlflow-server.sh"
+STAGES = {"generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate"}
+
+
+@dataclass
+class Server:
+    """A running `scripts/mlflow-server.sh` and where it keeps its data."""
+
+    url: str
+    folder: Path
+    auth: tuple[str, str] | None = None
+
+    def request(self, path: str, body: dict[str, Any] | None = None, auth: tuple[str, str] | None = None) -> bytes:
+        """GET (or POST a JSON body) against the server; return the raw response body."""
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode() if body is not None else None)
+        req.add_header("Content-Type", "application/json")
+        if creds := auth or self.auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(creds).encode()).decode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def api(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> dict[str, Any]:
+        """Call the REST API (/api/2.0/mlflow/...) and decode its JSON answer."""
+        qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+        return json.loads(self.request(f"/api/2.0/mlflow/{endpoint}{qs}", body))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's whole process group (uvicorn workers included); SIGKILL what lingers."""
+    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        for _ in range(600):
+            proc.poll()  # reap the leader, or it stays in the group as a zombie
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Start scripts/mlflow-server.sh on a free local port; stop its process group afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **env: str) -> Server:
+        folder = tmp_path / f"server{len(started)}"
+        url = f"http://127.0.0.1:{_free_port()}"
+        log = tmp_path / f"server{len(started)}.log"
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [str(SERVER_SCRIPT), *args],
+                env=run_env(SERVER_DIR=str(folder), PORT=url.rsplit(":", 1)[1], WORKERS="1",
+                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        started.append(proc)
+        for _ in range(1200):  # up to two minutes on a busy machine
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return Server(url, folder)
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"mlflow server at {url} never answered /health")
+
+    yield start
+    for proc in started:
+        _stop_group(proc)
+        assert not _group_alive(proc.pid), f"processes of group {proc.pid} outlived the server"
+
+
+def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any) -> None:
+    """Every stage's params, metrics, artifacts and models reach the server; nothing is stored locally."""
+    server = start_server()
+    dvc(project, "repro", env=run_env(MLFLOW_TRACKING_URI=server.url))
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+
+    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+    assert exp["artifact_location"].startswith("mlflow-artifacts:"), exp  # proxied through the server
+    runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50})["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    assert set(by_name) == STAGES and len(runs) == len(STAGES)
+    assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+
+    mlp = by_name["train@mlp"]
+    params = {p["key"]: p["value"] for p in mlp["data"]["params"]}
+    assert params["mlp.hidden"] == "[8]" and params["mlp.epochs"] == "3"
+    metrics = {m["key"]: m["value"] for m in mlp["data"]["metrics"]}
+    assert metrics["best_val_loss"] > 0 and metrics["test_mse"] > 0  # test_mse: put there by evaluate
+
+    run_id = mlp["info"]["run_id"]
+    listed = server.api("artifacts/list", run_id=run_id, path="weights")["files"]
+    assert [f["path"] for f in listed] == ["weights/mlp.safetensors"]
+    weights = server.request(f"/get-artifact?{urllib.parse.urlencode({'run_id': run_id, 'path': 'weights/mlp.safetensors'})}")
+    assert weights == (project / "models" / "mlp.safetensors").read_bytes()
+
+    models = server.api("logged-models/search", {"experiment_ids": [exp["experiment_id"]]})["models"]
+    sources = {m["info"]["source_run_id"] for m in models}
+    assert sources == {by_name[s]["info"]["run_id"] for s in STAGES if s.startswith("train@")}
+    model = next(m["info"] for m in models if m["info"]["source_run_id"] == run_id)
+    assert model["status"] == "LOGGED_MODEL_READY"
+    prefix = model["artifact_uri"].removeprefix("mlflow-artifacts:/")
+    mlmodel = server.request(f"/api/2.0/mlflow-artifacts/artifacts/{prefix}/MLmodel").decode()
+    assert "\n  pytorch:\n" in mlmodel and f"run_id: {run_id}" in mlmodel
+    assert (server.folder / "artifacts" / prefix / "data" / "model.pt2").is_file()  # stored on the server's side
+
+
+def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -> None:
+    """With --auth, anonymous requests and stages are refused in one line; a created user can log."""
+    admin = ("admin", "Admin-pass-for-tests-1")
+    server = start_server("--auth", MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key",
+                          MLFLOW_AUTH_ADMIN_PASSWORD=admin[1])
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.api("experiments/search", max_results="1")
+    assert refused.value.code == 401
+    alice = ("alice", "Alice-pass-for-tests-1")
+    server.request("/api/2.0/mlflow/users/create", {"username": alice[0], "password": alice[1]}, auth=admin)
+
+    anonymous = sh(project, "python", "-m", "stages.generate", check=False, env=run_env(MLFLOW_TRACKING_URI=server.url))
+    assert anonymous.returncode == 1
+    assert "HTTP 401" in anonymous.stderr and "MLFLOW_TRACKING_USERNAME" in anonymous.stderr
+    assert "Traceback" not in anonymous.stderr
+
+    sh(project, "python", "-m", "stages.generate", env=run_env(
+        MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=alice[0], MLFLOW_TRACKING_PASSWORD=alice[1]))
+    server.auth = alice
+    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+    runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert [(r["info"]["run_name"], r["info"]["user_id"]) for r in runs] == [("generate", "alice")]
+
+
+def test_dvc_remote_fresh_clone_is_up_to_date(project: Path, tmp_path: Path) -> None:
+    """repro, push to a folder remote; a fresh clone pulls and finds nothing to recompute."""
+    remote = tmp_path / "dvc-remote"
+    dvc(project, "repro")
+    dvc(project, "remote", "add", "-d", "storage", str(remote))
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "pipeline outputs and remote")
+    pushed = dvc(project, "push")
+    assert any(remote.rglob("*")), pushed.stdout
+
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "models" / "mlp.safetensors").exists()
+    dvc(clone, "pull")
+    for out in ("data/train.parquet", "models/mlp.safetensors", "metrics/evaluation/mlp.json"):
+        assert (clone / out).read_bytes() == (project / out).read_bytes(), out
+    status = dvc(clone, "status")
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    repro = dvc(clone, "repro")
+    assert "Running stage" not in repro.stdout, repro.stdout
+    assert not (clone / "mlflow.db").exists()  # no stage ran, so nothing was logged
