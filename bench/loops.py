@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench.report import Row
 from pipeline import config, data, models, training
+
+if TYPE_CHECKING:  # importing tracking loads mlflow; only the run below needs it
+    from pipeline.tracking import StageRun
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -86,7 +89,7 @@ def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
 
 
 @contextmanager
-def tracked_run(store: str) -> Iterator[object]:
+def tracked_run(store: str) -> Iterator[StageRun]:
     """A real MLflow run of the project's tracking module, on a throwaway SQLite store in `store`."""
     from pipeline import tracking
 
@@ -103,7 +106,7 @@ def tracked_run(store: str) -> Iterator[object]:
                 os.environ[key] = value
 
 
-def project_mlp(params: config.Config, t: Tensors, epochs: int, run: object | None) -> float:
+def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None) -> float:
     """pipeline.training.fit as the stage calls it, curves logged to `run` when given. Seconds."""
     X, y, Xv, yv = t
     p = params.mlp
@@ -116,9 +119,9 @@ def project_mlp(params: config.Config, t: Tensors, epochs: int, run: object | No
         patience=p.patience, progress=False,
     )
     if run is not None:
-        run.log_curve("train_loss", result.history.step, result.history.train_loss)  # type: ignore[attr-defined]
-        run.log_curve("val_loss", result.history.step, result.history.val_loss)  # type: ignore[attr-defined]
-        run.flush()  # type: ignore[attr-defined]
+        run.log_curve("train_loss", result.history.step, result.history.train_loss)
+        run.log_curve("val_loss", result.history.step, result.history.val_loss)
+        run.flush()
     _sync(X.device)
     return time.perf_counter() - start
 

@@ -151,7 +151,7 @@ def train_linear_gd(
     with small_step_threads(X.device, X.shape[0] * (n_features + 1)):
         for step in range(steps):
             y_hat = X @ w + b                      # forward
-            loss = ((y_hat - y) ** 2).mean()       # mean squared residual
+            loss = F.mse_loss(y_hat, y)            # mean squared residual: ((y_hat - y) ** 2).mean()
             loss.backward()                        # autograd: d loss / d w, d loss / d b
 
             if step == 0:                          # autograd vs. the gradient worked out by hand

@@ -1,0 +1,61 @@
+"""The benchmark keeps working: `python -m bench --tiny` runs every section and prints every row.
+
+No timing is asserted (the machine is shared); only that each figure was measured.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_env
+
+ROWS = (
+    "mlp loop, tracking on",
+    "mlp loop vs DataLoader",
+    "linear_gd loop",
+    "GPU throughput",  # the skip row without CUDA; with CUDA the [cuda] rows below
+    "cold dvc repro (5 stages)",
+    "dvc repro after mlp.lr changed",
+    "stages rerun after mlp.lr changed",
+    "no-op dvc repro",
+    "train@mlp stage, tracking on",
+    "stage start-up (1-step train@linear_gd)",
+    "generate stage, 5,000 rows x 20",
+    "generate peak RSS",
+    "train@linear_gd peak RSS",
+)
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_prints_every_row() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--scale-rows", "5000"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.startswith("CPU: "), out[:200]
+    table = out[out.index("figure ") :]
+    for name in ROWS:
+        if name == "GPU throughput" and "GPU: none" not in out:
+            name = "mlp loop, tracking on [cuda]"
+        line = next((ln for ln in table.splitlines() if ln.strip().startswith(name)), None)
+        assert line is not None, f"row {name!r} missing from:\n{table}"
+        if name != "GPU throughput":
+            assert re.search(r"\d", line[len(name) + 2 :]), f"row {name!r} has no figure: {line}"
+    # a real DVC run: changing mlp.lr reruns exactly train@mlp and evaluate
+    assert re.search(r"stages rerun after mlp\.lr changed: train@mlp, evaluate", out), table
+
+
+def test_bad_arguments_are_one_line_errors() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "throughput,nope"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unknown section(s) ['nope']" in proc.stderr
+    assert "Traceback" not in proc.stderr
