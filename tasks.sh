@@ -5,7 +5,7 @@
 #   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
 #   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
 #   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
-#   ./tasks.sh bench     run the benchmarks (bench/README in RESULTS.md)
+#   ./tasks.sh bench     run the benchmark; figures and their meaning in bench/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")"
 
