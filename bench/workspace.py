@@ -18,29 +18,34 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def env() -> dict[str, str]:
-    """The environment for timed commands: this venv first, a git identity, no outside MLflow/DVC state."""
+def env(**extra: str) -> dict[str, str]:
+    """Environment for project commands: this venv first, a git identity, no outside MLflow/DVC state."""
     out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
     out.update(
-        GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
-        GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid",
+        GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.invalid",
+        GIT_COMMITTER_NAME="dev", GIT_COMMITTER_EMAIL="dev@example.invalid",
         DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
     )
+    out.update(extra)
     return out
 
 
-def set_params(repo: Path, updates: dict[str, Any]) -> None:
-    """Apply dotted-key updates ({'mlp.lr': 0.1}) to repo/params.yaml."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
+def update_params(params: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key updates ({'mlp.lr': 0.1}) to a params mapping, in place; return it."""
     for dotted, value in updates.items():
         *parents, leaf = dotted.split(".")
         node = params
         for key in parents:
             node = node[key]
         node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def set_params(repo: Path, updates: dict[str, Any]) -> None:
+    """Apply dotted-key updates to repo/params.yaml."""
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(update_params(yaml.safe_load(path.read_text()), updates), sort_keys=False))
 
 
 @dataclass
@@ -84,6 +89,6 @@ def copy_project(dest: Path, updates: dict[str, Any]) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     set_params(dest, updates)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench baseline"]):
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(cmd, cwd=dest, env=env(), check=True, capture_output=True)
     return dest

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+import bench.workspace
+
+# One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
+from bench.workspace import ROOT, set_params, update_params  # noqa: F401
+from bench.workspace import env as run_env
 
 # Small enough that a whole `dvc repro` is dominated by process start-up.
 TINY: dict[str, Any] = {
@@ -28,42 +30,9 @@ TINY: dict[str, Any] = {
 }
 
 
-def set_params(repo: Path, updates: dict[str, Any]) -> None:
-    """Apply dotted-key updates ({'mlp.lr': 0.1}) to repo/params.yaml."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in updates.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def tiny_params() -> dict[str, Any]:
     """The repository's params.yaml with TINY applied, as a dict."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in TINY.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return params
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: this venv first on PATH, a git identity, no outside store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
-        DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    return update_params(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -80,18 +49,8 @@ def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[st
 
 
 def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
-    """Copy the tracked project files into a fresh git repo at `dest`, params shrunk to TINY."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("dvc.lock"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    set_params(dest, {**TINY, **(updates or {})})
-    sh(dest, "git", "init", "-q", "-b", "main")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "test baseline")
-    return dest
+    """The project's source as a fresh git repo at `dest`, params shrunk to TINY (plus `updates`)."""
+    return bench.workspace.copy_project(dest, {**TINY, **(updates or {})})
 
 
 @pytest.fixture
