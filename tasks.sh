@@ -29,7 +29,7 @@ case "${1:-}" in
   install) install ;;
   repro)   install; shift; dvc repro "$@" ;;
   test)    install; shift; python -m pytest "$@" ;;
-  ui)      install; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
+  ui)      install; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
   bench)   install; shift; python -m bench "$@" ;;
   compare) install; shift; python -m pipeline.compare "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
