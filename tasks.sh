@@ -12,11 +12,26 @@ cd "$(dirname "$0")"
 VENV=.venv
 PY="${PYTHON:-python3}"
 
+make_venv() {
+  # A venv with a working pip; a half-made one (e.g. from an interrupted run) is made again.
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 && return
+  rm -rf "$VENV"
+  if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian/Ubuntu's Python lacks ensurepip unless python3-venv is installed: use virtualenv from PyPI instead.
+    rm -rf "$VENV"
+    local tool
+    tool="$(mktemp -d)"
+    "$PY" -m pip install --quiet --target "$tool" virtualenv
+    PYTHONPATH="$tool" "$PY" -m virtualenv --quiet "$VENV"
+    rm -rf "$tool"
+  fi
+}
+
 install() {
   # Reinstall only when pyproject.toml changed since the last install.
   local stamp="$VENV/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)"
   if [[ ! -f "$stamp" ]]; then
-    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    make_venv
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
     rm -f "$VENV"/.installed-*

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -69,6 +70,13 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _use_server(uri: str) -> None:
+    """Bound MLflow's HTTP retries (minutes by default), then check the server answers."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    _check_server(uri)
+
+
 def preflight() -> str:
     """Check the store can be used before a stage does expensive work; return its URI.
 
@@ -78,7 +86,7 @@ def preflight() -> str:
     """
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        _use_server(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
@@ -102,9 +110,7 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     root = workspace_root()
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        _check_server(uri)
+        _use_server(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         with _store_lock(root):
@@ -211,8 +217,6 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set several tags in one call."""
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -275,8 +279,6 @@ class StageRun:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -335,8 +337,7 @@ def link_generate_run(run: StageRun, data_digest: str) -> str | None:
 def _open_existing(uri: str) -> MlflowClient:
     """A client for a store that must already exist: reading never creates an empty SQLite file."""
     if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        _check_server(uri)
+        _use_server(uri)
     elif uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.exists():

@@ -39,9 +39,10 @@ def split_path(split: str) -> Path:
 
 def data_digests() -> dict[str, str]:
     """md5 of each split file (as in dvc.lock), keyed by split."""
+    from pipeline.data import SPLITS
     from pipeline.files import md5_file
 
-    return {split: md5_file(split_path(split)) for split in ("train", "val", "test")}
+    return {split: md5_file(split_path(split)) for split in SPLITS}
 
 
 def run_name(stage: str) -> str:
