@@ -106,7 +106,7 @@ def tracked_run(store: str) -> Iterator[StageRun]:
                 os.environ[key] = value
 
 
-def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None) -> float:
+def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None, cuda_graph: bool = True) -> float:
     """pipeline.training.fit as the stage calls it, curves logged to `run` when given. Seconds."""
     X, y, Xv, yv = t
     p = params.mlp
@@ -116,7 +116,7 @@ def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | 
     result = training.fit(
         model, X, y, Xv, yv, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule,
-        patience=p.patience, progress=False,
+        patience=p.patience, progress=False, cuda_graph=cuda_graph,
     )
     if run is not None:
         run.log_curve("train_loss", result.history.step, result.history.train_loss)
@@ -193,4 +193,53 @@ def throughput(params: config.Config, device: torch.device, *, epochs: int, repe
             "DataLoader(TensorDataset)", (">=", 4.0)),
         Row(f"linear_gd loop{suffix}", gd["project_gd"], gd["bare_gd"], "samples/s", "bare full-batch loop",
             (">=", 1.0), f"{steps} steps on {n} rows"),
+    ]
+
+
+def _with(params: config.Config, **updates: object) -> config.Config:
+    """`params` with dotted-key updates, validated again."""
+    from bench.workspace import update_params
+
+    return config.parse(update_params(params.model_dump(mode="json"), dict(updates)))
+
+
+def gpu(params: config.Config, *, epochs: int, repeats: int, big_rows: int = 1_000_000, big_batch: int = 4096) -> list[Row]:
+    """The MLP loop on CUDA against the bare eager CUDA loop and this machine's CPU, at default size and large.
+
+    Each figure is samples/s of the full `fit` (CUDA graphs on), timed in-process:
+    stage start-up on a GPU box says more about its Python packages than its GPU.
+    """
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on_gpu, on_cpu = problem(params, cuda), problem(params, cpu)
+    for warm in (lambda: bare_mlp(params, on_gpu, 1), lambda: project_mlp(params, on_gpu, 1, None),
+                 lambda: project_mlp(params, on_cpu, 1, None)):
+        warm()  # first-call costs (CUDA context, kernels, allocator) out of the timings
+    best = best_of(repeats, {
+        "graph": lambda: project_mlp(params, on_gpu, epochs, None),
+        "eager_project": lambda: project_mlp(params, on_gpu, epochs, None, cuda_graph=False),
+        "bare": lambda: bare_mlp(params, on_gpu, epochs),
+        "cpu": lambda: project_mlp(params, on_cpu, epochs, None),
+    })
+    n = on_gpu[0].shape[0]
+    rate = {k: n * epochs / v for k, v in best.items()}
+    big = _with(params, **{"data.n_samples": big_rows, "mlp.batch_size": big_batch})
+    big_epochs = max(1, epochs // 5)
+    big_gpu, big_cpu = problem(big, cuda), problem(big, cpu)
+    project_mlp(big, big_gpu, 1, None)
+    big_best = best_of(max(1, repeats - 1), {
+        "graph": lambda: project_mlp(big, big_gpu, big_epochs, None),
+        "cpu": lambda: project_mlp(big, big_cpu, big_epochs, None),
+    })
+    big_n = big_gpu[0].shape[0]
+    big_rate = {k: big_n * big_epochs / v for k, v in big_best.items()}
+    batch = params.mlp.batch_size
+    size = f"batch {batch}, {epochs} epochs of {n} rows, best of {repeats}"
+    return [
+        Row("mlp loop on CUDA (graphs)", rate["graph"], rate["bare"], "samples/s", "bare eager CUDA loop", (">=", 4.0), size),
+        Row("mlp loop on CUDA (graphs)", rate["graph"], rate["eager_project"], "samples/s", "same loop, cuda_graph: false",
+            None, size),
+        Row("mlp loop on CUDA (graphs)", rate["graph"], rate["cpu"], "samples/s", "this machine's CPU, same loop",
+            (">=", 2.0), size),
+        Row(f"train@mlp loop at {big_rows:,} rows, CUDA", big_rate["graph"], big_rate["cpu"], "samples/s",
+            "this machine's CPU", (">=", 10.0), f"batch {big_batch}, {big_epochs} epoch(s) of {big_n} rows"),
     ]

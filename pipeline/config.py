@@ -172,6 +172,7 @@ class Config(_Strict):
 
     seed: int = Field(ge=0)
     device: Device
+    cuda_graph: bool
     mlflow: TrackingConfig
     data: DataConfig
     linear_gd: LinearGDConfig
@@ -330,7 +331,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def stage_params(config: Config, stage: str) -> dict[str, Any]:
     """The params a stage depends on (mirrors dvc.yaml's `params:`), flattened for logging."""
     dump = config.model_dump()
-    shared = {"seed": dump["seed"], "device": dump["device"]}
+    shared = {"seed": dump["seed"], "device": dump["device"], "cuda_graph": dump["cuda_graph"]}
     if stage == "generate":
         return flatten({"seed": dump["seed"], "data": dump["data"]})
     if stage == "evaluate":

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import subprocess
 import time
 import urllib.error
+import warnings
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +29,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
+
+# A new store announces its table creation at INFO on every first run; stages keep stderr for problems.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -259,23 +264,51 @@ class StageRun:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
 
     def log_torch_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
-        """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI."""
+        """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI.
+
+        The export holds CPU weights, and its pyfunc flavor is pinned to the CPU
+        (`model_config: {device: cpu}` in MLmodel), so `mlflow.pyfunc.load_model`
+        and `mlflow models serve` work on hosts with and without CUDA; left
+        unset, pyfunc picks CUDA wherever it exists and cannot move a pt2 export.
+        """
         import mlflow.pytorch
         import torch
-        from mlflow.models import infer_signature
+        from mlflow.models import Model, infer_signature
 
         model = model.to("cpu").eval()
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(input_example, output),
-            input_example=input_example,
-            pip_requirements=requirements,
-            serialization_format="pt2",
-        )
+        with warnings.catch_warnings():
+            # torch.export.load reads the archive through a read-only buffer and says so, harmlessly,
+            # when MLflow loads the model back to check the input example.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            info = Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=_PytorchOnCpu,
+                flavor_name="mlflow.pytorch",
+                pytorch_model=model,
+                signature=infer_signature(input_example, output),
+                input_example=input_example,
+                pip_requirements=requirements,
+                serialization_format="pt2",
+            )
         return info.model_uri
+
+
+class _PytorchOnCpu:
+    """mlflow.pytorch's flavor, saved with its pyfunc device pinned to the CPU (see log_torch_model)."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+        """mlflow.pytorch.save_model, then `device: cpu` in the MLmodel's python_function model_config."""
+        import mlflow.pytorch
+        from mlflow.models.model import MLMODEL_FILE_NAME
+        from mlflow.pyfunc import FLAVOR_NAME, MODEL_CONFIG
+
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors[FLAVOR_NAME][MODEL_CONFIG] = {"device": "cpu"}
+        mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
 
 
 def _now_ms() -> int:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import graphed
 from pipeline.errors import PipelineError
 from pipeline.models import linear_from_weights
 
@@ -64,6 +65,7 @@ class TrainResult:
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
     step_losses: list[float] = field(default_factory=list)
+    loop: str = "eager"  # how the steps ran: "cuda_graph", or "eager (why not graphed)"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -180,15 +182,22 @@ def train_linear_gd(
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
 
 
-def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer by name; fused kernels where PyTorch has them for this device."""
+def make_optimizer(
+    name: str, params: Iterator[nn.Parameter], lr: float | torch.Tensor, weight_decay: float, device: torch.device,
+    capturable: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimizer by name; fused kernels where PyTorch has them for this device.
+
+    `capturable` (with `lr` a device tensor) makes its step recordable in a CUDA
+    graph: no host reads, the learning rate changed in place by the schedule.
+    """
     fused = device.type in ("cpu", "cuda")
-    if name == "sgd":
+    if name == "sgd":  # SGD keeps no step count: it is capturable as it is
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused, capturable=capturable)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, capturable=capturable)
     raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw")
 
 
@@ -207,9 +216,14 @@ def fit(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
     seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
-    desc: str = "train", shard: tuple[int, int] = (0, 1),
+    desc: str = "train", shard: tuple[int, int] = (0, 1), cuda_graph: bool = False,
 ) -> TrainResult:
     """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights.
+
+    With `cuda_graph`, on CUDA each epoch's steps replay as CUDA graphs
+    (pipeline/graphed.py): same batches, same arithmetic, far fewer launches.
+    Where a graph cannot hold the run (CPU, DDP, dropout) the eager loop runs and
+    `TrainResult.loop` says why.
 
     `shard=(rank, world)` is for a DistributedDataParallel `model` in an initialised
     process group: every rank draws the same permutation, takes its slice of each
@@ -222,8 +236,14 @@ def fit(
     start = time.perf_counter()
     device = X.device
     model.to(device).train()
-    opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, device)
-    sched = make_schedule(schedule, opt, epochs)
+    why_eager = graphed.blocker(device, model, world) if cuda_graph else "cuda_graph is off"
+    if why_eager is None:
+        opt = make_optimizer(optimizer, model.parameters(), torch.tensor(lr, device=device), weight_decay, device, True)
+        sched = graphed.TensorLrSchedule(opt, lr, lambda twin: make_schedule(schedule, twin, epochs))
+        run_epoch = graphed.GraphedEpoch(model, opt, X, y, batch_size, capture=True)
+    else:
+        opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, device)
+        sched = make_schedule(schedule, opt, epochs)
     generator = torch.Generator(device=device).manual_seed(seed)
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
@@ -232,20 +252,23 @@ def fit(
     with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
         for epoch in bar:
             perm = torch.randperm(X.shape[0], device=device, generator=generator)
-            Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices
-            n = Xs.shape[0]
-            batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
-            for j, i in enumerate(range(0, n, batch_size)):
-                if world == 1:
-                    loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
-                else:
-                    m = min(batch_size, n - i)
-                    lo, hi = i + m * rank // world, i + m * (rank + 1) // world
-                    loss = F.mse_loss(model(Xs[lo:hi]), ys[lo:hi], reduction="sum") * (world / m)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                batch_losses[j] = loss.detach()
+            n = X.shape[0]
+            if why_eager is None:
+                batch_losses = run_epoch(perm)
+            else:
+                Xs, ys = X[perm], y[perm]                 # one gather per epoch, then cheap slices
+                batch_losses = torch.empty((n + batch_size - 1) // batch_size, device=device)
+                for j, i in enumerate(range(0, n, batch_size)):
+                    if world == 1:
+                        loss = F.mse_loss(model(Xs[i : i + batch_size]), ys[i : i + batch_size])
+                    else:
+                        m = min(batch_size, n - i)
+                        lo, hi = i + m * rank // world, i + m * (rank + 1) // world
+                        loss = F.mse_loss(model(Xs[lo:hi]), ys[lo:hi], reduction="sum") * (world / m)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    batch_losses[j] = loss.detach()
             sched.step()
             sizes = torch.full_like(batch_losses, batch_size)
             sizes[-1] = n - batch_size * (len(batch_losses) - 1)
@@ -278,4 +301,5 @@ def fit(
     else:
         best_step = history.step[-1]  # no early stopping: the final weights are the ones kept
     model.eval()
-    return TrainResult(model, history, best_step, stopped_early, time.perf_counter() - start)
+    loop = "cuda_graph" if why_eager is None else f"eager ({why_eager})"
+    return TrainResult(model, history, best_step, stopped_early, time.perf_counter() - start, loop=loop)

@@ -30,7 +30,7 @@ def fit_model(
         result = training.fit(
             models.linear(n_features), X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr,
             weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, progress=progress,
-            desc=name,
+            desc=name, cuda_graph=cfg.cuda_graph,
         )
         return result, {"kind": "linear", "n_features": n_features}
     spec = {"kind": "mlp", "n_features": n_features, "hidden": list(p.hidden), "activation": p.activation, "dropout": p.dropout}
@@ -40,7 +40,7 @@ def fit_model(
     result = training.fit(
         model, X, y, X_val, y_val, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, schedule=p.schedule, patience=p.patience,
-        progress=progress, desc=name, shard=shard,
+        progress=progress, desc=name, shard=shard, cuda_graph=cfg.cuda_graph,
     )
     if shard[1] > 1:
         result.model = result.model.module  # the plain MLP inside DDP, for saving and logging
@@ -169,6 +169,7 @@ def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | 
             run.log_curve("train_loss", result.history.step, result.history.train_loss)
         run.log_curve("val_loss", result.history.step, result.history.val_loss)
         run.log_metrics(summary)
+        run.set_tags({"training.loop": result.loop})
         run.log_artifact(common.weights_path(name), "weights")
         example = arrays["X_val"][:5].cpu().numpy()
         run.log_torch_model(result.model, example, [f"torch=={torch.__version__.split('+')[0]}"])

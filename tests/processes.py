@@ -1,0 +1,81 @@
+"""Background processes for tests: free ports, whole process groups stopped, a logged model served over REST."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a process started with start_new_session=True and its whole group; SIGKILL what lingers."""
+    pgid = proc.pid  # the session leader's pid is the group id
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        for _ in range(600):
+            proc.poll()  # reap the leader, or it stays in the group as a zombie
+            if not group_alive(pgid):
+                break
+            time.sleep(0.1)
+
+
+@contextmanager
+def served_model(model_uri: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`mlflow models serve --env-manager local` on a free 127.0.0.1 port; yields its URL, stops its group after."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(1800):  # up to three minutes on a busy machine
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"mlflow models serve at {url} never answered /ping:\n{log.read_text()}")
+        yield url
+    finally:
+        stop_group(proc)
+        assert not group_alive(proc.pid), f"processes of group {proc.pid} outlived the model server"
+
+
+def predict_rest(url: str, rows: list[list[float]]) -> list[float]:
+    """POST rows to a model server's /invocations; its predictions, one per row."""
+    body = json.dumps({"inputs": rows}).encode()
+    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        answer = json.loads(resp.read())["predictions"]
+    return [float(p[0]) if isinstance(p, list) else float(p) for p in answer]
