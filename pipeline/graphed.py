@@ -26,7 +26,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 # Most steps recorded in one graph: longer epochs replay a graph of this many steps several times.
-MAX_GRAPH_STEPS = 256
+# Recording costs what one eager pass over its steps costs, so a short graph is cheap to make,
+# and replaying it a few more times per epoch costs next to nothing.
+MAX_GRAPH_STEPS = 32
 
 
 def blocker(device: torch.device, model: nn.Module, world: int) -> str | None:
@@ -57,9 +59,11 @@ class _Program:
         """Rows consumed per run."""
         return self.X.shape[0]
 
-    def body(self) -> None:
-        """The eager loop's steps, verbatim, reading from and writing to static tensors only."""
+    def body(self, only: set[int] | None = None) -> None:
+        """The eager loop's steps, verbatim, reading from and writing to static tensors only (`only`: these steps)."""
         for j, i in enumerate(range(0, self.rows, self.batch_size)):
+            if only is not None and j not in only:
+                continue
             loss = F.mse_loss(self.model(self.X[i : i + self.batch_size]), self.y[i : i + self.batch_size])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -67,16 +71,18 @@ class _Program:
             self.losses[j] = loss.detach()
 
     def warm_up(self) -> None:
-        """Run the body once (creates optimizer state, picks kernels); on CUDA on a side stream, as capture needs."""
+        """Run its first and last step, one of each batch shape (creates optimizer state, initialises the kernels);
+        on CUDA on a side stream, as capture needs."""
+        ends = {0, len(self.losses) - 1}
         with warnings.catch_warnings():  # a capturable optimizer warns when it steps outside a graph: this once is meant
             warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             if self.X.device.type != "cuda":
-                self.body()
+                self.body(ends)
                 return
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.body()
+                self.body(ends)
             torch.cuda.current_stream().wait_stream(stream)
 
     def record(self) -> None:

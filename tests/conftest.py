@@ -59,7 +59,10 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "repo")
 
 
-requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+def requires_cuda(test: Any) -> Any:
+    """Mark a test `gpu` (scripts/gpu-check.sh runs those) and skip it where CUDA is absent."""
+    skip = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from pipeline import models, training
@@ -22,3 +25,25 @@ def test_both_loops_train_on_cuda() -> None:
     )
     assert next(mlp.model.parameters()).device.type == "cuda"
     assert mlp.history.val_loss[-1] < mlp.history.val_loss[0]
+
+
+@requires_cuda
+@pytest.mark.slow
+def test_pipeline_on_cuda_is_quiet_graphed_and_its_models_serve_here(tmp_path: Path) -> None:
+    """`dvc repro` with device auto on a CUDA host: trained there, graphs used, nothing alarming printed,
+    and the logged models load through pyfunc (which prefers CUDA here) and serve."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import copy_project, dvc
+    from tests.test_pipeline_e2e import check_logged_models, quiet
+
+    repo = copy_project(tmp_path / "repo", {"device": "auto"})
+    proc = dvc(repo, "repro")
+    assert quiet(proc.stderr), proc.stderr
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("regression")
+    runs = {r.data.tags["stage"]: r.data.tags for r in client.search_runs([exp.experiment_id])}
+    for name in ("linear", "mlp"):
+        assert runs[f"train@{name}"]["device"].startswith("cuda")
+        assert runs[f"train@{name}"]["training.loop"] == "cuda_graph"
+    check_logged_models(repo, tmp_path)
