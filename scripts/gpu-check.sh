@@ -52,7 +52,7 @@ prepare() {
   export GIT_AUTHOR_NAME="${GIT_AUTHOR_NAME:-gpu-check}" GIT_AUTHOR_EMAIL="${GIT_AUTHOR_EMAIL:-gpu-check@example.invalid}"
   export GIT_COMMITTER_NAME="$GIT_AUTHOR_NAME" GIT_COMMITTER_EMAIL="$GIT_AUTHOR_EMAIL"
   if ! git rev-parse --git-dir >/dev/null 2>&1; then  # a copied tree: the throwaway copies are made from git's file list
-    git init -q -b main && git add -A && git commit -qm "gpu-check snapshot"
+    git init -q -b main && echo "/.whl/" >>.git/info/exclude && git add -A && git commit -qm "gpu-check snapshot"
   fi
   python -c "import torch, mlflow, dvc.version as v; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), \
 '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '| mlflow', mlflow.__version__, '| dvc', v.__version__)"
