@@ -5,7 +5,8 @@
 #   prepare  torch must be there; MLflow and DVC from .whl/ on an offline machine (../shared/gpu/wheels.sh
 #            fills it), else ./tasks.sh install
 #   tests    the GPU tests: python -m pytest -m "gpu and not slow" (CUDA graphs against the eager loop)
-#   repro    one cold `dvc repro`, default params and device auto, in a throwaway copy: stderr must be quiet
+#   repro    one cold `dvc repro`, default params with device auto and cuda_graph on, in a throwaway copy:
+#            stderr must be quiet
 #   models   every model that repro logged, through mlflow.pyfunc (which prefers CUDA), mlflow.pytorch
 #            and `mlflow models serve`, against the stage's own weights on test rows
 #   bench    python -m bench --only gpu: CUDA loop vs bare eager CUDA loop, vs this CPU, and at 1M rows
@@ -61,7 +62,7 @@ prepare() {
 }
 
 repro() {
-  python -c "import sys; from pathlib import Path; from bench.workspace import copy_project; copy_project(Path(sys.argv[1]), {'device': 'auto'})" "$WORK/repo" || return 1
+  python -c "import sys; from pathlib import Path; from bench.workspace import copy_project; copy_project(Path(sys.argv[1]), {'device': 'auto', 'cuda_graph': True})" "$WORK/repo" || return 1
   cd "$WORK/repo" || return 1
   local start=$SECONDS
   dvc repro 2>"$LOGS/repro.stderr" || { cat "$LOGS/repro.stderr"; return 1; }

@@ -37,7 +37,7 @@ def test_pipeline_on_cuda_is_quiet_graphed_and_its_models_serve_here(tmp_path: P
     from tests.conftest import copy_project, dvc
     from tests.test_pipeline_e2e import check_logged_models, quiet
 
-    repo = copy_project(tmp_path / "repo", {"device": "auto"})
+    repo = copy_project(tmp_path / "repo", {"device": "auto", "cuda_graph": True})
     proc = dvc(repo, "repro")
     assert quiet(proc.stderr), proc.stderr
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
