@@ -142,7 +142,7 @@ def check_sqlite_store(path: Path, timeout: float = CHECK_TIMEOUT) -> None:
                 if version[0] != (head := _schema_head()):
                     raise TrackingError(
                         f"MLflow store {path} has schema {version[0]}, this MLflow needs {head}; "
-                        "run `./tasks.sh upgrade-store` (backs it up, then `mlflow db upgrade`)"
+                        "run `./tasks.sh sync --upgrade-store` (backs it up, then `mlflow db upgrade`)"
                     )
             con.execute("BEGIN IMMEDIATE")
             con.execute("CREATE TABLE _preflight_write_check (x INTEGER)")

@@ -111,3 +111,136 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
     finally:
         _stop_group(server)
     assert not _group_alive(server.pid)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project reproduced once into its embedded store; tests work on copies."""
+    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
+    dvc(repo, "repro")
+    return repo
+
+
+def _copy(repo: Path, dest: Path) -> Path:
+    sh(repo, "cp", "-a", str(repo), str(dest))
+    return dest
+
+
+@pytest.mark.slow
+def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compare(reproduced: Path, tmp_path: Path, spawn: Any) -> None:
+    repo = _copy(reproduced, tmp_path / "repo")
+    set_params(repo, {"linear_gd.steps": 5_000_000})
+
+    def kill_training() -> None:
+        job = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
+        wait_for_running(repo, "train@linear_gd", job)
+        os.kill(job.pid, signal.SIGKILL)  # as the OOM killer does: no handler runs
+        job.communicate()
+
+    kill_training()
+    assert statuses(repo)["train@linear_gd"] == ["FINISHED", "RUNNING"]
+    sh(repo, sys.executable, "-m", "stages.train", "linear")  # the next start of any stage closes it
+    assert statuses(repo)["train@linear_gd"] == ["FINISHED", "KILLED"]
+    kill_training()
+    assert statuses(repo)["train@linear_gd"] == ["FINISHED", "KILLED", "RUNNING"]
+    proc = sh(repo, sys.executable, "-m", "pipeline.compare")
+    assert "compare: closed 1 run(s) whose process had died" in proc.stderr
+    assert statuses(repo)["train@linear_gd"] == ["FINISHED", "KILLED", "KILLED"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    killed = [r for r in client.search_runs(["1"]) if r.info.status == "KILLED"]
+    assert all("was gone when" in r.data.tags["closed.reason"] and r.info.end_time for r in killed)
+    assert {r.data.tags["closed.reason"].split(" when ")[1].split(" ")[0] for r in killed} == {"train@linear", "compare"}
+    assert list(repo.glob("mlflow.db.*.bak"))  # backed up before the store was repaired
+    set_params(repo, {"linear_gd.steps": 30})
+    assert "up to date" in dvc(repo, "status").stdout  # nothing was retrained or lost
+
+
+def _damage(db: Path) -> None:
+    with open(db, "r+b") as fh:
+        fh.write(b"\0" * 100)  # the header of the first page
+
+
+def _wrong_schema(db: Path) -> None:
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'abc123'")
+
+
+BROKEN = [
+    ("damaged", _damage, "file is not a database", "move it aside"),
+    ("wrong-schema", _wrong_schema, "has schema abc123", "./tasks.sh sync --upgrade-store"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("name", "damage", "cause", "todo"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_store_fails_in_one_line_before_any_output(reproduced: Path, tmp_path: Path, name: str, damage: Any, cause: str, todo: str) -> None:
+    repo = _copy(reproduced, tmp_path / "repo")
+    db = repo / "mlflow.db"
+    damage(db)
+    data = {p: p.stat().st_mtime_ns for p in (repo / "data").iterdir()}
+    for cmd, prefix in ((["stages.generate"], "generate"), (["pipeline.compare"], "compare")):
+        start = time.monotonic()
+        proc = sh(repo, sys.executable, "-m", *cmd, check=False)
+        assert time.monotonic() - start < 10
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith(f"{prefix}: MLflow store {db}") and cause in line and todo in line, line
+    assert {p: p.stat().st_mtime_ns for p in (repo / "data").iterdir()} == data  # generate wrote nothing
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_unwritable_and_locked_store_fail_in_one_line(reproduced: Path, tmp_path: Path) -> None:
+    repo = _copy(reproduced, tmp_path / "repo")
+    db = repo / "mlflow.db"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # another process writing for a long time
+    try:
+        proc = sh(repo, sys.executable, "-m", "stages.generate", check=False)
+    finally:
+        con.close()
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"generate: MLflow store {db} cannot be used (database is locked); another process held it for 5 s; "
+        f"wait for it to finish (`fuser {db}` names it)"
+    ]
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root on a filesystem with attributes)")
+    try:
+        proc = sh(repo, sys.executable, "-m", "stages.generate", check=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    (line,) = proc.stderr.splitlines()
+    assert proc.returncode == 1 and "attempt to write a readonly database" in line and "lsattr" in line
+
+
+def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM in each phase: before any output, and after the weights (while logging)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common.config, "load", lambda: None)
+    outs = [common.weights_path("mlp"), common.loss_plot_path("mlp")]
+    old = tmp_path / outs[1]
+    old.parent.mkdir(parents=True)
+    old.write_text("from an earlier run")
+    os.utime(old, (0, 0))
+
+    def body(written: list[Path]) -> Any:
+        def run(_cfg: Any) -> None:
+            for path in written:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("new")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run
+
+    for written, expected in (
+        ([], "train@mlp: interrupted (stopped by signal SIGTERM); no output was written"),
+        ([outs[0]], "train@mlp: interrupted (stopped by signal SIGTERM); already written: models/mlp.safetensors "
+                    "(DVC does not record them; the next `dvc repro` runs the stage again)"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            common.main("train@mlp", body(written), outs)
+        assert stop.value.code == 130
+        assert capsys.readouterr().err.strip() == expected
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
