@@ -6,6 +6,7 @@
 #   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
 #   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
 #   ./tasks.sh bench     run the benchmark; figures and their meaning in bench/RESULTS.md
+#   ./tasks.sh sync      replay runs spooled while MLflow was down (--upgrade-store: back up, then migrate mlflow.db)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -48,5 +49,6 @@ case "${1:-}" in
   bench)   install; shift; python -m bench "$@" ;;
   compare) install; shift; python -m pipeline.compare "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  sync)    install; shift; python -m pipeline.sync "$@" ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

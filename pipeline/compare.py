@@ -203,10 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment = args.experiment or config.load().mlflow.experiment
         from pipeline import tracking
 
+        closed, running = tracking.close_stale_runs(experiment, "compare")
         runs = tracking.stage_runs(experiment, "train@")
     except PipelineError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 1
+    if closed or running:
+        print(f"compare: closed {closed} run(s) whose process had died (now KILLED, tag closed.reason); "
+              f"{running} run(s) still RUNNING are not shown", file=sys.stderr)
     rows = select(runs, args.limit, args.model or ())
     if not rows:
         print(f"compare: no finished training runs in MLflow experiment {experiment!r} at {tracking.tracking_uri()}", file=sys.stderr)

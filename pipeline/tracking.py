@@ -9,22 +9,33 @@ real workspace rather than the temp copy they run in, so no run is lost with it.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import json
 import logging
 import os
+import shutil
+import socket
+import sqlite3
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
-import warnings
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+import requests
+import sqlalchemy.exc
+import yaml
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -37,10 +48,20 @@ STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
+SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
+CHECK_TIMEOUT = 5.0  # seconds pre-flight waits for a locked SQLite store
 
 
 class TrackingError(PipelineError):
     """The tracking store cannot be used; the message names the URI and the cause."""
+
+
+class StoreUnreachable(TrackingError):
+    """The tracking server does not answer (an outage, not a refusal)."""
+
+
+# What a store or server that fails mid-run raises: the run is then spooled, not lost.
+OUTAGE = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, StoreUnreachable)
 
 
 def workspace_root() -> Path:
@@ -66,10 +87,10 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
             if resp.status != 200:
-                raise TrackingError(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
+                raise StoreUnreachable(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(
+        raise StoreUnreachable(
             f"MLflow tracking server at {uri} is not reachable ({reason}); start it, "
             "or unset MLFLOW_TRACKING_URI to use the local store"
         ) from None
@@ -83,20 +104,88 @@ def _use_server(uri: str) -> None:
 
 
 def preflight() -> str:
-    """Check the store can be used before a stage does expensive work; return its URI.
+    """Check the store can be read and written before a stage does expensive work; return its URI.
 
     A server that is down fails here in seconds (not after minutes of MLflow's
     retries, and not after the data was generated or the model trained); a SQLite
-    store whose folder does not exist fails with the path instead of a traceback.
+    store that is missing its folder, damaged, locked, read-only or of another
+    schema fails with the file and what to do, instead of a traceback after the work.
     """
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _use_server(uri)
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist; create it or fix MLFLOW_TRACKING_URI")
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.parent.is_dir():
+            raise TrackingError(f"MLflow store {uri}: folder {path.parent} does not exist; create it or fix MLFLOW_TRACKING_URI")
+        check_sqlite_store(path)
     return uri
+
+
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def check_sqlite_store(path: Path, timeout: float = CHECK_TIMEOUT) -> None:
+    """Read the schema version and take (then roll back) a write lock: one line naming the file on failure."""
+    aside = f"move it aside (`mv {path} {path}.broken`) to start a new store, or restore it from a backup ({path.name}.*.bak)"
+    try:
+        if path.exists() and not os.access(path.parent, os.W_OK):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        if not path.exists():  # a new store: MLflow creates it; the folder must take the file
+            if not os.access(path.parent, os.W_OK):
+                raise sqlite3.OperationalError(f"folder {path.parent} is not writable")
+            return
+        with closing_sqlite(path, timeout) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables:
+                version = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+                if version is None:
+                    raise TrackingError(f"MLflow store {path} is not an MLflow database (no schema version); {aside}")
+                if version[0] != (head := _schema_head()):
+                    raise TrackingError(
+                        f"MLflow store {path} has schema {version[0]}, this MLflow needs {head}; "
+                        "run `./tasks.sh sync --upgrade-store` (backs it up, then `mlflow db upgrade`)"
+                    )
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE _preflight_write_check (x INTEGER)")
+            con.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:
+        reason = str(exc)
+        if "locked" in reason or "busy" in reason:
+            hint = f"another process held it for {timeout:g} s; wait for it to finish (`fuser {path}` names it)"
+        elif "readonly" in reason or "read-only" in reason or "unable to open" in reason:
+            hint = f"make the file and its folder writable (check `ls -l` and `lsattr` on {path})"
+        else:
+            hint = aside
+        raise TrackingError(f"MLflow store {path} cannot be used ({reason}); {hint}") from None
+
+
+@contextmanager
+def closing_sqlite(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection in autocommit mode, always closed."""
+    con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def backup_store(path: Path) -> Path | None:
+    """Copy the SQLite store with SQLite's online backup before it is repaired or migrated; return the copy."""
+    if not path.exists():
+        return None
+    dest = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+    with closing_sqlite(path, CHECK_TIMEOUT) as src, closing_sqlite(dest, CHECK_TIMEOUT) as dst:
+        src.backup(dst)
+    return dest
+
+
+def backup_path(uri: str) -> Path | None:
+    """The SQLite file behind `uri` (what `backup_store` copies), None for a server."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @contextmanager
@@ -110,8 +199,11 @@ def _store_lock(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def connect(experiment: str) -> tuple[MlflowClient, str]:
-    """Open the store (creating it and the experiment once, safely); return (client, experiment id)."""
+def connect(experiment: str, found_by: str | None = None) -> tuple[MlflowClient, str]:
+    """Open the store (creating it and the experiment once, safely); return (client, experiment id).
+
+    With `found_by` (the stage starting), runs of this host whose process died are closed first.
+    """
     root = workspace_root()
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
@@ -124,6 +216,8 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             exp_id = exp.experiment_id if exp else client.create_experiment(
                 experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
             )
+            if found_by:
+                close_zombies(client, [exp_id], found_by)
     else:
         client = MlflowClient(uri)
         try:
@@ -137,7 +231,65 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
                 exp_id = exp.experiment_id
         except MlflowException as exc:
             raise TrackingError(_refusal(uri, exc)) from None
+        if found_by:
+            close_zombies(client, [exp_id], found_by)
     return client, exp_id
+
+
+def _process_started(pid: int) -> str | None:
+    """When process `pid` started ('<boot id>:<clock ticks after boot>'), None if it is gone; pid reuse gives a new value."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return None
+        try:  # no /proc: whether the pid exists is all there is
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def process_tags() -> dict[str, str]:
+    """Host, pid and process start of this stage: how a later stage tells that its run was orphaned."""
+    return {
+        "process.host": socket.gethostname(),
+        "process.pid": str(os.getpid()),
+        "process.started": _process_started(os.getpid()) or "unknown",
+    }
+
+
+def close_zombies(client: MlflowClient, experiment_ids: list[str], found_by: str) -> int:
+    """Close RUNNING runs of this host whose process is gone, as KILLED with a `closed.reason` tag; return how many.
+
+    Runs waiting in the spool for `./tasks.sh sync` are left for it. The SQLite
+    store is backed up first when there is anything to close.
+    """
+    host = socket.gethostname().replace("'", "")
+    found = client.search_runs(
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'", max_results=1000,
+    )
+    pending = set(spooled_run_ids())
+    dead = [
+        r for r in found
+        if r.info.run_id not in pending and r.data.tags.get("process.pid", "").isdigit()
+        and _process_started(int(r.data.tags["process.pid"])) != r.data.tags.get("process.started")
+    ]
+    if dead and (path := backup_path(client.tracking_uri)):
+        backup_store(path)
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    for r in dead:
+        reason = (
+            f"process {r.data.tags['process.pid']} on {host} was gone when {found_by} (pid {os.getpid()}) "
+            f"started at {now}; killed without cleanup (SIGKILL, out of memory, power loss)"
+        )
+        client.set_tag(r.info.run_id, "closed.reason", reason)
+        client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return len(dead)
 
 
 def _refusal(uri: str, exc: MlflowException) -> str:
@@ -205,21 +357,94 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _spooling(method: F) -> F:
+    """Run a StageRun method against the store; when the store fails, move the run to the spool and run it there."""
+
+    @functools.wraps(method)
+    def call(self: StageRun, *args: Any, **kwargs: Any) -> Any:
+        if self.spool is None:
+            try:
+                return method(self, *args, **kwargs)
+            except OUTAGE as exc:
+                self.start_spool(exc)
+        return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 class StageRun:
-    """One stage execution = one MLflow run; metrics are buffered and written in batches."""
+    """One stage execution = one MLflow run; metrics are buffered and written in batches.
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.experiment_id = experiment_id
+    If the store or server fails after the run began, everything from then on
+    (and the run itself, when it could not be created) goes to a local MLflow
+    store under .mlflow-spool/, through the same calls; `./tasks.sh sync` replays it.
+    """
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, experiment_id: str | None,
+                 experiment: str = "", run_name: str = "", tags: dict[str, str] | None = None) -> None:
+        self.client = client  # type: ignore[assignment]
+        self.run_id = run_id  # type: ignore[assignment]
+        self.experiment_id = experiment_id  # type: ignore[assignment]
         self._metrics: list[Metric] = []
+        self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
+        self.start_time = _now_ms()
+        self.spool: Path | None = None
+        self.spool_reason = ""
 
+    def start_spool(self, exc: BaseException) -> None:
+        """Keep the rest of this run in a new local store under .mlflow-spool/ (same start time, tags, name)."""
+        stage = self.tags.get("stage", "run").replace("@", "-")
+        folder = workspace_root() / SPOOL_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}-{os.getpid()}"
+        folder.mkdir(parents=True)
+        uri = f"sqlite:///{folder / 'spool.db'}"
+        client = MlflowClient(uri)
+        exp_id = client.create_experiment(self.experiment, artifact_location=(folder / "artifacts").as_uri())
+        run = client.create_run(exp_id, start_time=self.start_time, tags=self.tags, run_name=self.run_name)
+        meta = {"run_id": self.run_id, "experiment": self.experiment, "stage": self.tags.get("stage"),
+                "store": tracking_uri(), "reason": _reason(exc)}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        mlflow.set_tracking_uri(uri)  # mlflow's own log_model goes to the active run: make that the spool's
+        with suppress(Exception):
+            mlflow.end_run()  # drops the store's run from the active stack (ending it there fails: it is not in the spool)
+        mlflow.start_run(run_id=run.info.run_id)
+        self.client, self.run_id, self.experiment_id, self.spool = client, run.info.run_id, exp_id, folder
+        self.spool_reason = meta["reason"]
+
+    def finish(self, status: str) -> None:
+        """Write buffered metrics and end the run with `status` (in the spool if the store failed)."""
+        try:
+            self.flush()
+        finally:
+            if self.spool is None:
+                try:
+                    mlflow.end_run(status)
+                except OUTAGE as exc:
+                    self.start_spool(exc)
+            if self.spool is not None:
+                mlflow.end_run(status)
+                print(
+                    f"{self.tags.get('stage')}: the MLflow store failed during the run ({self.spool_reason}); "
+                    f"the run ({status}) is kept in {self.spool.relative_to(workspace_root())}; "
+                    "run `./tasks.sh sync` once the store is back",
+                    file=sys.stderr,
+                )
+
+    @_spooling
+    def find_run(self, tags: dict[str, str]) -> str | None:
+        """The newest finished run in this run's experiment with all of `tags` (none while spooling)."""
+        return latest_run(self.client, self.experiment_id, tags)
+
+    @_spooling
     def log_params(self, params: dict[str, Any]) -> None:
         """Log flat params (values stringified as MLflow stores them)."""
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], synchronous=True)
 
+    @_spooling
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set several tags in one call."""
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -234,12 +459,14 @@ class StageRun:
         ts = _now_ms()
         self._metrics += [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)]
 
+    @_spooling
     def flush(self) -> None:
         """Write buffered metrics in as few calls as MLflow allows."""
         pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), BATCH):
             self.client.log_batch(self.run_id, metrics=pending[i : i + BATCH])
 
+    @_spooling
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
         path = Path(path)
@@ -248,10 +475,12 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_spooling
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """Store a dict as a JSON artifact."""
         self.client.log_dict(self.run_id, payload, artifact_file)
 
+    @_spooling
     def log_dataset(self, path: str | Path, name: str, digest: str, context: str, rows: int) -> None:
         """Record a data file as an MLflow dataset input; its digest is the file's content hash."""
         from mlflow.data.meta_dataset import MetaDataset
@@ -263,6 +492,7 @@ class StageRun:
         tags = [InputTag("mlflow.data.context", context), InputTag("rows", str(rows))]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
 
+    @_spooling
     def log_torch_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
         """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI.
 
@@ -315,13 +545,33 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _reason(exc: BaseException | str) -> str:
+    """The cause of a store failure in a few words (MLflow's own messages run to many lines)."""
+    text = str(exc)
+    for cause in ("Connection refused", "readonly database", "database is locked", "disk I/O error",
+                  "No space left on device", "file is not a database", "Read timed out"):
+        if cause in text:
+            return cause
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
+
+
 @contextmanager
 def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[StageRun]:
-    """Start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM)."""
-    client, exp_id = connect(experiment)
-    all_tags = {"stage": stage, **context_tags(), **tags}
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
-    tracked = StageRun(client, run.info.run_id, exp_id)
+    """Start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
+
+    Runs of this host left RUNNING by a process that died are closed first. A
+    store that fails from here on does not fail the stage: the run is spooled.
+    """
+    all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
+    tracked = StageRun(None, None, None, experiment, run_name, all_tags)
+    try:
+        client, exp_id = connect(experiment, found_by=stage)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
+        tracked.client, tracked.run_id, tracked.experiment_id = client, run.info.run_id, exp_id
+        tracked.start_time = run.info.start_time
+    except OUTAGE as exc:
+        tracked.start_spool(exc)
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         yield tracked
@@ -332,10 +582,7 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
         status = RunStatus.to_string(RunStatus.FAILED)
         raise
     finally:
-        try:
-            tracked.flush()
-        finally:
-            mlflow.end_run(status)
+        tracked.finish(status)
 
 
 def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -361,7 +608,7 @@ def link_generate_run(run: StageRun, data_digest: str) -> str | None:
     which made the identical files; when no run made them (data pulled from a
     remote into a fresh store), no tag is set.
     """
-    found = latest_run(run.client, run.experiment_id, {"stage": "generate", "data.digest": data_digest})
+    found = run.find_run({"stage": "generate", "data.digest": data_digest})
     if found:
         run.set_tags({"generate.run_id": found})
     return found
@@ -375,7 +622,19 @@ def _open_existing(uri: str) -> MlflowClient:
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.exists():
             raise TrackingError(f"no MLflow store at {path}; run `dvc repro` first, or set MLFLOW_TRACKING_URI")
+        check_sqlite_store(path)
     return MlflowClient(uri)
+
+
+def close_stale_runs(experiment: str, found_by: str) -> tuple[int, int]:
+    """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
+    client = _open_existing(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0, 0
+    closed = close_zombies(client, [exp.experiment_id], found_by)
+    running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return closed, len(running)
 
 
 def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10000) -> list[dict[str, Any]]:
@@ -410,3 +669,99 @@ def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10
         if not token:
             break
     return rows
+
+
+def _spool_folders(root: Path | None = None) -> list[Path]:
+    """Spooled runs, oldest first."""
+    return sorted(p.parent for p in ((root or workspace_root()) / SPOOL_DIR).glob("*/meta.json"))
+
+
+def spooled_run_ids() -> list[str]:
+    """Store run ids that have the rest of their logging waiting in the spool (the zombie check skips them)."""
+    ids = []
+    for folder in _spool_folders():
+        with suppress(OSError, ValueError):
+            if run_id := json.loads((folder / "meta.json").read_text()).get("run_id"):
+                ids.append(run_id)
+    return ids
+
+
+def _local_dir(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path))
+
+
+def _copy_logged_models(src: MlflowClient, src_run: Any, dest: MlflowClient, run_id: str, exp_id: str) -> int:
+    """Re-create the spooled run's logged models (artifacts, MLmodel ids rewritten) in the store; return how many."""
+    models = [m for m in src.search_logged_models([src_run.info.experiment_id]) if m.source_run_id == src_run.info.run_id]
+    for m in models:
+        new = dest.create_logged_model(exp_id, name=m.name, source_run_id=run_id, tags=m.tags, params=m.params,
+                                       model_type=m.model_type)
+        with tempfile.TemporaryDirectory(prefix="spool-model-") as tmp:
+            local = Path(tmp) / "model"
+            shutil.copytree(_local_dir(m.artifact_location), local)
+            if (mlmodel := local / "MLmodel").exists():
+                spec = yaml.safe_load(mlmodel.read_text())
+                spec.update(run_id=run_id, model_id=new.model_id)
+                mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+            dest.log_model_artifacts(new.model_id, str(local))
+        dest.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
+        dest.log_outputs(run_id, [LoggedModelOutput(new.model_id, 0)])
+    return len(models)
+
+
+def _replay(folder: Path) -> str:
+    """Copy one spooled run into the store (the same run when it was created there), then drop the spool folder."""
+    meta = json.loads((folder / "meta.json").read_text())
+    src = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
+    src_exp = src.get_experiment_by_name(meta["experiment"])
+    (run,) = src.search_runs([src_exp.experiment_id])
+    dest, exp_id = connect(meta["experiment"])
+    run_id = meta.get("run_id")
+    if run_id:
+        try:
+            dest.get_run(run_id)
+        except MlflowException:  # the store was replaced since: the run comes back as a new one
+            run_id = None
+    if not run_id:
+        run_id = dest.create_run(exp_id, start_time=run.info.start_time, tags=run.data.tags, run_name=run.info.run_name).info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for i in range(0, len(params), PARAM_BATCH):
+        dest.log_batch(run_id, params=params[i : i + PARAM_BATCH])
+    metrics = [m for key in run.data.metrics for m in src.get_metric_history(run.info.run_id, key)]
+    for i in range(0, len(metrics), BATCH):
+        dest.log_batch(run_id, metrics=metrics[i : i + BATCH])
+    tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.loggedModels"} | {"spool.synced": folder.name}
+    dest.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if run.inputs and run.inputs.dataset_inputs:
+        dest.log_inputs(run_id, datasets=run.inputs.dataset_inputs)
+    artifacts = _local_dir(run.info.artifact_uri)
+    if artifacts.is_dir() and any(artifacts.iterdir()):
+        dest.log_artifacts(run_id, str(artifacts))
+    n_models = _copy_logged_models(src, run, dest, run_id, exp_id)
+    dest.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+    shutil.rmtree(folder)
+    return (
+        f"{meta.get('stage')}: run {run_id} synced as {run.info.status} ({len(params)} params, {len(metrics)} metric "
+        f"points, {n_models} model{'s' * (n_models != 1)}) from {SPOOL_DIR}/{folder.name}"
+    )
+
+
+def sync_spool() -> list[str]:
+    """Replay every spooled run into the store (backed up first when it is the SQLite file); one line per run."""
+    folders = _spool_folders()
+    if not folders:
+        return []
+    uri = preflight()
+    if path := backup_path(uri):
+        backup_store(path)
+    mlflow.set_tracking_uri(uri)
+    lines = []
+    for folder in folders:
+        try:
+            lines.append(_replay(folder))
+        except OUTAGE as exc:
+            raise TrackingError(
+                f"{SPOOL_DIR}/{folder.name}: replay into {uri} failed ({_reason(exc)}); "
+                f"synced {len(lines)} of {len(folders)}; run `./tasks.sh sync` again once the store works"
+            ) from None
+    return lines

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -55,8 +56,23 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def main(stage: str, body: Callable[[config.Config], None]) -> None:
-    """Validate params.yaml, run the stage body, and turn known failures into one line + exit code."""
+def written_since(outputs: Sequence[Path], since: float) -> list[str]:
+    """The outputs (files, or files in folders) modified at or after `since`: what a stage has written so far."""
+    found = []
+    for out in outputs:
+        files = [out] if out.is_file() else sorted(f for f in out.rglob("*") if f.is_file()) if out.is_dir() else []
+        if any(f.stat().st_mtime >= since for f in files):
+            found.append(str(out))
+    return found
+
+
+def main(stage: str, body: Callable[[config.Config], None], outputs: Sequence[Path] = ()) -> None:
+    """Validate params.yaml, run the stage body, and turn known failures into one line + exit code.
+
+    The line on an interruption names the `outputs` this run had already written,
+    since DVC records none of them when the stage fails.
+    """
+    started = time.time() - 1  # mtime granularity: a file written in the first second still counts
     signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
     try:
         cfg = config.load()
@@ -69,5 +85,10 @@ def main(stage: str, body: Callable[[config.Config], None]) -> None:
         print(f"{stage}: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        print(f"{stage}: interrupted ({str(exc) or 'Ctrl-C'}); no output was written", file=sys.stderr)
+        written = written_since(outputs, started)
+        outcome = (
+            f"already written: {', '.join(written)} (DVC does not record them; the next `dvc repro` runs the stage again)"
+            if written else "no output was written"
+        )
+        print(f"{stage}: interrupted ({str(exc) or 'Ctrl-C'}); {outcome}", file=sys.stderr)
         sys.exit(130)

@@ -119,4 +119,4 @@ def run(cfg: config.Config) -> None:
 
 
 if __name__ == "__main__":
-    common.main("evaluate", run)
+    common.main("evaluate", run, [common.METRICS / "evaluation", common.PLOTS / "predictions"])

@@ -48,4 +48,4 @@ def run(cfg: config.Config) -> None:
 
 
 if __name__ == "__main__":
-    common.main("generate", run)
+    common.main("generate", run, [*map(common.split_path, ("train", "val", "test")), common.DATA / "truth.json"])

@@ -181,7 +181,8 @@ def _main() -> None:
         print(f"usage: python -m stages.train {{{','.join(config.MODEL_NAMES)}}}", file=sys.stderr)
         sys.exit(2)
     name = sys.argv[1]
-    common.main(f"train@{name}", lambda cfg: run(cfg, name))
+    outputs = [common.weights_path(name), common.loss_plot_path(name), common.METRICS / "train" / f"{name}.json"]
+    common.main(f"train@{name}", lambda cfg: run(cfg, name), outputs)
 
 
 if __name__ == "__main__":
