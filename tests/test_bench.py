@@ -17,7 +17,7 @@ ROWS = (
     "mlp loop, tracking on",
     "mlp loop vs DataLoader",
     "linear_gd loop",
-    "GPU throughput",  # the skip row without CUDA; with CUDA the [cuda] rows below
+    "GPU throughput",  # the skip row without CUDA; with CUDA the "mlp loop on CUDA (graphs)" rows
     "cold dvc repro (5 stages)",
     "dvc repro after mlp.lr changed",
     "stages rerun after mlp.lr changed",
@@ -42,7 +42,7 @@ def test_tiny_benchmark_prints_every_row() -> None:
     table = out[out.index("figure ") :]
     for name in ROWS:
         if name == "GPU throughput" and "GPU: none" not in out:
-            name = "mlp loop, tracking on [cuda]"
+            name = "mlp loop on CUDA (graphs)"
         line = next((ln for ln in table.splitlines() if ln.strip().startswith(name)), None)
         assert line is not None, f"row {name!r} missing from:\n{table}"
         if name != "GPU throughput":
@@ -59,3 +59,18 @@ def test_bad_arguments_are_one_line_errors() -> None:
     assert proc.returncode == 2
     assert "unknown section(s) ['nope']" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gpu_rows_compare_the_graph_loop_with_eager_cpu_and_large() -> None:
+    """The GPU section's code, run on the CPU at small sizes: every row measured, the issue's three targets set."""
+    from bench import loops
+    from pipeline import config
+
+    params = loops._with(config.load(ROOT / "params.yaml"), **{"data.n_samples": 2000})
+    rows = loops.gpu(params, epochs=1, repeats=1, big_rows=6000, accelerator="cpu")
+    assert [r.baseline_name for r in rows] == [
+        "bare eager CUDA loop", "same loop, cuda_graph: false", "this machine's CPU, same loop", "this machine's CPU",
+    ]
+    assert all(r.figure and r.baseline for r in rows)
+    assert [r.target for r in rows] == [(">=", 4.0), None, (">=", 2.0), (">=", 10.0)]
+    assert rows[3].name == "train@mlp loop at 6,000 rows, CUDA" and "batch 4096" in rows[3].note
