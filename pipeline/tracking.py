@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +32,12 @@ from pipeline.errors import PipelineError
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+# MLflow 3's UI reads an experiment's kind from this tag; without it a new experiment opens on the
+# GenAI overview (traces), with it on the training runs (values: the UI bundle's experiment kinds).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
+# #/experiments/<id>/runs?viewStateShareKey=<key> opens it (filter, sort, chosen columns).
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
 
@@ -117,14 +125,14 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
-                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
+                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri(), tags=dict([EXPERIMENT_KIND])
             )
     else:
         client = MlflowClient(uri)
         try:
             exp = client.get_experiment_by_name(experiment)
             try:
-                exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+                exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=dict([EXPERIMENT_KIND]))
             except MlflowException:  # another stage created it first: no file lock reaches a server
                 exp = client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -132,6 +140,8 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
                 exp_id = exp.experiment_id
         except MlflowException as exc:
             raise TrackingError(_refusal(uri, exc)) from None
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)  # experiments made before the tag, or by the UI
     return client, exp_id
 
 
@@ -172,6 +182,11 @@ def _uncommitted_digest() -> str | None:
     return hashlib.md5(out.stdout).hexdigest()[:8]
 
 
+def started_by_hand() -> bool:
+    """True when a person ran the stage (`python -m stages.train mlp`), not DVC (which sets DVC_ROOT)."""
+    return "DVC_ROOT" not in os.environ
+
+
 def pipeline_id(commit: str) -> str:
     """The `pipeline` tag: one value per pipeline execution, shared by all its stage runs.
 
@@ -180,13 +195,15 @@ def pipeline_id(commit: str) -> str:
     its baseline commit is unique (`sweet-tuna@1a2b3c4`). A plain `dvc repro` has
     no name, so its id is the commit plus a hash of the uncommitted changes
     (`repro@1a2b3c4+9f8e7d6c`): editing params.yaml or code starts a new group,
-    re-running the same state adds to the same one.
+    re-running the same state adds to the same one. A stage run by hand is
+    `hand@1a2b3c4+…`, so it never joins a DVC execution's group.
     """
     if name := os.environ.get("DVC_EXP_NAME"):
         baseline = os.environ.get("DVC_EXP_BASELINE_REV") or commit
         return f"{name}@{baseline[:7]}"
     dirty = _uncommitted_digest()
-    return f"repro@{commit[:7]}" + (f"+{dirty}" if dirty else "")
+    kind = "hand" if started_by_hand() else "repro"
+    return f"{kind}@{commit[:7]}" + (f"+{dirty}" if dirty else "")
 
 
 def context_tags() -> dict[str, str]:
@@ -194,6 +211,7 @@ def context_tags() -> dict[str, str]:
     tags = {"git.commit": _git_commit()}
     tags["mlflow.source.git.commit"] = tags["git.commit"]
     tags["pipeline"] = pipeline_id(tags["git.commit"])
+    tags["started_by"] = "hand" if started_by_hand() else "dvc"
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
         if value := os.environ.get(env):
             tags[tag] = value
@@ -203,10 +221,11 @@ def context_tags() -> dict[str, str]:
 class StageRun:
     """One stage execution = one MLflow run; metrics are buffered and written in batches."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, model: str = "model") -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.model = model  # the name its logged model gets: mlp, linear, linear_gd
         self._metrics: list[Metric] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -243,6 +262,19 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def save_view(self, key: str, filter_string: str, params: Sequence[str], metrics: Sequence[str]) -> str:
+        """Store a runs-table view (filter, columns, best first by the first metric) as the UI's Share button does.
+
+        Returns the view's path under the UI's root URL; the tag is rewritten each time, so it follows the params.
+        """
+        columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+        state = {
+            "searchFilter": filter_string, "orderByKey": columns[len(params)], "orderByAsc": True,
+            "selectedColumns": ["tags.`pipeline`", *columns],
+        }
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={key}"
+
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """Store a dict as a JSON artifact."""
         self.client.log_dict(self.run_id, payload, artifact_file)
@@ -269,7 +301,7 @@ class StageRun:
             output = model(torch.from_numpy(input_example)).numpy()
         info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=self.model,
             signature=infer_signature(input_example, output),
             input_example=input_example,
             pip_requirements=requirements,
@@ -288,7 +320,7 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
     client, exp_id = connect(experiment)
     all_tags = {"stage": stage, **context_tags(), **tags}
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
-    tracked = StageRun(client, run.info.run_id, exp_id)
+    tracked = StageRun(client, run.info.run_id, exp_id, all_tags.get("model", "model"))
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         yield tracked
@@ -303,6 +335,9 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
             tracked.flush()
         finally:
             mlflow.end_run(status)
+            if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
+                print(f"{stage}: run by hand (tag started_by=hand), MLflow run {run.info.run_id} ({status}) in "
+                      f"experiment {experiment!r} at {mlflow.get_tracking_uri()}", file=sys.stderr)
 
 
 def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -319,6 +354,11 @@ def log_metrics_to(client: MlflowClient, run_id: str, metrics: dict[str, float])
     """Add metrics to another (finished) run, e.g. test scores beside their training run."""
     ts = _now_ms()
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+
+
+def log_artifact_to(client: MlflowClient, run_id: str, path: str | Path, artifact_path: str) -> None:
+    """Add a file to another (finished) run, e.g. the predicted-vs-actual picture beside its training run."""
+    client.log_artifact(run_id, str(path), artifact_path)
 
 
 def link_generate_run(run: StageRun, data_digest: str) -> str | None:
