@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from pipeline.files import atomic_path
 
@@ -38,6 +38,7 @@ def loss_curves(
     ax.plot(*train, color=TRAIN, label="train loss", linewidth=1.2)
     ax.plot(*val, color=VAL, label="validation loss", linewidth=1.6, marker="o" if len(val[0]) <= 60 else None, markersize=3)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole steps and epochs
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis(FormatStrFormatter("%g"))  # 1.5, not 1.5×10⁰
     ax.set_xlabel(x_label)

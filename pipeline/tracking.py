@@ -32,11 +32,12 @@ from pipeline.errors import PipelineError
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-# MLflow 3's UI reads an experiment's kind from this tag; without it a new experiment opens on the
-# GenAI overview (traces), with it on the training runs (values: the UI bundle's experiment kinds).
+# MLflow 3's experiment kind (values: the UI bundle's experiment kinds; its "experiment type" switch
+# writes this tag). The 3.17 UI lets the browser's GenAI / Model training toggle decide instead, so
+# links add `?workflowType=machine_learning` (docs/mlflow-ui.md); the tag keeps other readers right.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
-# #/experiments/<id>/runs?viewStateShareKey=<key> opens it (filter, sort, chosen columns).
+# #/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=<key> opens it.
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
@@ -262,10 +263,10 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def save_view(self, key: str, filter_string: str, params: Sequence[str], metrics: Sequence[str]) -> str:
+    def save_view(self, key: str, filter_string: str, params: Sequence[str], metrics: Sequence[str]) -> None:
         """Store a runs-table view (filter, columns, best first by the first metric) as the UI's Share button does.
 
-        Returns the view's path under the UI's root URL; the tag is rewritten each time, so it follows the params.
+        The tag is rewritten by every call, so the view follows the params as they are added.
         """
         columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
         state = {
@@ -273,7 +274,6 @@ class StageRun:
             "selectedColumns": ["tags.`pipeline`", *columns],
         }
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
-        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={key}"
 
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """Store a dict as a JSON artifact."""

@@ -13,8 +13,8 @@ from pipeline import config
 from pipeline.errors import PipelineError
 from stages import common, distributed
 
-SWEEP_VIEW = "mlp-sweep"  # http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=mlp-sweep
-SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss", "steps_run"]
+SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
+SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss"]
 
 
 def fit_model(
@@ -169,7 +169,7 @@ def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | 
         params = config.stage_params(cfg, stage)
         run.log_params(params)
         if name == "mlp":  # the UI view for sweeps: every mlp run, its params beside its test MSE
-            run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", list(params), SWEEP_METRICS)
+            run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", [p for p in params if p.startswith("mlp.")], SWEEP_METRICS)
         tracking.link_generate_run(run, tags["data.digest"])
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
