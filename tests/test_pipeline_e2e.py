@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,9 @@ def test_every_stage_ran_and_wrote_its_outputs(repro: tuple[Path, str]) -> None:
         assert (repo / rel).is_file(), rel
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+    for rel in ["plots/loss/linear_gd.png", "plots/predictions/mlp.png", "metrics/evaluation/mlp.json"]:
+        assert (repo / rel).read_bytes()[:4] in (b"\x89PNG", b"{\n  ")
+        assert (repo / rel).stat().st_mode & 0o777 == 0o644, rel  # as DVC's own files (umask 022)
 
 
 def test_metrics_hold_every_model_and_both_references(repro: tuple[Path, str]) -> None:
@@ -83,6 +87,14 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     lock_md5 = {Path(o["path"]).stem: o["md5"] for o in lock["stages"]["generate"]["outs"]}
     assert digests == {k: lock_md5[k] for k in ("train", "val", "test")}
+    for name in ("linear_gd", "linear", "mlp"):
+        pngs = [a.path for folder in ("plots/loss", "plots/predictions")
+                for a in client.list_artifacts(runs[f"train@{name}"].info.run_id, folder)]
+        assert pngs == [f"plots/loss/{name}.png", f"plots/predictions/{name}.png"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.mlp-sweep"])
+    assert view["searchFilter"] == "tags.stage = 'train@mlp'" and "params.`mlp.hidden`" in view["selectedColumns"]
+    assert {r.data.tags["started_by"] for r in runs.values()} == {"dvc"}
     weights = client.list_artifacts(runs["train@mlp"].info.run_id, "weights")
     assert [a.path for a in weights] == ["weights/mlp.safetensors"]
     assert [a.path for a in client.list_artifacts(runs["generate"].info.run_id, "weights")] == ["weights/true_weights.json"]
@@ -95,7 +107,7 @@ def test_logged_model_loads_and_predicts(repro: tuple[Path, str]) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name("regression")
     logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-    assert len(logged) == 3
+    assert sorted(m.name for m in logged) == ["linear", "linear_gd", "mlp"]
     for model_info in logged:
         model = mlflow.pytorch.load_model(model_info.model_uri)
         import torch
@@ -115,4 +127,17 @@ def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(r
     set_params(repo, {"mlp.lr": 0.01})
     assert _ran(dvc(repo, "repro").stdout) == ["train@mlp", "evaluate"]
     assert dvc(repo, "plots", "show", "-o", "dvc_plots").returncode == 0
-    assert (repo / "dvc_plots" / "index.html").stat().st_size > 0
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    for png in ("loss_linear_gd", "loss_mlp", "predictions_linear"):  # images: no CDN needed to show them
+        assert f'<img src="static/workspace_plots_{png}.png">' in page
+
+
+def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[Path, str]) -> None:
+    from tests.conftest import sh
+
+    repo, _ = repro
+    proc = sh(repo, sys.executable, "-m", "stages.train", "linear_gd")  # no DVC: its environment has no DVC_ROOT
+    run_id = proc.stderr.split("MLflow run ")[1].split()[0]
+    assert f"experiment 'regression' at sqlite:///{repo}/mlflow.db" in proc.stderr
+    tags = _client(repo).get_run(run_id).data.tags
+    assert tags["started_by"] == "hand" and tags["pipeline"].startswith("hand@")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,11 @@ def test_written_files_get_the_mode_dvc_gives_its_own(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o640
+
+
+def test_a_stage_outside_the_project_environment_says_how_to_get_it() -> None:
+    # -S: no site-packages, as with a system Python that lacks the project's packages.
+    proc = subprocess.run([sys.executable, "-S", "-m", "stages.train", "mlp"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "No module named" in proc.stderr and "source .venv/bin/activate" in proc.stderr and "./tasks.sh" in proc.stderr
