@@ -46,6 +46,13 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+# MLflow 3's experiment kind (values: the UI bundle's experiment kinds; its "experiment type" switch
+# writes this tag). The 3.17 UI lets the browser's GenAI / Model training toggle decide instead, so
+# links add `?workflowType=machine_learning` (docs/mlflow-ui.md); the tag keeps other readers right.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
+# #/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=<key> opens it.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
 SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
@@ -214,7 +221,7 @@ def connect(experiment: str, found_by: str | None = None) -> tuple[MlflowClient,
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
-                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
+                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri(), tags=dict([EXPERIMENT_KIND])
             )
             if found_by:
                 close_zombies(client, [exp_id], found_by)
@@ -223,7 +230,7 @@ def connect(experiment: str, found_by: str | None = None) -> tuple[MlflowClient,
         try:
             exp = client.get_experiment_by_name(experiment)
             try:
-                exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+                exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=dict([EXPERIMENT_KIND]))
             except MlflowException:  # another stage created it first: no file lock reaches a server
                 exp = client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -233,6 +240,8 @@ def connect(experiment: str, found_by: str | None = None) -> tuple[MlflowClient,
             raise TrackingError(_refusal(uri, exc)) from None
         if found_by:
             close_zombies(client, [exp_id], found_by)
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)  # experiments made before the tag, or by the UI
     return client, exp_id
 
 
@@ -329,6 +338,11 @@ def _uncommitted_digest() -> str | None:
     return hashlib.md5(out.stdout).hexdigest()[:8]
 
 
+def started_by_hand() -> bool:
+    """True when a person ran the stage (`python -m stages.train mlp`), not DVC (which sets DVC_ROOT)."""
+    return "DVC_ROOT" not in os.environ
+
+
 def pipeline_id(commit: str) -> str:
     """The `pipeline` tag: one value per pipeline execution, shared by all its stage runs.
 
@@ -337,13 +351,15 @@ def pipeline_id(commit: str) -> str:
     its baseline commit is unique (`sweet-tuna@1a2b3c4`). A plain `dvc repro` has
     no name, so its id is the commit plus a hash of the uncommitted changes
     (`repro@1a2b3c4+9f8e7d6c`): editing params.yaml or code starts a new group,
-    re-running the same state adds to the same one.
+    re-running the same state adds to the same one. A stage run by hand is
+    `hand@1a2b3c4+…`, so it never joins a DVC execution's group.
     """
     if name := os.environ.get("DVC_EXP_NAME"):
         baseline = os.environ.get("DVC_EXP_BASELINE_REV") or commit
         return f"{name}@{baseline[:7]}"
     dirty = _uncommitted_digest()
-    return f"repro@{commit[:7]}" + (f"+{dirty}" if dirty else "")
+    kind = "hand" if started_by_hand() else "repro"
+    return f"{kind}@{commit[:7]}" + (f"+{dirty}" if dirty else "")
 
 
 def context_tags() -> dict[str, str]:
@@ -351,6 +367,7 @@ def context_tags() -> dict[str, str]:
     tags = {"git.commit": _git_commit()}
     tags["mlflow.source.git.commit"] = tags["git.commit"]
     tags["pipeline"] = pipeline_id(tags["git.commit"])
+    tags["started_by"] = "hand" if started_by_hand() else "dvc"
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
         if value := os.environ.get(env):
             tags[tag] = value
@@ -384,10 +401,12 @@ class StageRun:
     """
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, experiment_id: str | None,
-                 experiment: str = "", run_name: str = "", tags: dict[str, str] | None = None) -> None:
+                 experiment: str = "", run_name: str = "", tags: dict[str, str] | None = None,
+                 model: str = "model") -> None:
         self.client = client  # type: ignore[assignment]
         self.run_id = run_id  # type: ignore[assignment]
         self.experiment_id = experiment_id  # type: ignore[assignment]
+        self.model = model  # the name its logged model gets: mlp, linear, linear_gd
         self._metrics: list[Metric] = []
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
         self.start_time = _now_ms()
@@ -476,6 +495,19 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     @_spooling
+    def save_view(self, key: str, filter_string: str, params: Sequence[str], metrics: Sequence[str]) -> None:
+        """Store a runs-table view (filter, columns, best first by the first metric) as the UI's Share button does.
+
+        The tag is rewritten by every call, so the view follows the params as they are added.
+        """
+        columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+        state = {
+            "searchFilter": filter_string, "orderByKey": columns[len(params)], "orderByAsc": True,
+            "selectedColumns": ["tags.`pipeline`", *columns],
+        }
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+
+    @_spooling
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:
         """Store a dict as a JSON artifact."""
         self.client.log_dict(self.run_id, payload, artifact_file)
@@ -501,7 +533,6 @@ class StageRun:
         and `mlflow models serve` work on hosts with and without CUDA; left
         unset, pyfunc picks CUDA wherever it exists and cannot move a pt2 export.
         """
-        import mlflow.pytorch
         import torch
         from mlflow.models import Model, infer_signature
 
@@ -514,7 +545,7 @@ class StageRun:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             info = Model.log(
                 artifact_path=None,
-                name="model",
+                name=self.model,
                 flavor=_PytorchOnCpu,
                 flavor_name="mlflow.pytorch",
                 pytorch_model=model,
@@ -564,7 +595,7 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
     store that fails from here on does not fail the stage: the run is spooled.
     """
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
-    tracked = StageRun(None, None, None, experiment, run_name, all_tags)
+    tracked = StageRun(None, None, None, experiment, run_name, all_tags, all_tags.get("model", "model"))
     try:
         client, exp_id = connect(experiment, found_by=stage)
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
@@ -583,6 +614,9 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
         raise
     finally:
         tracked.finish(status)
+        if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
+            print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
+                  f"experiment {experiment!r} at {tracking_uri()}", file=sys.stderr)
 
 
 def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -599,6 +633,11 @@ def log_metrics_to(client: MlflowClient, run_id: str, metrics: dict[str, float])
     """Add metrics to another (finished) run, e.g. test scores beside their training run."""
     ts = _now_ms()
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+
+
+def log_artifact_to(client: MlflowClient, run_id: str, path: str | Path, artifact_path: str) -> None:
+    """Add a file to another (finished) run, e.g. the predicted-vs-actual picture beside its training run."""
+    client.log_artifact(run_id, str(path), artifact_path)
 
 
 def link_generate_run(run: StageRun, data_digest: str) -> str | None:

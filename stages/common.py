@@ -28,9 +28,9 @@ def weights_path(model: str) -> Path:
     return MODELS / f"{model}.safetensors"
 
 
-def loss_plot_path(model: str) -> Path:
-    """Where a train stage writes its loss curves (a DVC plot)."""
-    return PLOTS / "loss" / f"{model}.csv"
+def loss_plot_path(model: str, suffix: str = ".csv") -> Path:
+    """Where a train stage writes its loss curves (DVC plots: .csv data, .png picture)."""
+    return PLOTS / "loss" / f"{model}{suffix}"
 
 
 def split_path(split: str) -> Path:

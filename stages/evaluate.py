@@ -2,8 +2,9 @@
 
 Writes metrics/evaluation/<row>.json, one row per model and reference so that
 `dvc metrics show metrics/evaluation` prints a table with one line each, and
-plots/predictions/<model>.csv (DVC plots), logs an `evaluate` run, and copies each model's test metrics onto the
-training run that produced its weights, so one MLflow table shows params and test MSE.
+plots/predictions/<model>.{csv,png} (DVC plots), logs an `evaluate` run, and copies each model's test metrics
+and predicted-vs-actual picture onto the training run that produced its weights, so one MLflow table shows
+params and test MSE, and one run page shows loss curves and predictions.
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ def _predict(path: Any, X: Any) -> tuple[Any, dict[str, Any], Any]:
     return pred.numpy().ravel(), spec, model
 
 
-def _write_predictions(name: str, y: Any, pred: Any, points: int) -> None:
+def _write_predictions(name: str, y: Any, pred: Any, points: int, noise_std: float) -> None:
+    """The first `points` test rows as CSV (6 significant digits) and as a PNG drawn from those same values."""
+    import numpy as np
+
+    from pipeline import plots
     from pipeline.files import atomic_path
 
+    rows = [(f"{a:.6g}", f"{p:.6g}") for a, p in zip(y[:points], pred[:points])]
     with atomic_path(common.PLOTS / "predictions" / f"{name}.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((f"{a:.6g}", f"{p:.6g}") for a, p in zip(y[:points], pred[:points]))
+        writer.writerows(rows)
+    actual, predicted = np.array(rows, dtype=np.float64).T.reshape(2, -1)
+    plots.predicted_vs_actual(common.PLOTS / "predictions" / f"{name}.png", f"{name}: predicted vs actual (test split)",
+                              actual, predicted, noise_std)
 
 
 def score_models(cfg: config.Config) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,9 +101,10 @@ def run(cfg: config.Config) -> None:
     tracking.preflight()
     metrics, predictions = score_models(cfg)
     for row, scores in metrics.items():
-        files.write_json(common.METRICS / "evaluation" / f"{row}.json", scores)
+        files.write_metrics(common.METRICS / "evaluation" / f"{row}.json", scores)
+    noise_std = metrics["noise_floor"]["test_mse"] ** 0.5
     for name in config.MODEL_NAMES:
-        _write_predictions(name, predictions["actual"], predictions[name], cfg.evaluate.plot_points)
+        _write_predictions(name, predictions["actual"], predictions[name], cfg.evaluate.plot_points, noise_std)
 
     stage = "evaluate"
     model_digests = {name: files.md5_file(common.weights_path(name)) for name in config.MODEL_NAMES}
@@ -114,6 +124,7 @@ def run(cfg: config.Config) -> None:
             )
             if train_run:
                 tracking.log_metrics_to(run.client, train_run, metrics[name])
+                tracking.log_artifact_to(run.client, train_run, common.PLOTS / "predictions" / f"{name}.png", "plots/predictions")
                 scored[f"scored.{name}.run_id"] = train_run
         run.set_tags(scored)
 

@@ -13,6 +13,9 @@ from pipeline import config
 from pipeline.errors import PipelineError
 from stages import common, distributed
 
+SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
+SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss"]
+
 
 def fit_model(
     cfg: config.Config, name: str, tensors: dict[str, Any], progress: bool = True, shard: tuple[int, int] = (0, 1),
@@ -72,6 +75,18 @@ def _write_loss_csv(name: str, history: Any) -> None:
         writer.writerows(history.rows())
 
 
+def _write_loss_png(name: str, result: Any) -> None:
+    """The loss curves as a picture, x as the model counts: gradient steps (linear_gd) or epochs."""
+    from pipeline import plots
+
+    history = result.history
+    steps = result.step_losses  # linear_gd: the loss of every step, not just the logged ones
+    train = (range(len(steps)), steps) if steps else (history.step, history.train_loss)
+    x_label = "gradient step (full batch)" if name == "linear_gd" else "epoch"
+    plots.loss_curves(common.loss_plot_path(name, ".png"), f"{name}: loss per {x_label.split(' (')[0]}",
+                      x_label, train, (history.step, history.val_loss))
+
+
 def train_and_write(
     cfg: config.Config, name: str, tensors: dict[str, Any], shard: tuple[int, int] = (0, 1),
 ) -> tuple[Any, dict[str, Any]]:
@@ -85,6 +100,7 @@ def train_and_write(
     result, spec = fit_model(cfg, name, tensors, shard=shard)
     models.save_weights(result.model, spec, common.weights_path(name))
     _write_loss_csv(name, result.history)
+    _write_loss_png(name, result)
     summary = {
         "final_train_loss": result.history.train_loss[-1],
         "best_val_loss": min(result.history.val_loss),
@@ -94,8 +110,10 @@ def train_and_write(
         "n_parameters": models.count_parameters(result.model),
         **result.extra,
     }
-    # Wall time stays out of the DVC metrics file so a rerun gives the same bytes (and dvc.lock).
-    files.write_json(common.METRICS / "train" / f"{name}.json", summary)
+    # Wall time stays out of the DVC metrics file so a rerun gives the same bytes (and dvc.lock);
+    # the gradient check is float32 round-off itself, so its file copy keeps 6 decimals (0 = agree to 1e-6).
+    check = {k: round(v, 6) for k, v in summary.items() if k == "grad_check_max_abs_diff"}
+    files.write_metrics(common.METRICS / "train" / f"{name}.json", summary | check)
     return result, summary | {"train_seconds": result.seconds}
 
 
@@ -148,7 +166,10 @@ def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | 
     if rank is not None:
         tags["distributed.backend"] = backend
     with tracking.stage_run(stage, cfg.mlflow.experiment, common.run_name(stage), tags) as run:
-        run.log_params(config.stage_params(cfg, stage))
+        params = config.stage_params(cfg, stage)
+        run.log_params(params)
+        if name == "mlp":  # the UI view for sweeps: every mlp run, its params beside its test MSE
+            run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", [p for p in params if p.startswith("mlp.")], SWEEP_METRICS)
         tracking.link_generate_run(run, tags["data.digest"])
         for split in ("train", "val"):
             run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
@@ -171,6 +192,7 @@ def _train(cfg: config.Config, name: str, device: Any, rank: distributed.Rank | 
         run.log_metrics(summary)
         run.set_tags({"training.loop": result.loop})
         run.log_artifact(common.weights_path(name), "weights")
+        run.log_artifact(common.loss_plot_path(name, ".png"), "plots/loss")
         example = arrays["X_val"][:5].cpu().numpy()
         run.log_torch_model(result.model, example, [f"torch=={torch.__version__.split('+')[0]}"])
         run.set_tags({"model.digest": files.md5_file(common.weights_path(name)), "n_parameters": summary["n_parameters"]})

@@ -32,7 +32,8 @@ def test_dvc_experiment_is_named_by_dvc(repo: Path, monkeypatch: pytest.MonkeyPa
     assert tracking.context_tags()["pipeline"] == "sweet-tuna@1a2b3c4"
 
 
-def test_plain_repro_is_commit_plus_uncommitted_changes(repo: Path) -> None:
+def test_plain_repro_is_commit_plus_uncommitted_changes(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # DVC runs the stage
     commit = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
     assert tracking.pipeline_id(commit) == f"repro@{commit[:7]}"
     # DVC rewrites dvc.lock and .gitignore files between stages: same execution, same id.
@@ -45,3 +46,12 @@ def test_plain_repro_is_commit_plus_uncommitted_changes(repo: Path) -> None:
     assert tracking.pipeline_id(commit) == edited  # the same state, the same group
     (repo / "params.yaml").write_text("a: 3\n")
     assert tracking.pipeline_id(commit) not in (edited, f"repro@{commit[:7]}")
+
+
+def test_a_stage_run_by_hand_is_tagged_as_such(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DVC_ROOT", raising=False)  # `python -m stages.train mlp`, no DVC
+    commit = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    tags = tracking.context_tags()
+    assert tags["pipeline"] == f"hand@{commit[:7]}" and tags["started_by"] == "hand"
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking.context_tags()["started_by"] == "dvc"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
     X = X[:25]
     for stage, info in by_stage.items():
         name = stage.removeprefix("train@")
+        assert info.name == name  # logged models carry the model's name
         weights, _ = models.load_weights(repo / "models" / f"{name}.safetensors")
         with torch.no_grad():
             expected = weights(torch.from_numpy(X)).numpy().ravel()
@@ -89,6 +91,9 @@ def test_every_stage_ran_and_wrote_its_outputs(repro: tuple[Path, str]) -> None:
         assert (repo / rel).is_file(), rel
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+    for rel in ["plots/loss/linear_gd.png", "plots/predictions/mlp.png", "metrics/evaluation/mlp.json"]:
+        assert (repo / rel).read_bytes()[:4] in (b"\x89PNG", b"{\n  ")
+        assert (repo / rel).stat().st_mode & 0o777 == 0o644, rel  # as DVC's own files (umask 022)
 
 
 def test_metrics_hold_every_model_and_both_references(repro: tuple[Path, str]) -> None:
@@ -127,6 +132,14 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     lock_md5 = {Path(o["path"]).stem: o["md5"] for o in lock["stages"]["generate"]["outs"]}
     assert digests == {k: lock_md5[k] for k in ("train", "val", "test")}
+    for name in ("linear_gd", "linear", "mlp"):
+        pngs = [a.path for folder in ("plots/loss", "plots/predictions")
+                for a in client.list_artifacts(runs[f"train@{name}"].info.run_id, folder)]
+        assert pngs == [f"plots/loss/{name}.png", f"plots/predictions/{name}.png"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.mlp-sweep"])
+    assert view["searchFilter"] == "tags.stage = 'train@mlp'" and "params.`mlp.hidden`" in view["selectedColumns"]
+    assert {r.data.tags["started_by"] for r in runs.values()} == {"dvc"}
     weights = client.list_artifacts(runs["train@mlp"].info.run_id, "weights")
     assert [a.path for a in weights] == ["weights/mlp.safetensors"]
     assert [a.path for a in client.list_artifacts(runs["generate"].info.run_id, "weights")] == ["weights/true_weights.json"]
@@ -151,4 +164,17 @@ def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(r
     set_params(repo, {"mlp.lr": 0.01})
     assert _ran(dvc(repo, "repro").stdout) == ["train@mlp", "evaluate"]
     assert dvc(repo, "plots", "show", "-o", "dvc_plots").returncode == 0
-    assert (repo / "dvc_plots" / "index.html").stat().st_size > 0
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    for png in ("loss_linear_gd", "loss_mlp", "predictions_linear"):  # images: no CDN needed to show them
+        assert f'<img src="static/workspace_plots_{png}.png">' in page
+
+
+def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[Path, str]) -> None:
+    from tests.conftest import sh
+
+    repo, _ = repro
+    proc = sh(repo, sys.executable, "-m", "stages.train", "linear_gd")  # no DVC: its environment has no DVC_ROOT
+    run_id = proc.stderr.split("MLflow run ")[1].split()[0]
+    assert f"experiment 'regression' at sqlite:///{repo}/mlflow.db" in proc.stderr
+    tags = _client(repo).get_run(run_id).data.tags
+    assert tags["started_by"] == "hand" and tags["pipeline"].startswith("hand@")
