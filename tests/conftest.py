@@ -13,22 +13,8 @@ import yaml
 import bench.workspace
 
 # One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
-from bench.workspace import ROOT, set_params, update_params  # noqa: F401
+from bench.workspace import ROOT, TINY, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
-
-# Small enough that a whole `dvc repro` is dominated by process start-up.
-TINY: dict[str, Any] = {
-    "data.n_samples": 600,
-    "linear_gd.steps": 30,
-    "linear.epochs": 2,
-    "linear.batch_size": 64,
-    "mlp.hidden": [8],
-    "mlp.epochs": 3,
-    "mlp.batch_size": 64,
-    "mlp.patience": 2,
-    "evaluate.plot_points": 50,
-}
-
 
 def tiny_params() -> dict[str, Any]:
     """The repository's params.yaml with TINY applied, as a dict."""

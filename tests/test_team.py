@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,6 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, dvc, run_env, sh
+from processes import free_port, group_alive, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -50,34 +48,6 @@ class Server:
         return json.loads(self.request(f"/api/2.0/mlflow/{endpoint}{qs}", body))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's whole process group (uvicorn workers included); SIGKILL what lingers."""
-    pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _group_alive(pgid):
-            break
-        os.killpg(pgid, sig)
-        for _ in range(600):
-            proc.poll()  # reap the leader, or it stays in the group as a zombie
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.1)
-
-
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Any]:
     """Start scripts/mlflow-server.sh on a free local port; stop its process group afterwards."""
@@ -85,7 +55,7 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
 
     def start(*args: str, **env: str) -> Server:
         folder = tmp_path / f"server{len(started)}"
-        url = f"http://127.0.0.1:{_free_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
         log = tmp_path / f"server{len(started)}.log"
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
@@ -108,8 +78,8 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for proc in started:
-        _stop_group(proc)
-        assert not _group_alive(proc.pid), f"processes of group {proc.pid} outlived the server"
+        stop_group(proc)
+        assert not group_alive(proc.pid), f"processes of group {proc.pid} outlived the server"
 
 
 def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any) -> None:
