@@ -21,9 +21,9 @@ import pytest
 
 from conftest import ROOT, copy_project, dvc, run_env, set_params, sh
 from pipeline import tracking
-from stages import common
-from test_robustness import spawn, statuses, wait_for_running  # noqa: F401  (spawn is a fixture)
 from processes import free_port, group_alive, stop_group
+from robustness import statuses, wait_for_running
+from stages import common
 
 TRAIN_OUTS = ("models/mlp.safetensors", "plots/loss/mlp.csv", "metrics/train/mlp.json")
 
