@@ -17,12 +17,6 @@ from pathlib import Path
 
 SECTIONS = ("throughput", "workflow", "scale", "gpu")
 
-# Sizes for --tiny: as small as a stage allows, so the run is dominated by process start-up.
-TINY = {
-    "data.n_samples": 600, "linear_gd.steps": 30, "linear.epochs": 2, "linear.batch_size": 64,
-    "mlp.hidden": [8], "mlp.epochs": 3, "mlp.batch_size": 64, "mlp.patience": 2, "evaluate.plot_points": 50,
-}
-
 
 def _args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -57,7 +51,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from bench import loops, report, workflow
-    from bench.workspace import ROOT
+    from bench.workspace import ROOT, TINY
     from pipeline import config
 
     print(report.machine(), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,27 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a whole `dvc repro` is dominated by process start-up: the tests' params,
+# `python -m bench --tiny` and bench/fail_fast.py.
+TINY: dict[str, Any] = {
+    "data.n_samples": 600,
+    "linear_gd.steps": 30,
+    "linear.epochs": 2,
+    "linear.batch_size": 64,
+    "mlp.hidden": [8],
+    "mlp.epochs": 3,
+    "mlp.batch_size": 64,
+    "mlp.patience": 2,
+    "evaluate.plot_points": 50,
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +16,9 @@ import yaml
 import bench.workspace
 
 # One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
-from bench.workspace import ROOT, set_params, update_params  # noqa: F401
+from bench.workspace import ROOT, TINY, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
-
-# Small enough that a whole `dvc repro` is dominated by process start-up.
-TINY: dict[str, Any] = {
-    "data.n_samples": 600,
-    "linear_gd.steps": 30,
-    "linear.epochs": 2,
-    "linear.batch_size": 64,
-    "mlp.hidden": [8],
-    "mlp.epochs": 3,
-    "mlp.batch_size": 64,
-    "mlp.patience": 2,
-    "evaluate.plot_points": 50,
-}
-
+from robustness import REMOTE_TOKEN, SECRETS
 
 def tiny_params() -> dict[str, Any]:
     """The repository's params.yaml with TINY applied, as a dict."""
@@ -57,6 +47,38 @@ def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
 def project(tmp_path: Path) -> Path:
     """A throwaway git+DVC copy of this repository with tiny params."""
     return copy_project(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reproduced tiny project, committed; secrets were in the environment of every stage.
+
+    Built once per session; tests copy it (robustness.clone) or only read it.
+    """
+    repo = copy_project(tmp_path_factory.mktemp("baseline") / "repo")
+    sh(repo, "git", "remote", "add", "origin", f"https://ci:{REMOTE_TOKEN}@example.invalid/team/pipeline.git")
+    dvc(repo, "repro", env=run_env(**SECRETS))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline run")
+    return repo
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start background commands in their own process group; whatever is left is killed after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: a killed `dvc` would orphan its stage
+            proc.communicate()
 
 
 def requires_cuda(test: Any) -> Any:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, run_env
+from processes import free_port
 
 from pipeline import compare, tracking
 
@@ -162,16 +162,10 @@ def test_cli_unknown_experiment_names_the_ones_there(store: dict[str, str]) -> N
     assert "no MLflow experiment 'nope'" in proc.stderr and EXPERIMENT in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cli_against_tracking_server(store: dict[str, str]) -> None:
     """The same rows through a real `mlflow server` on 127.0.0.1 via MLFLOW_TRACKING_URI."""
-    port = _free_port()
+    port = free_port()
     tracking_root = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
     server_env = run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     server = subprocess.Popen(

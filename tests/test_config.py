@@ -2,7 +2,7 @@
 
 The schema cases run in-process (milliseconds each); a few run the real stage entry
 points in a subprocess to show the error comes before torch or mlflow are imported.
-tests/test_robustness.py runs a handful of them through the real `dvc repro`.
+tests/test_robustness_params.py runs a handful of them through the real `dvc repro`.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ import pytest
 
 from conftest import ROOT, copy_project, dvc, run_env, set_params, sh
 from pipeline import tracking
+from processes import free_port, group_alive, stop_group
+from robustness import statuses, wait_for_running
 from stages import common
-from test_robustness import spawn, statuses, wait_for_running  # noqa: F401  (spawn is a fixture)
-from test_team import _free_port, _group_alive, _stop_group
 
 TRAIN_OUTS = ("models/mlp.safetensors", "plots/loss/mlp.csv", "metrics/train/mlp.json")
 
@@ -55,7 +55,7 @@ def _server_runs(uri: str) -> list[Any]:
 @pytest.mark.slow
 def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp_path: Path, spawn: Any) -> None:
     repo = copy_project(tmp_path / "repo", {"data.n_samples": 20000, "mlp.epochs": 60, "mlp.patience": 100})
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = run_env(MLFLOW_TRACKING_URI=uri)
     server = _server(tmp_path / "server", port)
@@ -70,7 +70,7 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
         server.wait()
         out, err = job.communicate(timeout=600)
     finally:
-        _stop_group(server)
+        stop_group(server)
     text = out + err
     assert job.returncode == 0, text
     assert "Traceback" not in text
@@ -109,8 +109,8 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
         assert loaded(__import__("torch").zeros(2, 10)).shape == (2, 1)
         assert (repo / TRAIN_OUTS[0]).stat().st_mtime == mtime and np.isfinite(metrics["best_val_loss"])
     finally:
-        _stop_group(server)
-    assert not _group_alive(server.pid)
+        stop_group(server)
+    assert not group_alive(server.pid)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,157 @@
+"""Bad data is named: damaged, mismatched or missing splits, truth files and weights.
+
+The bad-data cases call the readers in-process on files written by the real generator;
+the last one runs the real `dvc repro`. Shared set-up: tests/robustness.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import dvc
+from pipeline import data
+from robustness import N_TRAIN, assert_untouched, clone, output_of, outputs, runs
+
+
+# ---------------------------------------------------------------- bad data
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/{train,val,test}.parquet and truth.json as the generate stage writes them (in-process, tiny)."""
+    folder = tmp_path_factory.mktemp("tiny") / "data"
+    truth = data.generate(
+        folder, seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
+        rows={"train": N_TRAIN, "val": 90, "test": 90},
+    )
+    (folder / "truth.json").write_text(json.dumps(truth.to_dict()))
+    return folder
+
+
+def _split_file(tiny_data: Path, tmp_path: Path, split: str = "train") -> Path:
+    dest = tmp_path / "data" / f"{split}.parquet"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_data / f"{split}.parquet", dest)
+    return dest
+
+
+def _rewrite(path: Path, change: Any) -> None:
+    table = pq.read_table(path)
+    pq.write_table(change(table), path)
+
+
+BAD_DATA: list[tuple[str, Any, str]] = [
+    ("missing", lambda p: p.unlink(), "train.parquet: missing; run `dvc repro generate`"),
+    ("empty-file", lambda p: p.write_bytes(b""), "train.parquet: not a readable Parquet file"),
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "train.parquet: not a readable Parquet file ("),
+    ("renamed-column", lambda p: _rewrite(p, lambda t: t.rename_columns([*t.column_names[:-1], "target"])),
+     "train.parquet: missing column(s) y; unexpected column(s) target; expected columns x0..x9 and y, all float32"),
+    ("float64-column", lambda p: _rewrite(p, lambda t: t.set_column(0, "x0", t.column(0).cast(pa.float64()))),
+     "train.parquet: x0 is double; expected columns x0..x9 and y"),
+    ("extra-column", lambda p: _rewrite(p, lambda t: t.append_column("x10", t.column(0))),
+     "train.parquet: unexpected column(s) x10"),
+    ("dropped-feature", lambda p: _rewrite(p, lambda t: t.drop_columns(["x9"])), "train.parquet: missing column(s) x9"),
+    ("reordered", lambda p: _rewrite(p, lambda t: t.select(["y", *t.column_names[:-1]])), "train.parquet: columns in the wrong order (y, x0"),
+    ("nulls", lambda p: _rewrite(p, lambda t: t.set_column(3, "x3", pa.array([None] * t.num_rows, pa.float32()))),
+     "train.parquet: missing values in {'x3': 420}"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("name", "damage", "expected"), BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_split_file_is_named(tiny_data: Path, tmp_path: Path, name: str, damage: Any, expected: str) -> None:
+    path = _split_file(tiny_data, tmp_path)
+    damage(path)
+    with pytest.raises(data.DataError) as err:
+        data.read_split(path, 10)
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def _truth(tiny_data: Path) -> dict[str, Any]:
+    return json.loads((tiny_data / "truth.json").read_text())
+
+
+BAD_TRUTH: list[tuple[str, Any, str]] = [
+    ("not-json", "{\"w_true\": [1.0,", "truth.json: not valid JSON"),
+    ("not-an-object", [1, 2], "truth.json: not a valid truth file: expected a JSON object, got list"),
+    ("lacks-key", lambda t: {k: v for k, v in t.items() if k != "rows"}, "truth.json: not a valid truth file: lacks ['rows']"),
+    ("short-w_true", lambda t: t | {"w_true": t["w_true"][:3]}, "truth.json: not a valid truth file: w_true has 3 entries but n_features is 10"),
+    ("bad-rows", lambda t: t | {"rows": {"train": 420}}, "truth.json: not a valid truth file: rows is {'train': 420}"),
+    ("bad-n_features", lambda t: t | {"n_features": "ten"}, "truth.json: not a valid truth file: n_features is 'ten'"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("name", "edit", "expected"), BAD_TRUTH, ids=[c[0] for c in BAD_TRUTH])
+def test_bad_truth_file_is_named(tiny_data: Path, tmp_path: Path, name: str, edit: Any, expected: str) -> None:
+    path = tmp_path / "truth.json"
+    if isinstance(edit, str):
+        path.write_text(edit)
+    else:
+        path.write_text(json.dumps(edit(_truth(tiny_data)) if callable(edit) else edit))
+    with pytest.raises(data.DataError) as err:
+        data.read_truth(path)
+    assert expected in str(err.value) and str(path) in str(err.value)
+    assert "rerun `dvc repro generate`" in str(err.value) or "not a valid truth file: expected" in str(err.value)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("change", ["rows", "n_features"])
+def test_truth_that_does_not_match_the_data(tiny_data: Path, tmp_path: Path, change: str) -> None:
+    raw = _truth(tiny_data)
+    if change == "rows":
+        raw["rows"]["train"] += 1
+        expected = f"has {N_TRAIN} rows x 10 features, but truth.json says {N_TRAIN + 1} x 10"
+    else:
+        raw = raw | {"n_features": 11, "w_true": raw["w_true"] + [0.0]}
+        expected = "missing column(s) x10"
+    truth = data.Truth.from_dict(raw)
+    path = _split_file(tiny_data, tmp_path)
+    with pytest.raises(data.DataError) as err:
+        X, _ = data.read_split(path, truth.n_features)
+        data.check_consistent(truth, "train", X, path)
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("damage", ["truncated", "not-safetensors"])
+def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
+    import numpy as np
+
+    from pipeline import models
+    from stages.evaluate import _predict
+
+    path = tmp_path / "mlp.safetensors"
+    spec = {"kind": "mlp", "n_features": 10, "hidden": [8], "activation": "relu", "dropout": 0.0}
+    models.save_weights(models.build(spec), spec, path)
+    raw = path.read_bytes()
+    assert _predict(path, np.zeros((2, 10), np.float32))[0].shape == (2,)  # intact, it loads
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"PK\x03\x04 a zip, say")
+    with pytest.raises(data.DataError, match="not a weights file this pipeline wrote") as err:
+        _predict(path, np.zeros((2, 10), np.float32))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_path: Path) -> None:
+    """Through DVC: the train stage names the file, starts no run, writes nothing; `dvc repro` restores the data."""
+    repo = clone(baseline, tmp_path / "repo")
+    before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
+    train = repo / "data" / "train.parquet"
+    train.write_bytes(train.read_bytes()[:500])
+    proc = dvc(repo, "repro", "--single-item", "train@linear", check=False)
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert "train@linear: data/train.parquet: not a readable Parquet file" in text and "Traceback" not in text
+    assert_untouched(repo, before, lock, changed=("data/train.parquet",))
+    assert runs(repo) == []
+    dvc(repo, "repro")
+    assert outputs(repo) == before

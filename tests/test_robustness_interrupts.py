@@ -1,0 +1,98 @@
+"""Runs that end early: divergence, Ctrl-C and SIGTERM, an interrupted atomic write.
+
+Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TINY, dvc, set_params
+from pipeline.files import atomic_path
+from robustness import (
+    assert_untouched, clone, output_of, outputs, runs, stage_pid, statuses, stray_temp_files, wait_for_running,
+)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+@pytest.mark.slow
+def test_divergence_fails_the_run_with_its_curve_and_writes_no_model(baseline: Path, tmp_path: Path) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
+    set_params(repo, {"linear_gd.lr": 10.0})
+    proc = dvc(repo, "repro", check=False)
+    text = output_of(proc)
+    assert proc.returncode != 0 and "Traceback" not in text
+    line = next(line for line in text.splitlines() if line.startswith("train@linear_gd: "))
+    assert "training diverged: the loss became inf at step" in line
+    assert "try a smaller linear_gd.lr (now 10, e.g. 1). No model was written." in line
+    assert not (repo / "models" / "linear_gd.safetensors").exists()
+    assert_untouched(repo, before, lock)
+
+    from mlflow.tracking import MlflowClient
+
+    (run,) = runs(repo)
+    assert (run.data.tags["stage"], run.info.status) == ("train@linear_gd", "FAILED")
+    curve = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(run.info.run_id, "train_loss")
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert curve and max(m.step for m in curve) < step  # the curve up to the step that blew up
+    assert all(m.value == m.value and abs(m.value) < float("inf") for m in curve)
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+@pytest.mark.slow
+def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path, spawn: Any) -> None:
+    """SIGINT to a stage run by hand, then SIGTERM to a stage under `dvc repro`; then `dvc repro` completes."""
+    repo = clone(baseline, tmp_path / "repo")
+    before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
+    set_params(repo, {"linear_gd.steps": 5_000_000})  # minutes of training: it is stopped long before
+
+    by_hand = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
+    wait_for_running(repo, "train@linear_gd", by_hand)
+    by_hand.send_signal(signal.SIGINT)
+    out, err = by_hand.communicate(timeout=120)
+    assert by_hand.returncode == 130
+    assert "train@linear_gd: interrupted (Ctrl-C); no output was written" in err and "Traceback" not in err
+    assert statuses(repo) == {"train@linear_gd": ["KILLED"]}
+    assert_untouched(repo, before, lock)
+
+    repro = spawn([sys.executable, "-m", "dvc", "repro"], repo)
+    wait_for_running(repo, "train@linear_gd", repro)
+    pid = stage_pid(repo, "linear_gd")
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    out, err = repro.communicate(timeout=120)
+    assert repro.returncode != 0
+    assert "train@linear_gd: interrupted (stopped by signal SIGTERM); no output was written" in out + err
+    assert "exited with 130" in out + err
+    assert statuses(repo) == {"train@linear_gd": ["KILLED", "KILLED"]}
+    assert not (repo / "models" / "linear_gd.safetensors").exists()  # DVC removed it; nothing half-written replaced it
+    assert_untouched(repo, before, lock)
+
+    set_params(repo, {"linear_gd.steps": TINY["linear_gd.steps"] + 10})
+    dvc(repo, "repro")
+    assert "up to date" in dvc(repo, "status").stdout
+    final = statuses(repo)
+    assert final["train@linear_gd"] == ["KILLED", "KILLED", "FINISHED"]
+    assert final["evaluate"] == ["FINISHED"]
+    assert not stray_temp_files(repo)
+
+
+def test_atomic_write_interrupted_leaves_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,85 @@
+"""What a run leaves behind: bit-for-bit reruns, weights and logged models that load without pickle.
+
+Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import dvc
+from pipeline import data
+from pipeline.files import md5_file
+from robustness import clone, statuses
+
+
+# ---------------------------------------------------------------- bit-for-bit reruns
+
+
+@pytest.mark.slow
+def test_forced_rerun_is_bit_for_bit(baseline: Path, tmp_path: Path) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    dvc(repo, "repro", "--force")
+    assert (repo / "dvc.lock").read_bytes() == (baseline / "dvc.lock").read_bytes()
+    for rel in [*(f"data/{s}.parquet" for s in data.SPLITS), *(f"models/{m}.safetensors" for m in ("linear_gd", "linear", "mlp"))]:
+        assert md5_file(repo / rel) == md5_file(baseline / rel), rel
+    assert statuses(repo).keys() == {"generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate"}
+
+
+# ---------------------------------------------------------------- safe weights
+
+
+@pytest.mark.slow
+def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    import torch
+    from safetensors import safe_open
+
+    from pipeline import models
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("unpickling was attempted")
+
+    for name in ("linear_gd", "linear", "mlp"):
+        raw = (baseline / "models" / f"{name}.safetensors").read_bytes()
+        (size,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw tensor bytes
+        header = json.loads(raw[8 : 8 + size])
+        assert "spec" in header["__metadata__"]
+        with safe_open(str(baseline / "models" / f"{name}.safetensors"), framework="pt") as fh:
+            assert set(fh.keys()) == {k for k in header if k != "__metadata__"}
+    with monkeypatch.context() as m:
+        for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+            m.setattr(target, attr, refuse)
+        model, spec = models.load_weights(baseline / "models" / "mlp.safetensors")
+    assert spec["kind"] == "mlp" and torch.isfinite(model(torch.ones(2, 10))).all()
+
+
+@pytest.mark.slow
+def test_logged_models_are_pt2_and_load_with_pickle_disallowed(baseline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import models
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    client = MlflowClient(f"sqlite:///{baseline / 'mlflow.db'}")
+    logged = sorted((baseline / "mlartifacts" / "models").glob("*/artifacts/MLmodel"))
+    assert len(logged) == 3
+    for mlmodel in logged:
+        meta = yaml.safe_load(mlmodel.read_text())
+        folder = mlmodel.parent / meta["flavors"]["pytorch"]["model_data"]
+        assert sorted(p.name for p in folder.iterdir()) == ["model.pt2"]  # no model.pth, no pickle module file
+        name = client.get_run(meta["run_id"]).data.tags["model"]
+        loaded = mlflow.pytorch.load_model(str(mlmodel.parent))  # MLflow checks the archive holds no pickle
+        reference, _ = models.load_weights(baseline / "models" / f"{name}.safetensors")
+        x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), reference(x), atol=1e-6), name
