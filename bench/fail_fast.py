@@ -45,7 +45,8 @@ def _project(dest: Path) -> Path:
 
 
 def _params(repo: Path, override: dict) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    committed = ["git", "show", "HEAD:params.yaml"]  # the defaults, not the workspace's edits
+    params = yaml.safe_load(subprocess.run(committed, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     for section, values in (TINY | override).items():
         if isinstance(values, dict):
             params[section] |= values

@@ -13,7 +13,7 @@ import yaml
 import bench.workspace
 
 # One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
-from bench.workspace import ROOT, set_params, update_params  # noqa: F401
+from bench.workspace import ROOT, committed_params, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
 
 # Small enough that a whole `dvc repro` is dominated by process start-up.
@@ -31,8 +31,16 @@ TINY: dict[str, Any] = {
 
 
 def tiny_params() -> dict[str, Any]:
-    """The repository's params.yaml with TINY applied, as a dict."""
-    return update_params(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
+    return update_params(yaml.safe_load(committed_params()), TINY)
+
+
+@pytest.fixture(scope="session")
+def defaults_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed params.yaml, as a file outside the workspace: what tests of the defaults load."""
+    path = tmp_path_factory.mktemp("defaults") / "params.yaml"
+    path.write_text(committed_params())
+    return path
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
