@@ -103,7 +103,8 @@ def copy_project(
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "params.yaml").write_text(committed_params(root))
-    set_params(dest, updates)
+    if updates:
+        set_params(dest, updates)
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(cmd, cwd=dest, env=env(), check=True, capture_output=True)
     return dest
