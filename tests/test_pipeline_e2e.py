@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import dvc
+from tests.conftest import Reproduced, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +21,9 @@ def _ran(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One cold `dvc repro` shared by the tests below (they only read, except the last)."""
-    from tests.conftest import copy_project
-
-    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
-    proc = dvc(repo, "repro")
-    return repo, proc.stdout + proc.stderr
+def repro(reproduced: Reproduced) -> tuple[Path, str]:
+    """One cold `dvc repro` shared by the tests below (they only read, except the last, which leaves it up to date)."""
+    return reproduced.repo, reproduced.output
 
 
 def _client(repo: Path):  # noqa: ANN202 - MlflowClient, imported lazily

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import yaml
 from dvc.repo import Repo
 
-from tests.conftest import ROOT, copy_project, dvc, run_env
+from tests.conftest import ROOT, Reproduced
 
-PROBE = ROOT / "tests" / "import_probe"  # a sitecustomize that records each process's project modules at exit
+pytestmark = pytest.mark.slow
+
 # Project modules a stage imports but whose code cannot change its outputs, so they stay out of its deps.
 NOT_DEPS = {"pipeline/tracking.py"}  # only talks to MLflow: an edit there must not retrain anything
 MODULES = sorted(p.relative_to(ROOT).as_posix() for folder in ("pipeline", "stages") for p in (ROOT / folder).glob("*.py"))
-
-
-def _stage_name(argv: list[str]) -> str:
-    """`python -m stages.train mlp` -> 'train@mlp', as dvc.yaml's foreach names it."""
-    module = Path(argv[0]).stem
-    return f"{module}@{argv[1]}" if module == "train" else module
 
 
 def _code_deps(stages: dict) -> dict[str, set[str]]:
@@ -35,21 +27,12 @@ def _code_deps(stages: dict) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
-    """A tiny project after a real `dvc repro`, and the project modules each stage's process loaded."""
-    repo = copy_project(tmp_path_factory.mktemp("deps") / "repo")
-    out = tmp_path_factory.mktemp("imports")
-    dvc(repo, "repro", env=run_env(PYTHONPATH=str(PROBE), STAGE_IMPORTS_DIR=str(out)))
-    ran: dict[str, set[str]] = {}
-    for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
-        ran.setdefault(_stage_name(record["argv"]), set()).update(record["modules"])
-    # Package markers with no code cannot change anything.
-    ran = {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in ran.items()}
-    return repo, ran
+def ran(reproduced: Reproduced) -> dict[str, set[str]]:
+    """Project modules each stage's process loaded in the shared repro, package markers with no code left out."""
+    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in reproduced.modules.items()}
 
 
-def test_every_stage_depends_on_exactly_the_project_code_it_runs(traced: tuple[Path, dict[str, set[str]]]) -> None:
-    _, ran = traced
+def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, set[str]]) -> None:
     declared = _code_deps(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     assert set(ran) == set(declared), "every stage ran (and no other project process)"
     for stage, modules in ran.items():
@@ -60,15 +43,14 @@ def test_every_stage_depends_on_exactly_the_project_code_it_runs(traced: tuple[P
 
 @pytest.mark.parametrize("module", MODULES)
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
-    traced: tuple[Path, dict[str, set[str]]], module: str, monkeypatch: pytest.MonkeyPatch,
+    reproduced: Reproduced, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    repo, ran = traced
-    monkeypatch.chdir(repo)  # DVC names stages relative to the working directory
-    path = repo / module
+    monkeypatch.chdir(reproduced.repo)  # DVC names stages relative to the working directory
+    path = reproduced.repo / module
     before = path.read_text()
     path.write_text(before + "\n# an edit\n")
     try:
-        with Repo(str(repo)) as dvc_repo:  # `dvc status`, in-process: no second of CLI start-up per module
+        with Repo(str(reproduced.repo)) as dvc_repo:  # `dvc status`, in-process: no second of CLI start-up per module
             status = dvc_repo.status()
     finally:
         path.write_text(before)
