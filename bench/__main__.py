@@ -51,16 +51,17 @@ def main(argv: list[str]) -> int:
     import torch
 
     from bench import loops, report, workflow
-    from bench.workspace import ROOT, TINY
+    from bench.workspace import TINY, committed_params
     from pipeline import config
 
     print(report.machine(), flush=True)
-    params = config.load(ROOT / "params.yaml")
     updates = TINY if args.tiny else {}
     rows: list[report.Row] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
+        (work / "params.yaml").write_text(committed_params())  # the defaults, not the workspace's edits
+        params = config.load(work / "params.yaml")
         if "throughput" in args.only:
             print("measuring training throughput (CPU) ...", flush=True)
             rows += loops.throughput(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)

@@ -12,7 +12,7 @@ class Row:
     """One figure against its baseline, measured in the same run.
 
     `ratio` is figure / baseline; `target` is a bound on it: ('>=', 1.2), ('<=', 1.05)
-    or ('==', 2) for counts. A row with no baseline (an absolute figure) has no ratio.
+    or ('==', 2) for counts. A row with no baseline (an absolute figure) has no ratio; its target bounds the figure.
     """
 
     name: str
@@ -36,7 +36,7 @@ class Row:
         if self.target is None or self.figure is None:
             return None
         op, bound = self.target
-        value = self.figure if op == "==" else self.ratio
+        value = self.figure if op == "==" or self.baseline is None else self.ratio
         if value is None:
             return None
         return {">=": value >= bound, "<=": value <= bound, "==": value == bound}[op]

@@ -99,18 +99,34 @@ def timed(repo: Path, *cmd: str, peak_rss: bool = False) -> Timed:
         return Timed(measured["seconds"], measured["peak_rss"], proc.stdout)
 
 
-def copy_project(dest: Path, updates: dict[str, Any]) -> Path:
-    """This project's source (tracked and new files, no outputs) as a fresh git repo at `dest`."""
+def committed_params(root: Path = ROOT) -> str:
+    """params.yaml as committed at HEAD: the defaults tests and benchmarks build from, whatever the workspace holds."""
+    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot read the committed params.yaml in {root} ({proc.stderr.strip()}); commit it first")
+    return proc.stdout
+
+
+def copy_project(
+    dest: Path, updates: dict[str, Any], root: Path = ROOT, skip: tuple[str, ...] = ("tests/", "bench/"),
+) -> Path:
+    """This project's source (tracked and new files, no outputs) as a fresh git repo at `dest`.
+
+    params.yaml is the committed one (plus `updates`), never the workspace's edits: a user's
+    experiment in progress must not change what a test or a benchmark measures.
+    """
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=root, capture_output=True, text=True, check=True,
     ).stdout
     for rel in filter(None, listing.split("\0")):
-        src = ROOT / rel
-        if src.is_file() and rel != "dvc.lock" and not rel.startswith(("tests/", "bench/")):
+        src = root / rel
+        if src.is_file() and rel not in ("dvc.lock", "params.yaml") and not rel.startswith(skip):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    set_params(dest, updates)
+    (dest / "params.yaml").write_text(committed_params(root))
+    if updates:
+        set_params(dest, updates)
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(cmd, cwd=dest, env=env(), check=True, capture_output=True)
     return dest

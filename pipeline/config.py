@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MODEL_NAMES: tuple[str, ...] = ("linear_gd", "linear", "mlp")
 PARAMS_FILE = "params.yaml"
+DVC_FILE = "dvc.yaml"
 
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -328,13 +329,34 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def stage_params(config: Config, stage: str) -> dict[str, Any]:
-    """The params a stage depends on (mirrors dvc.yaml's `params:`), flattened for logging."""
+def stage_param_keys(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
+    """The `params:` keys dvc.yaml lists for a stage (`train@mlp` resolves the foreach item): one source."""
+    path = Path(dvc_file)
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the stages of {path}: {exc}") from None
+    name, _, item = stage.partition("@")
+    block = stages.get(name) if isinstance(stages, dict) else None
+    if item and isinstance(block, dict):
+        block = block.get("do")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: no stage {stage!r}; stages there: {', '.join(stages or [])}")
+    keys = block.get("params", [])
+    if not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{path}: stage {stage!r}: params must be keys of {PARAMS_FILE}, e.g. `- mlp`, got {keys!r}")
+    return [k.replace("${item}", item) for k in keys]
+
+
+def stage_params(config: Config, stage: str, dvc_file: str | Path = DVC_FILE) -> dict[str, Any]:
+    """The params a stage depends on (its `params:` in dvc.yaml), flattened for logging to MLflow."""
     dump = config.model_dump()
-    shared = {"seed": dump["seed"], "device": dump["device"], "cuda_graph": dump["cuda_graph"]}
-    if stage == "generate":
-        return flatten({"seed": dump["seed"], "data": dump["data"]})
-    if stage == "evaluate":
-        return flatten({"evaluate": dump["evaluate"]})
-    model = stage.removeprefix("train@")
-    return flatten({**shared, model: dump[model]})
+    flat: dict[str, Any] = {}
+    for key in stage_param_keys(stage, dvc_file):
+        node: Any = dump
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{dvc_file}: stage {stage!r} lists param {key!r}, which {PARAMS_FILE} does not have")
+            node = node[part]
+        flat.update(flatten({key: node}))
+    return flat

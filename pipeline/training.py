@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,7 +82,13 @@ def seed_everything(seed: int) -> None:
     """One place that seeds torch and asks for deterministic kernels (bit-for-bit reruns)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # What torch.use_deterministic_algorithms(True, warn_only=True) does, without its import of
+    # torch._inductor (and _dynamo): 2-4 s per stage for a flag only compiled code reads, which
+    # inductor also takes from this variable whenever something imports it later.
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    if (inductor := sys.modules.get("torch._inductor.config")) is not None:
+        inductor.deterministic = True
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 # Steps with fewer multiply-adds than this (batch rows x parameters) run on one CPU thread.

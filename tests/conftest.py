@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,21 @@ import yaml
 import bench.workspace
 
 # One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
-from bench.workspace import ROOT, TINY, set_params, update_params  # noqa: F401
+from bench.workspace import ROOT, TINY, committed_params, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
 from robustness import REMOTE_TOKEN, SECRETS
 
 def tiny_params() -> dict[str, Any]:
-    """The repository's params.yaml with TINY applied, as a dict."""
-    return update_params(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
+    return update_params(yaml.safe_load(committed_params()), TINY)
+
+
+@pytest.fixture(scope="session")
+def defaults_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed params.yaml, as a file outside the workspace: what tests of the defaults load."""
+    path = tmp_path_factory.mktemp("defaults") / "params.yaml"
+    path.write_text(committed_params())
+    return path
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -41,6 +51,38 @@ def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[st
 def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
     """The project's source as a fresh git repo at `dest`, params shrunk to TINY (plus `updates`)."""
     return bench.workspace.copy_project(dest, {**TINY, **(updates or {})})
+
+
+@dataclass
+class Reproduced:
+    """A tiny project after one cold `dvc repro`: its path, DVC's output, and the project modules each stage ran."""
+
+    repo: Path
+    output: str
+    modules: dict[str, set[str]]
+    stderr: str
+
+
+def _stage_name(argv: list[str]) -> str:
+    """`python -m stages.train mlp` -> 'train@mlp', as dvc.yaml's foreach names it."""
+    module = Path(argv[0]).stem
+    return f"{module}@{argv[1]}" if module == "train" else module
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """One cold `dvc repro` shared by the tests that read it (the e2e tests, the stage-deps tests).
+
+    tests/import_probe is a sitecustomize on PYTHONPATH: every stage's process records,
+    at exit, which modules under pipeline/ and stages/ it loaded.
+    """
+    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
+    out = tmp_path_factory.mktemp("imports")
+    proc = dvc(repo, "repro", env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
+    modules: dict[str, set[str]] = {}
+    for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
+        modules.setdefault(_stage_name(record["argv"]), set()).update(record["modules"])
+    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr)
 
 
 @pytest.fixture

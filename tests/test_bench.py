@@ -24,6 +24,7 @@ ROWS = (
     "no-op dvc repro",
     "train@mlp stage, tracking on",
     "stage start-up (1-step train@linear_gd)",
+    "import torch + seed_everything",
     "generate stage, 5,000 rows x 20",
     "generate peak RSS",
     "train@linear_gd peak RSS",

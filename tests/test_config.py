@@ -133,8 +133,8 @@ def test_missing_params_file(tmp_path: Path) -> None:
         config.load(tmp_path / "params.yaml")
 
 
-def test_repository_params_are_valid() -> None:
-    cfg = config.load(ROOT / "params.yaml")
+def test_repository_params_are_valid(defaults_file: Path) -> None:
+    cfg = config.load(defaults_file)
     assert cfg.model("mlp").hidden == (64, 64)
 
 
@@ -179,3 +179,21 @@ def test_renamed_key_is_one_problem() -> None:
         config.parse(params)
     assert str(err.value).startswith("invalid params.yaml: mlp.lrr: unknown key (did you mean 'lr'?)")
     assert "missing" not in str(err.value)
+
+
+def test_stage_params_come_from_dvc_yaml(tmp_path: Path, defaults_file: Path) -> None:
+    """What a stage logs to MLflow is its `params:` list in dvc.yaml, foreach item resolved: nothing restated."""
+    cfg = config.load(defaults_file)
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text(yaml.safe_dump({"stages": {
+        "generate": {"cmd": "x", "params": ["data.split"]},
+        "train": {"foreach": ["mlp"], "do": {"cmd": "x", "params": ["device", "${item}.lr"]}},
+    }}))
+    assert config.stage_params(cfg, "generate", dvc_file) == {"data.split.train": 0.7, "data.split.val": 0.15,
+                                                               "data.split.test": 0.15}
+    assert config.stage_params(cfg, "train@mlp", dvc_file) == {"device": "auto", "mlp.lr": cfg.mlp.lr}
+    with pytest.raises(config.ConfigError, match=r"no stage 'evaluate'; stages there: generate, train"):
+        config.stage_params(cfg, "evaluate", dvc_file)
+    dvc_file.write_text(yaml.safe_dump({"stages": {"generate": {"cmd": "x", "params": ["data.rows"]}}}))
+    with pytest.raises(config.ConfigError, match=r"lists param 'data.rows', which params.yaml does not have"):
+        config.stage_params(cfg, "generate", dvc_file)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline import config, models, training
 from stages import common, evaluate, generate, train
 from tests.conftest import ROOT
 
+DVC_FILE = ROOT / "dvc.yaml"
+
 
 @pytest.fixture(scope="module")
-def default_scores(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    cfg = config.load(ROOT / "params.yaml")
+def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path) -> dict:
+    cfg = config.load(defaults_file)
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp_path_factory.mktemp("defaults"))
     try:
@@ -44,9 +48,9 @@ def test_least_squares_sits_nonlinearity_squared_above_the_floor(default_scores:
     assert ls - floor == pytest.approx(1.0, rel=0.1)  # nonlinearity² with g of unit variance
 
 
-def test_params_file_is_valid_and_flattens_for_mlflow() -> None:
-    cfg = config.load(ROOT / "params.yaml")
-    flat = config.stage_params(cfg, "train@mlp")
+def test_params_file_is_valid_and_flattens_for_mlflow(defaults_file: Path) -> None:
+    cfg = config.load(defaults_file)
+    flat = config.stage_params(cfg, "train@mlp", DVC_FILE)
     assert flat["mlp.hidden"] == [64, 64] and flat["seed"] == cfg.seed and "linear.lr" not in flat
-    assert set(config.stage_params(cfg, "generate")) >= {"seed", "data.n_samples", "data.split.train"}
+    assert set(config.stage_params(cfg, "generate", DVC_FILE)) >= {"seed", "data.n_samples", "data.split.train"}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import dvc
+from tests.conftest import Reproduced, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,9 @@ def _ran(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One cold `dvc repro` shared by the tests below (they only read, except the last)."""
-    from tests.conftest import copy_project
-
-    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
-    proc = dvc(repo, "repro")
-    (repo.parent / "repro.stderr").write_text(proc.stderr)
-    return repo, proc.stdout + proc.stderr
+def repro(reproduced: Reproduced) -> tuple[Path, str]:
+    """One cold `dvc repro` shared by the tests below (they only read, except the last, which leaves it up to date)."""
+    return reproduced.repo, reproduced.output
 
 
 def quiet(stderr: str) -> bool:
@@ -145,10 +140,8 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
     assert [a.path for a in client.list_artifacts(runs["generate"].info.run_id, "weights")] == ["weights/true_weights.json"]
 
 
-def test_a_cold_repro_prints_no_warning_and_no_traceback(repro: tuple[Path, str]) -> None:
-    repo, _ = repro
-    stderr = (repo.parent / "repro.stderr").read_text()
-    assert quiet(stderr), stderr
+def test_a_cold_repro_prints_no_warning_and_no_traceback(reproduced: Reproduced) -> None:
+    assert quiet(reproduced.stderr), reproduced.stderr
 
 
 def test_logged_models_load_and_serve_the_stage_predictions(repro: tuple[Path, str], tmp_path: Path) -> None:

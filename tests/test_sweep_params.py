@@ -13,9 +13,9 @@ from pipeline import config
 
 
 @pytest.fixture
-def params(tmp_path: Path) -> Path:
+def params(tmp_path: Path, defaults_file: Path) -> Path:
     path = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", path)
+    shutil.copy(defaults_file, path)
     return path
 
 
@@ -27,7 +27,7 @@ def test_hidden_list_round_trips(params: Path, override: str, hidden: tuple[int,
     cfg = config.load(params)
     assert cfg.mlp.hidden == hidden and all(type(w) is int for w in cfg.mlp.hidden)
     assert cfg.mlp.lr == 0.001 and cfg.linear.lr == 1.0
-    assert config.stage_params(cfg, "train@mlp")["mlp.hidden"] == list(hidden)  # logged to MLflow as a list
+    assert config.stage_params(cfg, "train@mlp", ROOT / "dvc.yaml")["mlp.hidden"] == list(hidden)  # logged to MLflow as a list
     assert "# width of each hidden layer" in params.read_text()  # DVC keeps the comments
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline import evaluation, models, training
+from tests.conftest import ROOT, run_env
 
 
 def _problem(n: int = 512, d: int = 4, seed: int = 0, nonlinear: bool = False) -> tuple[torch.Tensor, ...]:
@@ -107,3 +111,18 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(training.PipelineError, match="no CUDA device"):
             training.resolve_device("cuda")
+
+
+def test_seed_everything_asks_for_deterministic_kernels_without_loading_the_compiler() -> None:
+    """Same flags as torch.use_deterministic_algorithms(True, warn_only=True), minus its 2-4 s import of inductor."""
+    script = """
+import sys, torch
+from pipeline.training import seed_everything
+seed_everything(3)
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "compiler imported"
+import torch._inductor.config
+assert torch._inductor.config.deterministic, "inductor, imported later, must see the flag"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,58 @@
+"""dvc.yaml's code deps are the code each stage really runs: found by running the stages, checked by `dvc status`."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from tests.conftest import ROOT, Reproduced
+
+pytestmark = pytest.mark.slow
+
+# Project modules a stage imports but whose code cannot change its outputs, so they stay out of its deps.
+NOT_DEPS = {"pipeline/tracking.py"}  # only talks to MLflow: an edit there must not retrain anything
+MODULES = sorted(p.relative_to(ROOT).as_posix() for folder in ("pipeline", "stages") for p in (ROOT / folder).glob("*.py"))
+
+
+def _code_deps(stages: dict) -> dict[str, set[str]]:
+    """Each stage's .py deps in dvc.yaml, foreach items resolved."""
+    out = {}
+    for name, block in stages.items():
+        for item in block.get("foreach", [None]):
+            body = block["do"] if item else block
+            deps = {d.replace("${item}", item or "") for d in body.get("deps", [])}
+            out[f"{name}@{item}" if item else name] = {d for d in deps if d.endswith(".py")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran(reproduced: Reproduced) -> dict[str, set[str]]:
+    """Project modules each stage's process loaded in the shared repro, package markers with no code left out."""
+    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in reproduced.modules.items()}
+
+
+def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, set[str]]) -> None:
+    declared = _code_deps(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert set(ran) == set(declared), "every stage ran (and no other project process)"
+    for stage, modules in ran.items():
+        needed = modules - NOT_DEPS
+        assert declared[stage] >= needed, f"{stage}: dvc.yaml misses {sorted(needed - declared[stage])}"
+        assert declared[stage] <= needed, f"{stage}: dvc.yaml lists code it never runs: {sorted(declared[stage] - needed)}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
+    reproduced: Reproduced, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(reproduced.repo)  # DVC names stages relative to the working directory
+    path = reproduced.repo / module
+    before = path.read_text()
+    path.write_text(before + "\n# an edit\n")
+    try:
+        with Repo(str(reproduced.repo)) as dvc_repo:  # `dvc status`, in-process: no second of CLI start-up per module
+            status = dvc_repo.status()
+    finally:
+        path.write_text(before)
+    changed = {stage for stage, entries in status.items() for e in entries if module in e.get("changed deps", {})}
+    assert changed == {stage for stage, mods in ran.items() if module in mods - NOT_DEPS}
