@@ -5,6 +5,7 @@
 #   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
 #   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
 #   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
+#   ./tasks.sh serve     serve models:/regression-<model>@champion (default mlp) on 127.0.0.1:${PORT:-5000}
 #   ./tasks.sh bench     run the benchmark; figures and their meaning in bench/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,5 +49,6 @@ case "${1:-}" in
   bench)   install; shift; python -m bench "$@" ;;
   compare) install; shift; python -m pipeline.compare "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  serve)   install; shift; exec python -m pipeline.serve "$@" ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
