@@ -451,7 +451,7 @@ def _promote(client: MlflowClient, name: str, version: Any, test_mse: float, dat
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version.version)
         return f"first {CHAMPION} (test_mse {test_mse:.6g})"
-    if champion.version == version.version:
+    if str(champion.version) == str(version.version):
         return f"already {CHAMPION} (test_mse {test_mse:.6g})"
     theirs = champion.tags.get("data.digest", "none")
     if theirs != data_digest or "test_mse" not in champion.tags:
