@@ -91,3 +91,82 @@ def test_serve_refuses_bad_input_in_one_line(workspace: Path) -> None:
     _trained("mlp")  # a store now exists, but nothing is registered in it
     with pytest.raises(PipelineError, match="no regression-mlp@champion in the model registry"):
         serve.command("mlp", "5000")
+
+
+def _predictions(project: Path) -> list[float]:
+    """The mlp's test predictions as evaluate wrote them (the first evaluate.plot_points rows)."""
+    with open(project / "plots" / "predictions" / "mlp.csv", newline="") as fh:
+        return [float(row["predicted"]) for row in csv.DictReader(fh)]
+
+
+def _latest_evaluate_tags(project: Path) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("regression").experiment_id], "tags.stage = 'evaluate'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].data.tags
+
+
+def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
+    """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group."""
+    port = str(_free_port())
+    log = project / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.serve", model], cwd=project, env=run_env(PORT=port),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        for _ in range(1200):
+            assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": rows}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        _stop_group(proc)
+    assert not _group_alive(proc.pid), "the model server's processes outlived it"
+    return [p[0] for p in answer["predictions"]]
+
+
+@pytest.mark.slow
+def test_better_mlp_becomes_champion_and_is_served(project: Path) -> None:
+    """Two pipeline runs with different MLP params: @champion is the lower test MSE, and serving it
+    answers with the predictions evaluate wrote for that model."""
+    runs: dict[str, tuple[float, list[float]]] = {}  # train run id -> (test MSE, evaluate's predictions)
+    for epochs in (1, 12):
+        set_params(project, {"mlp.epochs": epochs})
+        out = dvc(project, "repro").stdout
+        assert "registry: regression-mlp v" in out, out
+        tags = _latest_evaluate_tags(project)
+        mse = json.loads((project / "metrics" / "evaluation" / "mlp.json").read_text())["test_mse"]
+        runs[tags["scored.mlp.run_id"]] = (mse, _predictions(project))
+    assert len(runs) == 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("regression-mlp", "champion")
+    best = min(runs, key=lambda run_id: runs[run_id][0])
+    assert champion.run_id == best
+    assert len(client.search_model_versions("name = 'regression-linear'")) == 1  # retrained? no: registered once
+    status = dvc(project, "status").stdout
+    assert "Data and pipelines are up to date." in status, status  # registering changed nothing DVC tracks
+
+    import pandas as pd
+
+    test = pd.read_parquet(project / "data" / "test.parquet")
+    expected = runs[best][1]
+    rows = test.drop(columns="y").to_numpy(dtype=np.float32)[: len(expected)].tolist()
+    served = _serve(project, "mlp", rows)
+    assert served == pytest.approx(expected, rel=1e-4, abs=1e-5)
