@@ -438,7 +438,7 @@ def _version_for_run(
             raise
     tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
     return client.create_model_version(
-        name, source=logged[0].model_uri, run_id=run_id, tags=tags, model_id=logged[0].model_id
+        name, source=logged[0].model_uri, run_id=run_id, tags=tags, model_id=logged[0].model_id, await_creation_for=0,
     )
 
 
