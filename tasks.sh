@@ -5,6 +5,7 @@
 #   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
 #   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
 #   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
+#   ./tasks.sh serve     serve models:/regression-<model>@champion (default mlp) on 127.0.0.1:${PORT:-5000}
 #   ./tasks.sh bench     run the benchmark; figures and their meaning in bench/RESULTS.md
 #   ./tasks.sh sync      replay runs spooled while MLflow was down (--upgrade-store: back up, then migrate mlflow.db)
 set -euo pipefail
@@ -50,5 +51,6 @@ case "${1:-}" in
   compare) install; shift; python -m pipeline.compare "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
   sync)    install; shift; python -m pipeline.sync "$@" ;;
+  serve)   install; shift; exec python -m pipeline.serve "$@" ;;
   *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -13,7 +13,7 @@
 #   PORT                    [5000]
 #   SERVER_DIR              where the default store and artifacts live [./.mlflow-server]
 #   BACKEND_STORE_URI       runs, params, metrics [sqlite:///$SERVER_DIR/mlflow.db];
-#                           a team: postgresql://USER:PASSWORD@DBHOST:5432/DBNAME (needs psycopg2)
+#                           a team: postgresql://USER:PASSWORD@DBHOST:5432/DBNAME (docs/team.md)
 #   ARTIFACTS_DESTINATION   where proxied artifacts are stored [$SERVER_DIR/artifacts];
 #                           or s3://bucket/prefix (needs boto3 and AWS_* credentials on the server only)
 #   WORKERS                 uvicorn worker processes [2]

@@ -4,7 +4,9 @@ Writes metrics/evaluation/<row>.json, one row per model and reference so that
 `dvc metrics show metrics/evaluation` prints a table with one line each, and
 plots/predictions/<model>.{csv,png} (DVC plots), logs an `evaluate` run, and copies each model's test metrics
 and predicted-vs-actual picture onto the training run that produced its weights, so one MLflow table shows
-params and test MSE, and one run page shows loss curves and predictions.
+params and test MSE, and one run page shows loss curves and predictions. It also registers each training
+run's logged model as `regression-<model>` and moves the alias `champion` to it when it scores better
+(docs/team.md says why this lives here): MLflow side effects only, no DVC output, so nothing reruns for it.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def run(cfg: config.Config) -> None:
                 tracking.log_metrics_to(run.client, train_run, metrics[name])
                 tracking.log_artifact_to(run.client, train_run, common.PLOTS / "predictions" / f"{name}.png", "plots/predictions")
                 scored[f"scored.{name}.run_id"] = train_run
+                report = tracking.register_model(run, name, train_run, metrics[name]["test_mse"], data_digest)
+                scored[f"registry.{name}"] = report
+                print(f"registry: {report}")
         run.set_tags(scored)
 
 

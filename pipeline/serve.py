@@ -1,0 +1,58 @@
+"""Serve a model's registered champion over HTTP: `python -m pipeline.serve [model]` (`./tasks.sh serve`).
+
+Runs MLflow's own `mlflow models serve` on `models:/regression-<model>@champion`
+from the store every stage uses (MLFLOW_TRACKING_URI, else the workspace's
+mlflow.db), in this environment (`--env-manager local`), on 127.0.0.1 and the
+port in PORT (default 5000). A bad model name, port, or a missing champion is
+one line on stderr before MLflow starts.
+
+    curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
+         -d '{"inputs": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]}'
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+DEFAULT_MODEL = "mlp"
+
+
+def command(model: str, port: str) -> list[str]:
+    """The `mlflow models serve` command line for `model`'s champion; raises PipelineError on bad input."""
+    if model not in config.MODEL_NAMES:
+        raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(config.MODEL_NAMES)}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise PipelineError(f"PORT must be a TCP port number (1-65535), got {port!r}")
+    from pipeline import tracking
+
+    uri = tracking.champion_uri(model)
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    return [mlflow, "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", port]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check the arguments and the champion, then replace this process with the model server."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 or args[:1] in (["-h"], ["--help"]):
+        print(f"usage: python -m pipeline.serve [{'|'.join(config.MODEL_NAMES)}]  (port from PORT, default 5000)",
+              file=sys.stderr)
+        return 2
+    try:
+        cmd = command(args[0] if args else DEFAULT_MODEL, os.environ.get("PORT", "5000"))
+        from pipeline import tracking
+
+        os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    except PipelineError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    return os.execv(cmd[0], cmd)  # replaces this process: returns only by raising OSError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

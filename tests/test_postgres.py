@@ -1,0 +1,166 @@
+"""The team configuration for real: a throwaway PostgreSQL cluster behind `scripts/mlflow-server.sh`,
+the pipeline and a queued sweep (`dvc queue start -j 2`) logging through it, checked over REST.
+
+PostgreSQL refuses to run as root, so as root (CI) the cluster runs as the `postgres` user via
+`runuser`; its data folder is a fresh temp folder owned by that user, removed at the end.
+The commands are the ones docs/team.md shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import dvc, run_env, sh
+from test_experiments import _experiments, _wait_for_queue
+from test_team import _free_port, start_server  # noqa: F401  (start_server: a fixture used below)
+
+pytestmark = pytest.mark.slow
+
+PG_TOOLS = ("initdb", "pg_ctl", "postgres", "createdb")
+PG_USER, PG_PASSWORD, PG_DB = "mlflow", "mlflow-test-password", "mlflow"
+SWEEP = "mlp.lr=0.001,0.01,0.1"  # three queued experiments
+
+
+def _pg_bin() -> Path | None:
+    """The newest /usr/lib/postgresql/<version>/bin (Debian's layout) with every tool, else one on PATH."""
+    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name.zfill(4), reverse=True)
+    if initdb := shutil.which("initdb"):
+        folders.append(Path(initdb).parent)
+    return next((f for f in folders if all((f / tool).is_file() for tool in PG_TOOLS)), None)
+
+
+def _as_owner() -> tuple[list[str], int, int]:
+    """(command prefix, uid, gid) to run the server as: ourselves, or `postgres` via runuser when root."""
+    if os.geteuid() != 0:
+        return [], os.getuid(), os.getgid()
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as (apt-get install -y postgresql)")
+    if not shutil.which("runuser"):
+        pytest.skip("running as root and `runuser` (util-linux) is missing to start PostgreSQL as `postgres`")
+    return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
+
+
+def _run(cmd: list[str], **env: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster on 127.0.0.1 and a free port, in its own temp folder; yield its database URI."""
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip(f"PostgreSQL binaries ({', '.join(PG_TOOLS)}) not found in /usr/lib/postgresql/*/bin or on PATH; "
+                    "install them with `apt-get install -y postgresql` (.ci/run does)")
+    prefix, uid, gid = _as_owner()
+    base = Path(tempfile.mkdtemp(prefix="pg-test-"))  # not under pytest's tmp_path: that is private to root
+    data, port = base / "data", _free_port()
+    try:
+        pwfile = base / "password"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        for path in (base, pwfile):
+            os.chown(path, uid, gid)
+        _run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}",
+              "--auth=scram-sha-256", "-E", "UTF8"])
+        _run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w",
+              "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {base}", "start"])
+        try:
+            _run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+                 PGPASSWORD=PG_PASSWORD)
+            yield f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}/{PG_DB}"
+        finally:
+            _run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
+            assert not (data / "postmaster.pid").exists(), "PostgreSQL did not stop"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _runs(server: Any, experiment_id: str) -> list[dict[str, Any]]:
+    found = server.api("runs/search", {"experiment_ids": [experiment_id], "max_results": 1000})
+    return found.get("runs", [])
+
+
+def _by_key(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {i["key"]: i["value"] for i in items}
+
+
+def test_pipeline_and_queued_sweep_through_postgres_server(postgres: str, start_server: Any, project: Path) -> None:
+    server = start_server(BACKEND_STORE_URI=postgres)
+    env = run_env(MLFLOW_TRACKING_URI=server.url)
+    dvc(project, "repro", env=env)
+    dvc(project, "exp", "run", "--queue", "-S", SWEEP, env=env)
+    try:
+        dvc(project, "queue", "start", "-j", "2", env=env)
+        status = _wait_for_queue(project)
+    finally:
+        dvc(project, "queue", "stop", check=False)
+    assert "Failed" not in status, status
+    exps = _experiments(project)
+    assert len(exps) == 3, exps.keys()
+
+    # Every run arrived, finished, with its tags, params and metrics.
+    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+    runs = _runs(server, exp["experiment_id"])
+    assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+    names = sorted(r["info"]["run_name"] for r in runs)
+    expected = ["evaluate", "generate", "train@linear", "train@linear_gd", "train@mlp"]
+    for name in exps:  # the sweep changes mlp.lr only: the rest is restored from DVC's run cache
+        expected += [f"evaluate [{name}]", f"train@mlp [{name}]"]
+    assert names == sorted(expected)
+    train_ids = set()
+    for run in runs:
+        tags, params, metrics = (_by_key(run["data"].get(k, [])) for k in ("tags", "params", "metrics"))
+        stage = tags["stage"]
+        assert {"git.commit", "pipeline", "data.digest"} <= set(tags), (stage, tags)
+        assert params, stage
+        if stage.startswith("train@"):
+            train_ids.add(run["info"]["run_id"])
+            assert metrics["best_val_loss"] > 0 and metrics["test_mse"] > 0, (stage, metrics)
+            assert "model.digest" in tags
+        if stage == "evaluate":
+            assert metrics["mlp.test_mse"] > 0
+            name = tags.get("dvc.exp_name")
+            if name:  # the server holds exactly the score DVC recorded for that experiment
+                assert metrics["mlp.test_mse"] == pytest.approx(exps[name]["metrics"]["metrics/evaluation/mlp.json"]["test_mse"])
+                assert tags["registry.mlp"].startswith("regression-mlp v"), tags
+
+    # Every training run has its logged model on the server.
+    models = server.api("logged-models/search", {"experiment_ids": [exp["experiment_id"]]})["models"]
+    assert {m["info"]["source_run_id"] for m in models} == train_ids
+    assert {m["info"]["status"] for m in models} == {"LOGGED_MODEL_READY"}
+
+    # The registry: one version per mlp training run; @champion is the lowest test MSE.
+    versions = server.api("model-versions/search", filter="name = 'regression-mlp'")["model_versions"]
+    assert len(versions) == 4 and {v["run_id"] for v in versions} <= train_ids
+    scores = {v["version"]: float(_by_key(v["tags"])["test_mse"]) for v in versions}
+    champion = server.api("registered-models/alias", name="regression-mlp", alias="champion")["model_version"]
+    assert scores[champion["version"]] == min(scores.values()), (champion["version"], scores)
+    linear = server.api("model-versions/search", filter="name = 'regression-linear'")["model_versions"]
+    assert len(linear) == 1  # the sweep did not retrain it, so it was not registered again
+
+    # `python -m pipeline.compare` reads the same runs back from the server.
+    compared = json.loads(sh(project, sys.executable, "-m", "pipeline.compare", "--format", "json", "--model", "mlp",
+                             env=env).stdout)
+    run_scores = {r["info"]["run_id"]: _by_key(r["data"]["metrics"])["test_mse"] for r in runs
+                  if _by_key(r["data"]["tags"])["stage"] == "train@mlp"}
+    assert sorted(row["test_mse"] for row in compared) == pytest.approx(sorted(run_scores.values()))
+
+    # It all lives in PostgreSQL, and nothing went to a local store.
+    import psycopg
+
+    with psycopg.connect(postgres) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (len(runs),)
+    assert not list(project.rglob("mlflow.db")) and not (project / "mlartifacts").exists()

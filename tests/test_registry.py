@@ -1,0 +1,173 @@
+"""The model registry: registration and the `champion` rule on a real SQLite store, then the
+end to end path: two `dvc repro` runs with different MLP params, and the champion served."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import dvc, run_env, set_params, sh
+from test_team import _free_port, _group_alive, _stop_group
+
+from pipeline import serve, tracking
+from pipeline.errors import PipelineError
+
+EXPERIMENT = "registry-test"
+DATA, OTHER_DATA = "d" * 32, "e" * 32
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty workspace whose embedded store the tracking code uses."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _trained(model: str = "linear") -> str:
+    """A finished train run with a real logged model (a tiny nn.Linear); return its run id."""
+    import torch
+
+    with tracking.stage_run(f"train@{model}", EXPERIMENT, f"train@{model}", {"model": model}) as run:
+        run.log_torch_model(torch.nn.Linear(3, 1), np.zeros((2, 3), dtype=np.float32), ["torch"])
+    return run.run_id
+
+
+def _register(model: str, train_run: str, test_mse: float, digest: str = DATA) -> str:
+    with tracking.stage_run("evaluate", EXPERIMENT, "evaluate", {}) as run:
+        return tracking.register_model(run, model, train_run, test_mse, digest)
+
+
+def _champion(client: Any, model: str = "linear") -> str:
+    return str(client.get_model_version_by_alias(tracking.registered_name(model), tracking.CHAMPION).version)
+
+
+def test_champion_moves_only_on_a_better_score_on_the_same_data(workspace: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    first, better, tie, worse, other = (_trained() for _ in range(5))
+
+    assert _register("linear", first, 2.0) == "regression-linear v1: first champion (test_mse 2)"
+    assert _register("linear", first, 2.0) == "regression-linear v1: already champion (test_mse 2)"  # evaluate again
+    assert _register("linear", better, 1.5).startswith("regression-linear v2: new champion (test_mse 1.5 < 2 of v1)")
+    assert _champion(client) == "2"
+    assert _register("linear", tie, 1.5) == "regression-linear v3: champion stays v2 (test_mse 1.5 <= 1.5)"
+    assert _register("linear", worse, 1.7) == "regression-linear v4: champion stays v2 (test_mse 1.5 <= 1.7)"
+    report = _register("linear", other, 0.1, OTHER_DATA)
+    assert report.startswith("regression-linear v5: not compared: champion v2 was scored on other data"), report
+    assert _champion(client) == "2"
+
+    versions = client.search_model_versions("name = 'regression-linear'")
+    assert sorted((str(v.version), v.run_id) for v in versions) == [
+        (str(i), run) for i, run in enumerate((first, better, tie, worse, other), start=1)
+    ]
+    v2 = client.get_model_version("regression-linear", "2")
+    assert v2.tags == {"data.digest": DATA, "test_mse": "1.5"} and v2.source.startswith("models:/m-")
+
+
+def test_run_without_logged_model_is_not_registered(workspace: Path) -> None:
+    with tracking.stage_run("train@mlp", EXPERIMENT, "train@mlp", {}) as run:
+        pass
+    assert _register("mlp", run.run_id, 1.0) == f"regression-mlp: training run {run.run_id} logged no model; nothing registered"
+
+
+@pytest.mark.bad_input
+def test_serve_refuses_bad_input_in_one_line(workspace: Path) -> None:
+    with pytest.raises(PipelineError, match="unknown model 'cnn'; allowed: linear_gd, linear, mlp"):
+        serve.command("cnn", "5000")
+    with pytest.raises(PipelineError, match=r"PORT must be a TCP port number \(1-65535\), got '70000'"):
+        serve.command("mlp", "70000")
+    with pytest.raises(PipelineError, match="no MLflow store at"):
+        serve.command("mlp", "5000")
+    _trained("mlp")  # a store now exists, but nothing is registered in it
+    with pytest.raises(PipelineError, match="no regression-mlp@champion in the model registry"):
+        serve.command("mlp", "5000")
+
+
+def _predictions(project: Path) -> list[float]:
+    """The mlp's test predictions as evaluate wrote them (the first evaluate.plot_points rows)."""
+    with open(project / "plots" / "predictions" / "mlp.csv", newline="") as fh:
+        return [float(row["predicted"]) for row in csv.DictReader(fh)]
+
+
+def _latest_evaluate_tags(project: Path) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("regression").experiment_id], "tags.stage = 'evaluate'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].data.tags
+
+
+def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
+    """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group."""
+    port = str(_free_port())
+    log = project / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.serve", model], cwd=project, env=run_env(PORT=port),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        for _ in range(1200):
+            assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": rows}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        _stop_group(proc)
+    assert not _group_alive(proc.pid), "the model server's processes outlived it"
+    return [p[0] for p in answer["predictions"]]
+
+
+@pytest.mark.slow
+def test_better_mlp_becomes_champion_and_is_served(project: Path) -> None:
+    """Two pipeline runs with different MLP params: @champion is the lower test MSE, and serving it
+    answers with the predictions evaluate wrote for that model."""
+    runs: dict[str, tuple[float, list[float]]] = {}  # train run id -> (test MSE, evaluate's predictions)
+    for epochs in (1, 12):
+        set_params(project, {"mlp.epochs": epochs})
+        out = dvc(project, "repro").stdout
+        assert "registry: regression-mlp v" in out, out
+        tags = _latest_evaluate_tags(project)
+        mse = json.loads((project / "metrics" / "evaluation" / "mlp.json").read_text())["test_mse"]
+        runs[tags["scored.mlp.run_id"]] = (mse, _predictions(project))
+    assert len(runs) == 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("regression-mlp", "champion")
+    best = min(runs, key=lambda run_id: runs[run_id][0])
+    assert best == list(runs)[1], runs  # 12 epochs beat 1: the alias had to move
+    assert champion.run_id == best
+    assert len(client.search_model_versions("name = 'regression-linear'")) == 1  # retrained? no: registered once
+    status = dvc(project, "status").stdout
+    assert "Data and pipelines are up to date." in status, status  # registering changed nothing DVC tracks
+
+    import pandas as pd
+
+    test = pd.read_parquet(project / "data" / "test.parquet")
+    expected = runs[best][1]
+    rows = test.drop(columns="y").to_numpy(dtype=np.float32)[: len(expected)].tolist()
+    served = _serve(project, "mlp", rows)
+    assert served == pytest.approx(expected, rel=1e-4, abs=1e-5)
