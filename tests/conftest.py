@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import bench.workspace
 from bench.workspace import ROOT, TINY, committed_params, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
 from robustness import REMOTE_TOKEN, SECRETS
+from tests.processes import free_port, group_alive, stop_group
 
 def tiny_params() -> dict[str, Any]:
     """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
@@ -143,3 +148,63 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         cases = [dict(r.user_properties).get("bad_input_cases", 1) for r in reports]
         passed = sum(n for n, r in zip(cases, reports) if r.passed)
         terminalreporter.write_line(f"bad-input cases covered: {sum(cases)} ({passed} passed)")
+
+
+SERVER_SCRIPT = ROOT / "scripts" / "mlflow-server.sh"
+
+
+@dataclass
+class Server:
+    """A running `scripts/mlflow-server.sh` and where it keeps its data."""
+
+    url: str
+    folder: Path
+    auth: tuple[str, str] | None = None
+
+    def request(self, path: str, body: dict[str, Any] | None = None, auth: tuple[str, str] | None = None) -> bytes:
+        """GET (or POST a JSON body) against the server; return the raw response body."""
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode() if body is not None else None)
+        req.add_header("Content-Type", "application/json")
+        if creds := auth or self.auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(creds).encode()).decode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def api(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> dict[str, Any]:
+        """Call the REST API (/api/2.0/mlflow/...) and decode its JSON answer."""
+        qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+        return json.loads(self.request(f"/api/2.0/mlflow/{endpoint}{qs}", body))
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Start scripts/mlflow-server.sh on a free local port; stop its process group afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **env: str) -> Server:
+        folder = tmp_path / f"server{len(started)}"
+        url = f"http://127.0.0.1:{free_port()}"
+        log = tmp_path / f"server{len(started)}.log"
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [str(SERVER_SCRIPT), *args],
+                env=run_env(SERVER_DIR=str(folder), PORT=url.rsplit(":", 1)[1], WORKERS="1",
+                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        started.append(proc)
+        for _ in range(1200):  # up to two minutes on a busy machine
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return Server(url, folder)
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"mlflow server at {url} never answered /health")
+
+    yield start
+    for proc in started:
+        stop_group(proc)
+        assert not group_alive(proc.pid), f"processes of group {proc.pid} outlived the server"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import dvc, run_env, sh
 from test_experiments import _experiments, _wait_for_queue
-from test_team import _free_port, start_server  # noqa: F401  (start_server: a fixture used below)
+from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def postgres() -> Iterator[str]:
                     "install them with `apt-get install -y postgresql` (.ci/run does)")
     prefix, uid, gid = _as_owner()
     base = Path(tempfile.mkdtemp(prefix="pg-test-"))  # not under pytest's tmp_path: that is private to root
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     try:
         pwfile = base / "password"
         pwfile.write_text(PG_PASSWORD + "\n")
