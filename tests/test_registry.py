@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import dvc, run_env, set_params, sh
-from test_team import _free_port, _group_alive, _stop_group
+from processes import free_port, group_alive, stop_group
 
 from pipeline import serve, tracking
 from pipeline.errors import PipelineError
@@ -112,7 +112,7 @@ def _latest_evaluate_tags(project: Path) -> dict[str, str]:
 
 def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
     """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group."""
-    port = str(_free_port())
+    port = str(free_port())
     log = project / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -134,8 +134,8 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
         with urllib.request.urlopen(request, timeout=60) as resp:
             answer = json.loads(resp.read())
     finally:
-        _stop_group(proc)
-    assert not _group_alive(proc.pid), "the model server's processes outlived it"
+        stop_group(proc)
+    assert not group_alive(proc.pid), "the model server's processes outlived it"
     return [p[0] for p in answer["predictions"]]
 
 
