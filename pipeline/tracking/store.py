@@ -135,6 +135,7 @@ def open_existing(uri: str) -> MlflowClient:
 
 
 def _schema_head() -> str:
+    """The schema this MLflow writes. No public API names it: this is the one private MLflow call left."""
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
