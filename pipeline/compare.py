@@ -5,7 +5,7 @@ model; the newest evaluated run stands for it), the latest `--limit` per model
 kind, sorted by test MSE. Only the params whose values differ between the rows
 are shown, so a sweep reads as the knobs it turned. The store is the one every
 stage uses (MLFLOW_TRACKING_URI, else the workspace's mlflow.db); MLflow is
-queried by pipeline/tracking.py, this module only shapes and prints the rows.
+queried by pipeline/tracking/reading.py, this module only shapes and prints the rows.
 
     python -m pipeline.compare                      # aligned table
     python -m pipeline.compare --format markdown    # or csv, json

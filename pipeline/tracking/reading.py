@@ -1,0 +1,53 @@
+"""The read side, for `python -m pipeline.compare`: finished training runs as plain rows, orphans closed first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.tracking.experiment import close_zombies
+from pipeline.tracking.store import TrackingError, open_existing, tracking_uri
+
+
+def close_stale_runs(experiment: str, found_by: str) -> tuple[int, int]:
+    """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
+    client = open_existing(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0, 0
+    closed = close_zombies(client, [exp.experiment_id], found_by)
+    running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return closed, len(running)
+
+
+def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10000) -> list[dict[str, Any]]:
+    """Finished runs of the stages starting with `stage_prefix`, newest first, as plain dicts.
+
+    Each row: run_id, run_name, experiment_id, start_time and end_time (ms),
+    params, metrics (latest values) and tags. Used by `python -m pipeline.compare`.
+    """
+    uri = tracking_uri()
+    client = open_existing(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
+    filter_string = f"tags.stage LIKE '{stage_prefix}%' and attributes.status = 'FINISHED'"
+    rows: list[dict[str, Any]] = []
+    token = None
+    while len(rows) < max_runs:
+        page = client.search_runs(
+            [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+            max_results=min(1000, max_runs - len(rows)), page_token=token,
+        )
+        rows += [
+            {
+                "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                "start_time": r.info.start_time, "end_time": r.info.end_time,
+                "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+            }
+            for r in page
+        ]
+        token = page.token
+        if not token:
+            break
+    return rows
