@@ -13,7 +13,16 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from pipeline import config, data, evaluation, files, models, plots, tracking
+from pipeline import (
+    config,
+    data,
+    dvc_params,
+    evaluation,
+    files,
+    models,
+    plots,
+    tracking,
+)
 from stages import common
 
 PREDICT_CHUNK = 65536  # rows per forward pass
@@ -91,9 +100,9 @@ def write_outputs(cfg: config.Config, scored: Scored) -> None:
 
 def log_scores(run: tracking.StageRun, cfg: config.Config, scored: Scored, data_digest: str) -> None:
     """Log the evaluation, then copy each model's scores and picture onto the training run that made its weights."""
-    run.log_params(config.stage_params(cfg, "evaluate"))
+    run.log_params(dvc_params.stage_params(cfg, "evaluate"))
     tracking.link_generate_run(run, data_digest)
-    run.log_metrics(config.flatten(scored.metrics))
+    run.log_metrics(dvc_params.flatten(scored.metrics))
     run.log_artifact(common.METRICS / "evaluation", "metrics")
     run.log_artifact(common.PLOTS / "predictions", "plots/predictions")
     run.log_artifact(common.PLOTS / "loss", "plots/loss")

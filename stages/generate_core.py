@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-from pipeline import config, data, files, tracking
+from pipeline import config, data, dvc_params, files, tracking
 from stages import common
 
 
@@ -35,7 +35,7 @@ def write_data(cfg: config.Config) -> Generated:
 def log_generated(run: tracking.StageRun, cfg: config.Config, generated: Generated, digests: dict[str, str]) -> None:
     """Params, the three datasets, row counts and speed, and the true weights (the stage's weight artifact)."""
     truth, seconds = generated
-    run.log_params(config.stage_params(cfg, "generate"))
+    run.log_params(dvc_params.stage_params(cfg, "generate"))
     for split in data.SPLITS:
         run.log_dataset(common.split_path(split), split, digests[split], split, truth.rows[split])
     run.log_metrics({f"rows_{s}": n for s, n in truth.rows.items()} | {

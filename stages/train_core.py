@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import config, data, files, models, plots, tracking, training
+from pipeline import config, data, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
 from stages import common, distributed
 
@@ -110,7 +110,7 @@ def run_tags(name: str, device: torch.device, shard: tuple[int, int], backend: s
 
 def log_inputs(run: tracking.StageRun, cfg: config.Config, name: str, truth: data.Truth, digests: dict[str, str]) -> None:
     """Before training: params, the sweep view (mlp), the generate run it read, and its datasets."""
-    params = config.stage_params(cfg, f"train@{name}")
+    params = dvc_params.stage_params(cfg, f"train@{name}")
     run.log_params(params)
     if name == "mlp":  # the UI view for sweeps: every mlp run, its params beside its test MSE
         run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", [p for p in params if p.startswith("mlp.")], SWEEP_METRICS)

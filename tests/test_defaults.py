@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
+from pipeline import config, dvc_params
 from pipeline.device import resolve_device, seed_everything
 from stages import evaluate_core, generate_core, train_core
 from tests.conftest import ROOT
@@ -49,7 +49,7 @@ def test_least_squares_sits_nonlinearity_squared_above_the_floor(default_scores:
 
 def test_params_file_is_valid_and_flattens_for_mlflow(defaults_file: Path) -> None:
     cfg = config.load(defaults_file)
-    flat = config.stage_params(cfg, "train@mlp", DVC_FILE)
+    flat = dvc_params.stage_params(cfg, "train@mlp", DVC_FILE)
     assert flat["mlp.hidden"] == [64, 64] and flat["seed"] == cfg.seed and "linear.lr" not in flat
-    assert set(config.stage_params(cfg, "generate", DVC_FILE)) >= {"seed", "data.n_samples", "data.split.train"}
+    assert set(dvc_params.stage_params(cfg, "generate", DVC_FILE)) >= {"seed", "data.n_samples", "data.split.train"}
 
