@@ -24,11 +24,9 @@ def main() -> None:
 
 def run(cfg: config.Config, name: str) -> None:
     """Train one model here, or the mlp over `mlp.distributed.nproc` torchrun ranks, each running this again."""
-    # torch and mlflow load here, once params.yaml is known to be valid
-    from pipeline import data, tracking
+    # torch loads here, once params.yaml is known to be valid; mlflow only after the device check below
     from pipeline.device import resolve_device, seed_everything
-    from pipeline.training import Diverged
-    from stages import distributed, train_core
+    from stages import distributed
 
     # Cheap checks first: `device: cuda` without CUDA fails right after torch is imported,
     # and a tracking server that is down fails in seconds, both before any data is read.
@@ -44,6 +42,10 @@ def run(cfg: config.Config, name: str) -> None:
             f"started by torchrun with WORLD_SIZE={rank.world}, but only train@mlp runs data-parallel, "
             f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages.train {name}` directly"
         )
+    from pipeline import data, tracking
+    from pipeline.training import Diverged
+    from stages import train_core
+
     shard = (rank.rank, rank.world) if rank else (0, 1)
     lead = shard[0] == 0  # the other ranks train their shards; the lead writes and logs
     with distributed.process_group(rank, device) as (device, backend):
