@@ -15,14 +15,16 @@ from bench.workspace import ROOT, copy_project, set_params, timed
 # The train stage minus tracking: the same functions the stage calls, no MLflow run.
 UNTRACKED_TRAIN = """
 import sys
-from stages import common, train
+from stages import common
 
 def body(cfg):
-    from pipeline import data, training
-    device = training.resolve_device(cfg.device)
-    training.seed_everything(cfg.seed)
+    from pipeline import data
+    from pipeline.device import resolve_device, seed_everything
+    from stages import train_core
+    seed_everything(cfg.seed)
     truth = data.read_truth(common.DATA / "truth.json")
-    train.train_and_write(cfg, sys.argv[1], train.load_tensors(truth, device))
+    trained = train_core.train(cfg, sys.argv[1], train_core.load_splits(truth, resolve_device(cfg.device)))
+    train_core.write_outputs(sys.argv[1], trained)
 
 common.main("train (untracked)", body)
 """
@@ -74,7 +76,7 @@ def startup(repo: Path, repeats: int) -> list[Row]:
     best = _best(repeats, repo, {
         "stage": (PY, "-m", "stages.train", "linear_gd"),
         "imports": (PY, "-c", "import torch, mlflow"),
-        "seed": (PY, "-c", "import torch; from pipeline.training import seed_everything; seed_everything(0)"),
+        "seed": (PY, "-c", "import torch; from pipeline.device import seed_everything; seed_everything(0)"),
         "torch": (PY, "-c", "import torch"),
         "public": (PY, "-c", "import torch; torch.use_deterministic_algorithms(True, warn_only=True)"),
     })

@@ -1,7 +1,7 @@
 """The three models, and their weights on disk as plain tensors.
 
 Every model maps X [n, d] to predictions [n, 1]. Weights are saved with
-safetensors together with the small architecture `spec` needed to rebuild the
+safetensors together with the small architecture `ModelSpec` needed to rebuild the
 module, so loading never unpickles anything.
 """
 
@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.files import atomic_path
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a model from its weights; stored as JSON in the safetensors header."""
+
+    kind: Literal["linear", "mlp"]
+    n_features: int
+    hidden: tuple[int, ...] = ()  # the mlp fields; a linear spec has none
+    activation: str = ""
+    dropout: float = 0.0
+
+    def to_json(self) -> str:
+        """The header's JSON: sorted keys, a linear model's without the mlp fields (the bytes dvc.lock hashes)."""
+        fields: dict[str, object] = {"kind": self.kind, "n_features": self.n_features}
+        if self.kind == "mlp":
+            fields |= {"hidden": list(self.hidden), "activation": self.activation, "dropout": self.dropout}
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        """The spec `to_json` wrote."""
+        fields = json.loads(text)
+        return cls(**fields | {"hidden": tuple(fields.get("hidden", ()))})
 
 
 def linear(n_features: int) -> nn.Linear:
@@ -48,13 +74,13 @@ def mlp(n_features: int, hidden: Sequence[int], activation: str, dropout: float)
     return nn.Sequential(*layers)
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its spec: {'kind': 'linear'|'mlp', 'n_features': d, ...}."""
-    if spec["kind"] == "linear":
-        return linear(spec["n_features"])
-    if spec["kind"] == "mlp":
-        return mlp(spec["n_features"], spec["hidden"], spec["activation"], spec["dropout"])
-    raise ValueError(f"unknown model kind {spec['kind']!r}; allowed: linear, mlp")
+def build(spec: ModelSpec) -> nn.Module:
+    """A fresh model of the architecture `spec` describes."""
+    if spec.kind == "linear":
+        return linear(spec.n_features)
+    if spec.kind == "mlp":
+        return mlp(spec.n_features, spec.hidden, spec.activation, spec.dropout)
+    raise ValueError(f"unknown model kind {spec.kind!r}; allowed: linear, mlp")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -62,19 +88,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_weights(model: nn.Module, spec: dict[str, Any], path: str | Path) -> None:
+def save_weights(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
     """Write the state dict (CPU, contiguous) and spec to a safetensors file, atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata={"spec": spec.to_json()})
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model from a safetensors file written by `save_weights`."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
-        spec = json.loads((fh.metadata() or {})["spec"])
+        spec = ModelSpec.from_json((fh.metadata() or {})["spec"])
     model = build(spec)
     model.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval(), spec

@@ -9,12 +9,10 @@ is also where divergence is detected and the progress bar moves.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import graphed
+from pipeline.device import small_step_threads
 from pipeline.errors import PipelineError
 from pipeline.models import linear_from_weights
+from pipeline.optim import make_optimizer, make_schedule
 
 
 class Diverged(PipelineError):
@@ -34,6 +34,15 @@ class Diverged(PipelineError):
         self.step = step
         self.loss = loss
         self.history = history
+
+
+class Splits(NamedTuple):
+    """The train and validation tensors, on the device that trains, y as a column [n, 1]."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
 
 
 @dataclass
@@ -67,52 +76,6 @@ class TrainResult:
     extra: dict[str, float] = field(default_factory=dict)
     step_losses: list[float] = field(default_factory=list)
     loop: str = "eager"  # how the steps ran: "cuda_graph", or "eager (why not graphed)"
-
-
-def resolve_device(requested: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; 'cuda' without CUDA is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device: got 'cuda', but this machine has no CUDA device; allowed here: auto, cpu")
-    return torch.device(requested)
-
-
-def seed_everything(seed: int) -> None:
-    """One place that seeds torch and asks for deterministic kernels (bit-for-bit reruns)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(seed)
-    # What torch.use_deterministic_algorithms(True, warn_only=True) does, without its import of
-    # torch._inductor (and _dynamo): 2-4 s per stage for a flag only compiled code reads, which
-    # inductor also takes from this variable whenever something imports it later.
-    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
-    if (inductor := sys.modules.get("torch._inductor.config")) is not None:
-        inductor.deterministic = True
-    torch._C._set_deterministic_algorithms(True, warn_only=True)
-
-
-# Steps with fewer multiply-adds than this (batch rows x parameters) run on one CPU thread.
-SMALL_STEP = 1 << 22
-
-
-@contextmanager
-def small_step_threads(device: torch.device, work: int) -> Iterator[None]:
-    """Run steps of `work` multiply-adds on one CPU thread when they are small; restore after.
-
-    Splitting a sub-millisecond step across threads costs more in synchronisation
-    than it saves, and on a busy machine (other stages, `dvc queue start -j 2`) every
-    op waits for the descheduled worker: measured here (bench/RESULTS.md), the
-    default MLP trains up to 10x faster on one thread under load, and as fast when idle.
-    """
-    before = torch.get_num_threads()
-    if device.type != "cpu" or work > SMALL_STEP or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def mse(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -187,36 +150,6 @@ def train_linear_gd(
     bar.close()
     model = linear_from_weights(w, b)
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
-
-
-def make_optimizer(
-    name: str, params: Iterator[nn.Parameter], lr: float | torch.Tensor, weight_decay: float, device: torch.device,
-    capturable: bool = False,
-) -> torch.optim.Optimizer:
-    """The optimizer by name; fused kernels where PyTorch has them for this device.
-
-    `capturable` (with `lr` a device tensor) makes its step recordable in a CUDA
-    graph: no host reads, the learning rate changed in place by the schedule.
-    """
-    fused = device.type in ("cpu", "cuda")
-    if name == "sgd":  # SGD keeps no step count: it is capturable as it is
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused, capturable=capturable)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, capturable=capturable)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adam, adamw")
-
-
-def make_schedule(name: str, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch learning-rate schedule: constant, cosine to zero, or ÷10 every third of the run."""
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
-    raise ValueError(f"unknown schedule {name!r}; allowed: constant, cosine, step")
 
 
 def fit(

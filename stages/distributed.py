@@ -13,13 +13,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -42,8 +45,6 @@ def launched() -> Rank | None:
 
 def check_devices(device: torch.device, nproc: int, key: str) -> None:
     """NCCL wants one GPU per process: refuse, before any work, to start more than there are."""
-    import torch
-
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise PipelineError(
             f"{key}: got {nproc}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
@@ -53,14 +54,10 @@ def check_devices(device: torch.device, nproc: int, key: str) -> None:
 
 def launch(nproc: int, module: str, *args: str) -> None:
     """Run `python -m module args` in `nproc` processes under torchrun; return when all succeed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     # torchrun would set 1 thread per process with a warning; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *args]))
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *args]))
     except ChildFailedError as exc:
         ranks = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(exc.failures.items()))
         raise PipelineError(f"data-parallel training failed ({ranks}); the first message above says why") from None
@@ -69,11 +66,14 @@ def launch(nproc: int, module: str, *args: str) -> None:
 
 
 @contextmanager
-def process_group(rank: Rank, device: torch.device) -> Iterator[tuple[torch.device, str]]:
-    """Join the group (NCCL on CUDA, this rank's own GPU; gloo on CPU); yield (device, backend); always leave."""
-    import torch
-    import torch.distributed as dist
+def process_group(rank: Rank | None, device: torch.device) -> Iterator[tuple[torch.device, str]]:
+    """Join the group (NCCL on CUDA, this rank's own GPU; gloo on CPU); yield (device, backend); always leave.
 
+    Without a rank (a single process) there is no group: yield (device, "").
+    """
+    if rank is None:
+        yield device, ""
+        return
     if device.type == "cuda":
         device = torch.device("cuda", rank.local)
         torch.cuda.set_device(device)
@@ -89,7 +89,5 @@ def process_group(rank: Rank, device: torch.device) -> Iterator[tuple[torch.devi
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around a model on `device`: same start weights, gradients averaged in backward()."""
-    from torch.nn.parallel import DistributedDataParallel
-
     model.to(device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-
-from pipeline import config
 from conftest import ROOT, run_env, tiny_params
+
+from pipeline import config, dvc_params
 
 DELETE = object()  # marks a key to remove
 
@@ -189,11 +189,11 @@ def test_stage_params_come_from_dvc_yaml(tmp_path: Path, defaults_file: Path) ->
         "generate": {"cmd": "x", "params": ["data.split"]},
         "train": {"foreach": ["mlp"], "do": {"cmd": "x", "params": ["device", "${item}.lr"]}},
     }}))
-    assert config.stage_params(cfg, "generate", dvc_file) == {"data.split.train": 0.7, "data.split.val": 0.15,
+    assert dvc_params.stage_params(cfg, "generate", dvc_file) == {"data.split.train": 0.7, "data.split.val": 0.15,
                                                                "data.split.test": 0.15}
-    assert config.stage_params(cfg, "train@mlp", dvc_file) == {"device": "auto", "mlp.lr": cfg.mlp.lr}
+    assert dvc_params.stage_params(cfg, "train@mlp", dvc_file) == {"device": "auto", "mlp.lr": cfg.mlp.lr}
     with pytest.raises(config.ConfigError, match=r"no stage 'evaluate'; stages there: generate, train"):
-        config.stage_params(cfg, "evaluate", dvc_file)
+        dvc_params.stage_params(cfg, "evaluate", dvc_file)
     dvc_file.write_text(yaml.safe_dump({"stages": {"generate": {"cmd": "x", "params": ["data.rows"]}}}))
     with pytest.raises(config.ConfigError, match=r"lists param 'data.rows', which params.yaml does not have"):
-        config.stage_params(cfg, "generate", dvc_file)
+        dvc_params.stage_params(cfg, "generate", dvc_file)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, models, training
-from stages import common, evaluate, generate, train
+from pipeline import config, dvc_params
+from pipeline.device import resolve_device, seed_everything
+from stages import evaluate_core, generate_core, train_core
 from tests.conftest import ROOT
 
 DVC_FILE = ROOT / "dvc.yaml"
@@ -19,14 +20,12 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp_path_factory.mktemp("defaults"))
     try:
-        truth, _ = generate.write_data(cfg)
-        device = training.resolve_device("cpu")
-        tensors = train.load_tensors(truth, device)
+        truth, _ = generate_core.write_data(cfg)
+        splits = train_core.load_splits(truth, resolve_device("cpu"))
         for name in config.MODEL_NAMES:
-            training.seed_everything(cfg.seed)
-            result, spec = train.fit_model(cfg, name, tensors, progress=False)
-            models.save_weights(result.model, spec, common.weights_path(name))
-        scores, _ = evaluate.score_models(cfg)
+            seed_everything(cfg.seed)
+            train_core.write_outputs(name, train_core.train(cfg, name, splits, progress=False))
+        scores = evaluate_core.score_models(cfg).metrics
     finally:
         mp.undo()
     return scores
@@ -50,7 +49,7 @@ def test_least_squares_sits_nonlinearity_squared_above_the_floor(default_scores:
 
 def test_params_file_is_valid_and_flattens_for_mlflow(defaults_file: Path) -> None:
     cfg = config.load(defaults_file)
-    flat = config.stage_params(cfg, "train@mlp", DVC_FILE)
+    flat = dvc_params.stage_params(cfg, "train@mlp", DVC_FILE)
     assert flat["mlp.hidden"] == [64, 64] and flat["seed"] == cfg.seed and "linear.lr" not in flat
-    assert set(config.stage_params(cfg, "generate", DVC_FILE)) >= {"seed", "data.n_samples", "data.split.train"}
+    assert set(dvc_params.stage_params(cfg, "generate", DVC_FILE)) >= {"seed", "data.n_samples", "data.split.train"}
 

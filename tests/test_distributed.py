@@ -51,7 +51,7 @@ def test_two_gloo_processes_match_one(project: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["distributed.world_size"] == "2" and run.data.tags["distributed.backend"] == "gloo"
     assert run.data.params["mlp.distributed.nproc"] == "2"
-    assert "model" in {m.name for m in _logged_models(project, run.info.run_id)}
+    assert "mlp" in {m.name for m in _logged_models(project, run.info.run_id)}  # named after the model
     assert "train@mlp" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     ddp_weights = load_file(project / "models" / "mlp.safetensors")
     ddp_metrics = json.loads((project / "metrics" / "train" / "mlp.json").read_text())

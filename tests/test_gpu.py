@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from pipeline import models, training
+from pipeline.device import resolve_device
 from tests.conftest import requires_cuda
 
 
 @requires_cuda
 def test_both_loops_train_on_cuda() -> None:
-    device = training.resolve_device("auto")
+    device = resolve_device("auto")
     assert device.type == "cuda"
     X = torch.randn(2048, 8, device=device)
     y = X @ torch.randn(8, 1, device=device) + 0.1 * torch.randn(2048, 1, device=device)

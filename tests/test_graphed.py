@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import graphed, models, training
+from pipeline import graphed, models, optim, training
 from tests.conftest import requires_cuda
 
 
@@ -74,13 +74,13 @@ def test_graph_path_matches_the_eager_loop_with_adam_to_float_precision(graphs_o
 def test_an_epoch_longer_than_one_graph_repeats_a_program_and_ends_with_the_rest() -> None:
     X, y, _, _ = _problem()  # 800 rows, batch 48: 16 full batches and one of 32 rows
     model = models.mlp(X.shape[1], [8], "relu", 0.0)
-    opt = training.make_optimizer("sgd", model.parameters(), torch.tensor(0.01), 0.0, X.device)
+    opt = optim.make_optimizer("sgd", model.parameters(), torch.tensor(0.01), 0.0, X.device)
     epoch = graphed.GraphedEpoch(model, opt, X, y, 48, capture=False, max_steps=5)
     assert [(start, p.rows) for start, p in epoch.plan] == [(0, 240), (240, 240), (480, 240), (720, 80)]
     assert epoch.plan[0][1] is epoch.plan[2][1]  # one program, replayed
     twin = models.mlp(X.shape[1], [8], "relu", 0.0)
     twin.load_state_dict(model.state_dict())
-    twin_opt = training.make_optimizer("sgd", twin.parameters(), 0.01, 0.0, X.device)
+    twin_opt = optim.make_optimizer("sgd", twin.parameters(), 0.01, 0.0, X.device)
     perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
     losses = epoch(perm).clone()
     for j, i in enumerate(range(0, X.shape[0], 48)):

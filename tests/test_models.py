@@ -30,9 +30,9 @@ def test_mlp_shape_and_layers(activation: str) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    [{"kind": "linear", "n_features": 3}, {"kind": "mlp", "n_features": 3, "hidden": [5], "activation": "tanh", "dropout": 0.0}],
+    [models.ModelSpec("linear", 3), models.ModelSpec("mlp", 3, (5,), "tanh", 0.0)],
 )
-def test_weights_round_trip_through_safetensors(tmp_path: Path, spec: dict) -> None:
+def test_weights_round_trip_through_safetensors(tmp_path: Path, spec: models.ModelSpec) -> None:
     model = models.build(spec)
     path = tmp_path / "m.safetensors"
     models.save_weights(model, spec, path)
@@ -45,4 +45,12 @@ def test_weights_round_trip_through_safetensors(tmp_path: Path, spec: dict) -> N
 
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="allowed: linear, mlp"):
-        models.build({"kind": "cnn", "n_features": 3})
+        models.build(models.ModelSpec("cnn", 3))  # type: ignore[arg-type]
+
+
+def test_spec_json_is_the_header_earlier_versions_wrote() -> None:
+    """The header bytes are hashed into dvc.lock: a linear spec has no mlp fields, keys stay sorted."""
+    assert models.ModelSpec("linear", 3).to_json() == '{"kind": "linear", "n_features": 3}'
+    mlp = models.ModelSpec("mlp", 3, (5, 4), "tanh", 0.1)
+    assert mlp.to_json() == '{"activation": "tanh", "dropout": 0.1, "hidden": [5, 4], "kind": "mlp", "n_features": 3}'
+    assert models.ModelSpec.from_json(mlp.to_json()) == mlp

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import config, data, evaluation, files, models, plots
-from stages import common, evaluate
+from stages import common, evaluate_core
 from tests.conftest import ROOT
 
 FLOAT64_ULP = 2.0**-52
@@ -38,9 +38,9 @@ def _workspace(tmp: Path) -> config.Config:
     w, b = evaluation.least_squares(X, y)
     linear = models.linear_from_weights(torch.tensor(w, dtype=torch.float32).unsqueeze(1), torch.tensor([b], dtype=torch.float32))
     for name in ("linear_gd", "linear"):
-        models.save_weights(linear, {"kind": "linear", "n_features": d.n_features}, tmp / "models" / f"{name}.safetensors")
+        models.save_weights(linear, models.ModelSpec("linear", d.n_features), tmp / "models" / f"{name}.safetensors")
     torch.manual_seed(0)
-    spec = {"kind": "mlp", "n_features": d.n_features, "hidden": [16], "activation": "relu", "dropout": 0.0}
+    spec = models.ModelSpec("mlp", d.n_features, (16,), "relu", 0.0)
     models.save_weights(models.build(spec), spec, tmp / "models" / "mlp.safetensors")
     return cfg
 
@@ -53,16 +53,16 @@ def _noisy(rng: np.random.Generator, least_squares, predict):  # noqa: ANN001, A
         return w * (1 + FLOAT64_ULP * rng.choice([-1, 1], w.shape)), b * (1 + FLOAT64_ULP * rng.choice([-1, 1]))
 
     def noisy_predict(path: Path, X: np.ndarray):  # noqa: ANN202
-        pred, spec, model = predict(path, X)
+        pred, model = predict(path, X)
         towards = np.where(rng.random(pred.shape) < 0.5, -np.inf, np.inf).astype(pred.dtype)
-        return np.where(rng.random(pred.shape) < 0.5, np.nextafter(pred, towards), pred), spec, model
+        return np.where(rng.random(pred.shape) < 0.5, np.nextafter(pred, towards), pred), model
 
     return noisy_least_squares, noisy_predict
 
 
 def _evaluate(cfg: config.Config) -> tuple[dict[str, bytes], dict]:
     """Score as the stage does and write its metrics files; return (file bytes by row, unrounded metrics)."""
-    metrics, _ = evaluate.score_models(cfg)
+    metrics = evaluate_core.score_models(cfg).metrics
     out = {}
     for row, scores in metrics.items():
         path = common.METRICS / "evaluation" / f"{row}.json"
@@ -76,12 +76,12 @@ def test_metrics_files_are_the_same_bytes_under_last_bit_noise(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     reference, raw = _evaluate(cfg)
     rng = np.random.default_rng(0)
-    lstsq, predict = evaluation.least_squares, evaluate._predict
+    lstsq, predict = evaluation.least_squares, evaluate_core.predict
     moved = 0
     for _ in range(PERTURBATIONS):
         noisy_lstsq, noisy_predict = _noisy(rng, lstsq, predict)
         monkeypatch.setattr(evaluation, "least_squares", noisy_lstsq)
-        monkeypatch.setattr(evaluate, "_predict", noisy_predict)
+        monkeypatch.setattr(evaluate_core, "predict", noisy_predict)
         again, raw_again = _evaluate(cfg)
         moved += raw_again != raw  # the noise did reach the unrounded numbers...
         assert again == reference  # ...and not the bytes written

@@ -126,16 +126,16 @@ def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
     import numpy as np
 
     from pipeline import models
-    from stages.evaluate import _predict
+    from stages.evaluate_core import predict
 
     path = tmp_path / "mlp.safetensors"
-    spec = {"kind": "mlp", "n_features": 10, "hidden": [8], "activation": "relu", "dropout": 0.0}
+    spec = models.ModelSpec("mlp", 10, (8,), "relu", 0.0)
     models.save_weights(models.build(spec), spec, path)
     raw = path.read_bytes()
-    assert _predict(path, np.zeros((2, 10), np.float32))[0].shape == (2,)  # intact, it loads
+    assert predict(path, np.zeros((2, 10), np.float32))[0].shape == (2,)  # intact, it loads
     path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"PK\x03\x04 a zip, say")
     with pytest.raises(data.DataError, match="not a weights file this pipeline wrote") as err:
-        _predict(path, np.zeros((2, 10), np.float32))
+        predict(path, np.zeros((2, 10), np.float32))
     assert str(path) in str(err.value)
 
 

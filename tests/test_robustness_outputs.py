@@ -58,7 +58,7 @@ def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.Mon
         for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
             m.setattr(target, attr, refuse)
         model, spec = models.load_weights(baseline / "models" / "mlp.safetensors")
-    assert spec["kind"] == "mlp" and torch.isfinite(model(torch.ones(2, 10))).all()
+    assert spec.kind == "mlp" and torch.isfinite(model(torch.ones(2, 10))).all()
 
 
 @pytest.mark.slow

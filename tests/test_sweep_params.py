@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` / `--queue -S` call on params.yaml
+from dvc.utils.hydra import (
+    apply_overrides,  # what `dvc exp run -S` / `--queue -S` call on params.yaml
+)
 
-from pipeline import config
+from pipeline import config, dvc_params
 
 
 @pytest.fixture
@@ -27,7 +29,7 @@ def test_hidden_list_round_trips(params: Path, override: str, hidden: tuple[int,
     cfg = config.load(params)
     assert cfg.mlp.hidden == hidden and all(type(w) is int for w in cfg.mlp.hidden)
     assert cfg.mlp.lr == 0.001 and cfg.linear.lr == 1.0
-    assert config.stage_params(cfg, "train@mlp", ROOT / "dvc.yaml")["mlp.hidden"] == list(hidden)  # logged to MLflow as a list
+    assert dvc_params.stage_params(cfg, "train@mlp", ROOT / "dvc.yaml")["mlp.hidden"] == list(hidden)  # logged to MLflow as a list
     assert "# width of each hidden layer" in params.read_text()  # DVC keeps the comments
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluation, models, training
+from pipeline import device, evaluation, models, training
 from tests.conftest import ROOT, run_env
 
 
@@ -106,18 +106,18 @@ def test_divergence_names_the_step_and_keeps_the_curve() -> None:
 
 
 def test_device_resolution() -> None:
-    assert training.resolve_device("cpu").type == "cpu"
-    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device.resolve_device("cpu").type == "cpu"
+    assert device.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(training.PipelineError, match="no CUDA device"):
-            training.resolve_device("cuda")
+            device.resolve_device("cuda")
 
 
 def test_seed_everything_asks_for_deterministic_kernels_without_loading_the_compiler() -> None:
     """Same flags as torch.use_deterministic_algorithms(True, warn_only=True), minus its 2-4 s import of inductor."""
     script = """
 import sys, torch
-from pipeline.training import seed_everything
+from pipeline.device import seed_everything
 seed_everything(3)
 assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
 assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "compiler imported"

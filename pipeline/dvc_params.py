@@ -1,0 +1,60 @@
+"""The params each stage depends on, read from its `params:` list in dvc.yaml, flattened for MLflow.
+
+One source: what a stage logs as params is what DVC reruns it for, never a second list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import PARAMS_FILE, Config, ConfigError
+
+DVC_FILE = "dvc.yaml"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'mlp.lr': 0.01, ...}, the form MLflow shows as columns."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def stage_param_keys(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
+    """The `params:` keys dvc.yaml lists for a stage (`train@mlp` resolves the foreach item): one source."""
+    path = Path(dvc_file)
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the stages of {path}: {exc}") from None
+    name, _, item = stage.partition("@")
+    block = stages.get(name) if isinstance(stages, dict) else None
+    if item and isinstance(block, dict):
+        block = block.get("do")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: no stage {stage!r}; stages there: {', '.join(stages or [])}")
+    keys = block.get("params", [])
+    if not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{path}: stage {stage!r}: params must be keys of {PARAMS_FILE}, e.g. `- mlp`, got {keys!r}")
+    return [k.replace("${item}", item) for k in keys]
+
+
+def stage_params(config: Config, stage: str, dvc_file: str | Path = DVC_FILE) -> dict[str, Any]:
+    """The params a stage depends on (its `params:` in dvc.yaml), flattened for logging to MLflow."""
+    dump = config.model_dump()
+    flat: dict[str, Any] = {}
+    for key in stage_param_keys(stage, dvc_file):
+        node: Any = dump
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{dvc_file}: stage {stage!r} lists param {key!r}, which {PARAMS_FILE} does not have")
+            node = node[part]
+        flat.update(flatten({key: node}))
+    return flat
