@@ -39,6 +39,17 @@ def problem(params: config.Config, device: torch.device) -> Tensors:
     return out[0], out[1], out[2], out[3]
 
 
+@contextmanager
+def _stopwatch(device: torch.device) -> Iterator[list[float]]:
+    """Time the block, GPU work included: `with _stopwatch(dev) as took: ...`, then took[0] is seconds."""
+    took: list[float] = []
+    _sync(device)
+    start = time.perf_counter()
+    yield took
+    _sync(device)
+    took.append(time.perf_counter() - start)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -56,18 +67,16 @@ def bare_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
     model = _mlp(params, X.device)
     opt = torch.optim.Adam(model.parameters(), lr=params.mlp.lr)
     batch = params.mlp.batch_size
-    _sync(X.device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(X.shape[0], device=X.device)
-        for i in range(0, X.shape[0], batch):
-            idx = perm[i : i + batch]
-            loss = F.mse_loss(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    _sync(X.device)
-    return time.perf_counter() - start
+    with _stopwatch(X.device) as took:
+        for _ in range(epochs):
+            perm = torch.randperm(X.shape[0], device=X.device)
+            for i in range(0, X.shape[0], batch):
+                idx = perm[i : i + batch]
+                loss = F.mse_loss(model(X[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return took[0]
 
 
 def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
@@ -76,16 +85,14 @@ def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
     model = _mlp(params, X.device)
     opt = torch.optim.Adam(model.parameters(), lr=params.mlp.lr)
     loader = DataLoader(TensorDataset(X, y), batch_size=params.mlp.batch_size, shuffle=True)
-    _sync(X.device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for xb, yb in loader:
-            loss = F.mse_loss(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    _sync(X.device)
-    return time.perf_counter() - start
+    with _stopwatch(X.device) as took:
+        for _ in range(epochs):
+            for xb, yb in loader:
+                loss = F.mse_loss(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return took[0]
 
 
 @contextmanager
@@ -111,19 +118,17 @@ def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | 
     X, y, Xv, yv = t
     p = params.mlp
     model = _mlp(params, X.device)
-    _sync(X.device)
-    start = time.perf_counter()
-    result = training.fit(
-        model, X, y, Xv, yv, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
-        batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule,
-        patience=p.patience, progress=False, cuda_graph=cuda_graph,
-    )
-    if run is not None:
-        run.log_curve("train_loss", result.history.step, result.history.train_loss)
-        run.log_curve("val_loss", result.history.step, result.history.val_loss)
-        run.flush()
-    _sync(X.device)
-    return time.perf_counter() - start
+    with _stopwatch(X.device) as took:
+        result = training.fit(
+            model, X, y, Xv, yv, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+            batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule,
+            patience=p.patience, progress=False, cuda_graph=cuda_graph,
+        )
+        if run is not None:
+            run.log_curve("train_loss", result.history.step, result.history.train_loss)
+            run.log_curve("val_loss", result.history.step, result.history.val_loss)
+            run.flush()
+    return took[0]
 
 
 def bare_gd(params: config.Config, t: Tensors, steps: int) -> float:
@@ -132,28 +137,24 @@ def bare_gd(params: config.Config, t: Tensors, steps: int) -> float:
     lr = params.linear_gd.lr
     w = torch.zeros(X.shape[1], 1, device=X.device, requires_grad=True)
     b = torch.zeros(1, device=X.device, requires_grad=True)
-    _sync(X.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = ((X @ w + b - y) ** 2).mean()
-        loss.backward()
-        with torch.no_grad():
-            w -= lr * w.grad
-            b -= lr * b.grad
-        w.grad.zero_()
-        b.grad.zero_()
-    _sync(X.device)
-    return time.perf_counter() - start
+    with _stopwatch(X.device) as took:
+        for _ in range(steps):
+            loss = ((X @ w + b - y) ** 2).mean()
+            loss.backward()
+            with torch.no_grad():
+                w -= lr * w.grad
+                b -= lr * b.grad
+            w.grad.zero_()
+            b.grad.zero_()
+    return took[0]
 
 
 def project_gd(params: config.Config, t: Tensors, steps: int) -> float:
     """pipeline.training.train_linear_gd as the stage calls it. Seconds."""
     X, y, Xv, yv = t
-    _sync(X.device)
-    start = time.perf_counter()
-    training.train_linear_gd(X, y, Xv, yv, steps=steps, lr=params.linear_gd.lr, progress=False)
-    _sync(X.device)
-    return time.perf_counter() - start
+    with _stopwatch(X.device) as took:
+        training.train_linear_gd(X, y, Xv, yv, steps=steps, lr=params.linear_gd.lr, progress=False)
+    return took[0]
 
 
 def best_of(repeats: int, loops: dict[str, Callable[[], float]]) -> dict[str, float]:

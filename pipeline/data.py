@@ -229,3 +229,10 @@ def read_split(path: str | Path, n_features: int | None = None) -> tuple[np.ndar
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     return X, y
+
+
+def read_checked_split(path: str | Path, truth: Truth, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split read by `read_split` and checked against truth.json: what every consumer of the data needs."""
+    X, y = read_split(path, truth.n_features)
+    check_consistent(truth, split, X, path)
+    return X, y

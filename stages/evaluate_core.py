@@ -55,10 +55,7 @@ def score_models(cfg: config.Config) -> Scored:
     truth = data.read_truth(common.DATA / "truth.json")
     split_data = {}
     for split in ("train", "test"):
-        path = common.split_path(split)
-        X, y = data.read_split(path, truth.n_features)
-        data.check_consistent(truth, split, X, path)
-        split_data[split] = (X, y)
+        split_data[split] = data.read_checked_split(common.split_path(split), truth, split)
     (X_train, y_train), (X_test, y_test) = split_data["train"], split_data["test"]
 
     w_ls, b_ls = evaluation.least_squares(X_train, y_train)

@@ -31,9 +31,7 @@ def load_splits(truth: data.Truth, device: torch.device) -> training.Splits:
     """Train and val splits as tensors on `device` (y as a column), checked against truth.json."""
     arrays = []
     for split in ("train", "val"):
-        path = common.split_path(split)
-        X, y = data.read_split(path, truth.n_features)
-        data.check_consistent(truth, split, X, path)
+        X, y = data.read_checked_split(common.split_path(split), truth, split)
         arrays += [torch.from_numpy(X).to(device), torch.from_numpy(y).to(device).unsqueeze(1)]
     return training.Splits(*arrays)
 
