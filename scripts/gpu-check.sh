@@ -75,7 +75,8 @@ repro() {
 
 models() {
   [[ -f "$WORK/repo/mlflow.db" ]] || { echo "no repro to read (the repro step failed)"; return 1; }
-  python - "$WORK/repo" "$LOGS" <<'PY'
+  # the tests' own helper, imported as pytest imports it (tests/ and the root on the path)
+  PYTHONPATH="$ROOT/tests:$ROOT${PYTHONPATH:+:$PYTHONPATH}" python - "$WORK/repo" "$LOGS" <<'PY'
 import sys
 from pathlib import Path
 
