@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import bench.workspace
 from bench.workspace import ROOT, TINY, committed_params, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
 from robustness import REMOTE_TOKEN, SECRETS
-from tests.processes import free_port, group_alive, stop_group
+from tests.processes import free_port, group_alive, stop_group, wait_for_http
 
 def tiny_params() -> dict[str, Any]:
     """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
@@ -193,16 +192,8 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         started.append(proc)
-        for _ in range(1200):  # up to two minutes on a busy machine
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return Server(url, folder)
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"mlflow server at {url} never answered /health")
+        wait_for_http(proc, f"{url}/health", log)  # up to two minutes on a busy machine
+        return Server(url, folder)
 
     yield start
     for proc in started:

@@ -40,6 +40,20 @@ def stop_group(proc: subprocess.Popen[Any]) -> None:
             time.sleep(0.1)
 
 
+def wait_for_http(proc: subprocess.Popen[Any], url: str, log: Path, tries: int = 1200) -> None:
+    """Poll `url` (every 0.1 s, `tries` times) until it answers HTTP 200; fail with the log if `proc` exits first."""
+    for _ in range(tries):
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered:\n{log.read_text()}")
+
+
 @contextmanager
 def served_model(model_uri: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """`mlflow models serve --env-manager local` on a free 127.0.0.1 port; yields its URL, stops its group after."""
@@ -49,17 +63,7 @@ def served_model(model_uri: str, cwd: Path, env: dict[str, str], log: Path) -> I
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for _ in range(1800):  # up to three minutes on a busy machine
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"mlflow models serve at {url} never answered /ping:\n{log.read_text()}")
+        wait_for_http(proc, f"{url}/ping", log, tries=1800)  # up to three minutes on a busy machine
         yield url
     finally:
         stop_group(proc)

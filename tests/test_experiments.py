@@ -25,16 +25,20 @@ GRID = ("mlp.lr=0.001,0.1", "mlp.hidden=[4],[6,6]")
 MLP_PARAMETERS = {"[4]": 10 * 4 + 4 + 4 + 1, "[6, 6]": 10 * 6 + 6 + 6 * 6 + 6 + 6 + 1}
 
 
-def _wait_for_queue(repo: Path, deadline_s: float = 1500) -> str:
-    """Poll `dvc queue status` until nothing is queued or running; return the last status."""
+def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500) -> str:
+    """`dvc queue start -j 2`, poll until nothing is queued or running, stop the workers; return the last status."""
     end = time.monotonic() + deadline_s
-    while True:
-        status = dvc(repo, "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        if time.monotonic() > end:
-            raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
-        time.sleep(5)
+    try:
+        dvc(repo, "queue", "start", "-j", "2", env=env)
+        while True:
+            status = dvc(repo, "queue", "status").stdout
+            if not any(word in status for word in ("Queued", "Running")):
+                return status
+            if time.monotonic() > end:
+                raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
+            time.sleep(5)
+    finally:
+        dvc(repo, "queue", "stop", check=False)
 
 
 def _experiments(repo: Path) -> dict[str, dict[str, Any]]:
@@ -60,11 +64,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     assert not (project / "mlflow.db").exists()
     baseline = sh(project, "git", "rev-parse", "HEAD").stdout.strip()
     dvc(project, "exp", "run", "--queue", *(a for s in GRID for a in ("-S", s)))
-    try:
-        dvc(project, "queue", "start", "-j", "2")
-        status = _wait_for_queue(project)
-    finally:
-        dvc(project, "queue", "stop", check=False)
+    status = run_queue(project)
     assert "Failed" not in status, status
 
     # dvc exp show: 4 experiments, each with its params and per-model test metrics.

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import dvc, run_env, sh
-from test_experiments import _experiments, _wait_for_queue
+from test_experiments import _experiments, run_queue
 from pipeline.files import round_sig
 from tests.processes import free_port
 
@@ -103,11 +103,7 @@ def test_pipeline_and_queued_sweep_through_postgres_server(postgres: str, start_
     env = run_env(MLFLOW_TRACKING_URI=server.url)
     dvc(project, "repro", env=env)
     dvc(project, "exp", "run", "--queue", "-S", SWEEP, env=env)
-    try:
-        dvc(project, "queue", "start", "-j", "2", env=env)
-        status = _wait_for_queue(project)
-    finally:
-        dvc(project, "queue", "stop", check=False)
+    status = run_queue(project, env=env)
     assert "Failed" not in status, status
     exps = _experiments(project)
     assert len(exps) == 3, exps.keys()
