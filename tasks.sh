@@ -50,7 +50,7 @@ case "${1:-}" in
   bench)   install; shift; python -m bench "$@" ;;
   compare) install; shift; python -m pipeline.compare "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
-  sync)    install; shift; python -m pipeline.sync "$@" ;;
+  sync)    install; shift; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
   serve)   install; shift; exec python -m pipeline.serve "$@" ;;
   *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -36,7 +36,7 @@ def main(repeats: int = 3) -> None:
         repo = copy_project(Path(tmp) / "repo", TINY)
         subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=repo, env=env(), check=True, capture_output=True)
         tiny = (repo / "params.yaml").read_text()
-        stage = [sys.executable, "-m", "stages.train", "linear_gd"]
+        stage = [sys.executable, "-m", "stages", "train", "linear_gd"]
         cases: list[tuple[str, dict[str, Any], list[str], dict[str, str]]] = [
             ("normal train@linear_gd (tiny)", {}, stage, {}),
             ("typo mlp.lrr (stage)", {"mlp.lrr": 0.1}, stage, {}),

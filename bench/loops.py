@@ -119,11 +119,7 @@ def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | 
     p = params.mlp
     model = _mlp(params, X.device)
     with _stopwatch(X.device) as took:
-        result = training.fit(
-            model, X, y, Xv, yv, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
-            batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule,
-            patience=p.patience, progress=False, cuda_graph=cuda_graph,
-        )
+        result = training.fit(model, training.Splits(X, y, Xv, yv), training.FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule, patience=p.patience, progress=False, cuda_graph=cuda_graph))
         if run is not None:
             run.log_curve("train_loss", result.history.step, result.history.train_loss)
             run.log_curve("val_loss", result.history.step, result.history.val_loss)
@@ -153,7 +149,7 @@ def project_gd(params: config.Config, t: Tensors, steps: int) -> float:
     """pipeline.training.train_linear_gd as the stage calls it. Seconds."""
     X, y, Xv, yv = t
     with _stopwatch(X.device) as took:
-        training.train_linear_gd(X, y, Xv, yv, steps=steps, lr=params.linear_gd.lr, progress=False)
+        training.train_linear_gd(training.Splits(X, y, Xv, yv), steps=steps, lr=params.linear_gd.lr, progress=False)
     return took[0]
 
 

@@ -12,21 +12,17 @@ import yaml
 from bench.report import Row
 from bench.workspace import ROOT, copy_project, set_params, timed
 
-# The train stage minus tracking: the same functions the stage calls, no MLflow run.
+# The train stage's training without the stage around it: read the splits, train, save the weights.
 UNTRACKED_TRAIN = """
 import sys
-from stages import common
+from pipeline import config, data, device, models
+from stages import distributed, paths, train
 
-def body(cfg):
-    from pipeline import data
-    from pipeline.device import resolve_device, seed_everything
-    from stages import train_core
-    seed_everything(cfg.seed)
-    truth = data.read_truth(common.DATA / "truth.json")
-    trained = train_core.train(cfg, sys.argv[1], train_core.load_splits(truth, resolve_device(cfg.device)))
-    train_core.write_outputs(sys.argv[1], trained)
-
-common.main("train (untracked)", body)
+cfg, name = config.load(), sys.argv[1]
+where = device.prepare(cfg.device, cfg.seed)
+splits = train.read_splits(data.read_truth(paths.TRUTH), where)
+result, spec = train.fit(cfg, name, splits, distributed.Group(where), progress=False)
+models.save_weights(result.model, spec, paths.weights_path(name))
 """
 
 PY = sys.executable
@@ -64,7 +60,7 @@ def user_loop(repo: Path, repeats: int) -> list[Row]:
 def tracking_overhead(repo: Path, repeats: int) -> list[Row]:
     """Wall time of `python -m stages.train mlp` against the same training and outputs without MLflow."""
     best = _best(repeats, repo, {
-        "on": (PY, "-m", "stages.train", "mlp"),
+        "on": (PY, "-m", "stages", "train", "mlp"),
         "off": (PY, "-c", UNTRACKED_TRAIN, "mlp"),
     })
     return [Row("train@mlp stage, tracking on", best["on"], best["off"], "s", "tracking off", ("<=", 1.2))]
@@ -74,7 +70,7 @@ def startup(repo: Path, repeats: int) -> list[Row]:
     """A stage's fixed cost (train@linear_gd with one step) against importing torch and mlflow."""
     set_params(repo, {"linear_gd.steps": 1})
     best = _best(repeats, repo, {
-        "stage": (PY, "-m", "stages.train", "linear_gd"),
+        "stage": (PY, "-m", "stages", "train", "linear_gd"),
         "imports": (PY, "-c", "import torch, mlflow"),
         "seed": (PY, "-c", "import torch; from pipeline.device import seed_everything; seed_everything(0)"),
         "torch": (PY, "-c", "import torch"),
@@ -94,8 +90,8 @@ def scale(work: Path, updates: dict[str, Any], rows: int, features: int) -> list
     raw = rows * (features + 1) * 4  # float32 X and y
     bare = timed(repo, PY, str(ROOT / "bench" / "bare_generate.py"), str(work / "bare.parquet"), str(rows), str(features),
                  peak_rss=True)
-    gen = timed(repo, PY, "-m", "stages.generate", peak_rss=True)
-    train = timed(repo, PY, "-m", "stages.train", "linear_gd", peak_rss=True)
+    gen = timed(repo, PY, "-m", "stages", "generate", peak_rss=True)
+    train = timed(repo, PY, "-m", "stages", "train", "linear_gd", peak_rss=True)
     size = f"{rows:,} rows x {features}"
     mb = 1 << 20
     return [

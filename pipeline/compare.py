@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment = args.experiment or config.load().mlflow.experiment
         from pipeline import tracking
 
-        closed, running = tracking.close_stale_runs(experiment, "compare")
+        closed, running = tracking.running_after_cleanup(experiment, "compare")
         runs = tracking.stage_runs(experiment, "train@")
     except PipelineError as exc:
         print(f"compare: {exc}", file=sys.stderr)

@@ -21,6 +21,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def prepare(requested: str, seed: int) -> torch.device:
+    """The device to train on, with torch seeded and deterministic kernels on: a stage's one call here."""
+    device = resolve_device(requested)
+    seed_everything(seed)
+    return device
+
+
 def seed_everything(seed: int) -> None:
     """One place that seeds torch and asks for deterministic kernels (bit-for-bit reruns)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

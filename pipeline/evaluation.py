@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -46,3 +48,43 @@ def weight_distance(w: np.ndarray, b: float, w_true: np.ndarray, b_true: float) 
         "weight_distance": float(np.linalg.norm(np.asarray(w, np.float64) - np.asarray(w_true, np.float64))),
         "bias_distance": float(abs(b - b_true)),
     }
+
+
+@dataclass(frozen=True)
+class References:
+    """The two references on one test split: their metric rows, and what models are compared with."""
+
+    rows: dict[str, dict[str, float]]  # least_squares, noise_floor
+    least_squares_mse: float
+    noise_floor: float
+    w_true: np.ndarray
+    b_true: float
+
+
+def references(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], noise_std: float,
+    w_true: list[float], b_true: float,
+) -> References:
+    """Least squares fitted on the train split and the noise floor, scored on the test split."""
+    (X_train, y_train), (X_test, y_test) = train, test
+    w_ls, b_ls = least_squares(X_train, y_train)
+    ls = regression_metrics(y_test, X_test.astype(np.float64) @ w_ls + b_ls)
+    floor = noise_std**2
+    w = np.asarray(w_true)
+    rows = {
+        "least_squares": {f"test_{k}": v for k, v in ls.items()}
+        | compare_to_references(ls["mse"], ls["mse"], floor)
+        | weight_distance(w_ls, b_ls, w, b_true),
+        "noise_floor": {"test_mse": floor} | compare_to_references(floor, ls["mse"], floor),
+    }
+    return References(rows, ls["mse"], floor, w, b_true)
+
+
+def score(refs: References, y_test: np.ndarray, predictions: np.ndarray,
+          linear: tuple[np.ndarray, float] | None = None) -> dict[str, float]:
+    """A model's test metrics, its ratios to the references and, for a linear model (w, b), its weight distances."""
+    row = {f"test_{k}": v for k, v in regression_metrics(y_test, predictions).items()}
+    row |= compare_to_references(row["test_mse"], refs.least_squares_mse, refs.noise_floor)
+    if linear is not None:
+        row |= weight_distance(*linear, refs.w_true, refs.b_true)
+    return row

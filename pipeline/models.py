@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -95,10 +97,34 @@ def save_weights(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
         save_file(tensors, str(tmp), metadata={"spec": spec.to_json()})
 
 
+class WeightsError(PipelineError):
+    """A weights file is missing, or is not one this pipeline wrote; the message names it."""
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """Rebuild a model from a safetensors file written by `save_weights`."""
-    with safe_open(str(path), framework="pt") as fh:
-        spec = ModelSpec.from_json((fh.metadata() or {})["spec"])
-    model = build(spec)
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    """Rebuild a model from a safetensors file written by `save_weights`; one-line WeightsError when it cannot."""
+    if not Path(path).exists():
+        raise WeightsError(f"{path}: missing; run `dvc repro` to train it")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            spec = ModelSpec.from_json((fh.metadata() or {})["spec"])
+        model = build(spec)
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise WeightsError(f"{path}: not a weights file this pipeline wrote ({reason}); run `dvc repro` to retrain") from None
     return model.to(device).eval(), spec
+
+
+def predict(model: nn.Module, X: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Predictions [n] of a model on X, `chunk` rows per forward pass, without building a graph."""
+    with torch.no_grad():
+        pred = torch.cat([model(torch.from_numpy(X[i : i + chunk])) for i in range(0, len(X), chunk)])
+    return pred.numpy().ravel()
+
+
+def linear_weights(model: nn.Module) -> tuple[np.ndarray, float] | None:
+    """(w [d], b) of a linear model, to compare with the true weights; None for a model that has no such weights."""
+    if not isinstance(model, nn.Linear):
+        return None
+    return model.weight.detach().numpy().ravel(), float(model.bias.item())

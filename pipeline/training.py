@@ -102,8 +102,7 @@ def _check_finite(values: list[float], first_step: int, history: History) -> Non
 
 
 def train_linear_gd(
-    X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
-    *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
+    splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
 ) -> TrainResult:
     """Linear regression by full-batch gradient descent, written out as in the source notes.
 
@@ -111,6 +110,7 @@ def train_linear_gd(
     fills w.grad and b.grad), a hand-written update outside autograd, then the
     gradients are zeroed because backward() accumulates into .grad.
     """
+    X, y, X_val, y_val = splits
     start = time.perf_counter()
     n_features = X.shape[1]
     w = torch.zeros(n_features, 1, device=X.device, requires_grad=True)
@@ -152,12 +152,30 @@ def train_linear_gd(
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
 
 
-def fit(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
-    *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
-    seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
-    desc: str = "train", shard: tuple[int, int] = (0, 1), cuda_graph: bool = False,
-) -> TrainResult:
+@dataclass(frozen=True)
+class FitSettings:
+    """How `fit` trains: one object instead of a dozen arguments, built by the stage from params.yaml.
+
+    `shard=(rank, world)` is for a DistributedDataParallel model in an initialised process group.
+    `patience` None trains every epoch and keeps the final weights; a number stops when the val
+    loss stalls that many epochs and keeps the best weights.
+    """
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    seed: int
+    schedule: str = "constant"
+    patience: int | None = None
+    cuda_graph: bool = False
+    shard: tuple[int, int] = (0, 1)
+    progress: bool = True
+    desc: str = "train"
+
+
+def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights.
 
     With `cuda_graph`, on CUDA each epoch's steps replay as CUDA graphs
@@ -165,18 +183,21 @@ def fit(
     Where a graph cannot hold the run (CPU, DDP, dropout) the eager loop runs and
     `TrainResult.loop` says why.
 
-    `shard=(rank, world)` is for a DistributedDataParallel `model` in an initialised
-    process group: every rank draws the same permutation, takes its slice of each
+    With `shard=(rank, world)`, every rank draws the same permutation, takes its slice of each
     batch, and scales its summed loss by world/len(batch), so DDP's gradient average
     is exactly the whole batch's mean-loss gradient: single-process steps, up to the
     order of float additions. Epoch losses are averaged across ranks, so every rank
     sees the same numbers and makes the same early-stopping decision.
     """
-    rank, world = shard
+    X, y, X_val, y_val = splits
+    s = settings
+    optimizer, lr, weight_decay, batch_size, epochs = s.optimizer, s.lr, s.weight_decay, s.batch_size, s.epochs
+    schedule, patience = s.schedule, s.patience
+    rank, world = s.shard
     start = time.perf_counter()
     device = X.device
     model.to(device).train()
-    why_eager = graphed.blocker(device, model, world) if cuda_graph else "cuda_graph is off"
+    why_eager = graphed.blocker(device, model, world) if s.cuda_graph else "cuda_graph is off"
     if why_eager is None:
         opt = make_optimizer(optimizer, model.parameters(), torch.tensor(lr, device=device), weight_decay, device, True)
         sched = graphed.TensorLrSchedule(opt, lr, lambda twin: make_schedule(schedule, twin, epochs))
@@ -184,11 +205,11 @@ def fit(
     else:
         opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, device)
         sched = make_schedule(schedule, opt, epochs)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed)
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
+    bar = tqdm(range(epochs), desc=s.desc, unit="epoch", disable=None if s.progress else True, leave=False)
     with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
         for epoch in bar:
             perm = torch.randperm(X.shape[0], device=device, generator=generator)

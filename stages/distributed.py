@@ -2,9 +2,9 @@
 
 The stage calls `launch` when params ask for more than one process: it runs PyTorch's
 own launcher (torch.distributed.run, i.e. `torchrun --standalone`) in this process,
-which starts `python -m stages.train mlp` once per rank with RANK/WORLD_SIZE/LOCAL_RANK
-set. Each rank then calls `launched()` and trains inside `process_group(...)`.
-pipeline/training.py only sees a DDP-wrapped model and its (rank, world) shard.
+which starts `python -m stages train mlp` once per rank with RANK/WORLD_SIZE/LOCAL_RANK
+set. Each rank then calls `launched()` and trains inside `process_group(...)`, whose
+Group wraps the model in DDP; pipeline/training.py only sees that model and its shard.
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ def check_devices(device: torch.device, nproc: int, key: str) -> None:
         )
 
 
-def launch(nproc: int, module: str, *args: str) -> None:
-    """Run `python -m module args` in `nproc` processes under torchrun; return when all succeed."""
+def launch(nproc: int, *args: str) -> None:
+    """Run `python -m stages args` in `nproc` processes under torchrun; return when all succeed."""
     # torchrun would set 1 thread per process with a warning; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *args]))
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "stages", *args]))
     except ChildFailedError as exc:
         ranks = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in sorted(exc.failures.items()))
         raise PipelineError(f"data-parallel training failed ({ranks}); the first message above says why") from None
@@ -65,14 +65,46 @@ def launch(nproc: int, module: str, *args: str) -> None:
         raise KeyboardInterrupt(f"stopped by signal {exc.sigval.name}; every rank was stopped") from None
 
 
-@contextmanager
-def process_group(rank: Rank | None, device: torch.device) -> Iterator[tuple[torch.device, str]]:
-    """Join the group (NCCL on CUDA, this rank's own GPU; gloo on CPU); yield (device, backend); always leave.
+@dataclass(frozen=True)
+class Group:
+    """Where this process trains: its device, its (rank, world) shard, and whether it writes and logs."""
 
-    Without a rank (a single process) there is no group: yield (device, "").
+    device: torch.device
+    shard: tuple[int, int] = (0, 1)
+    backend: str = ""
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0 (or the only process): the one that writes the outputs and logs the run."""
+        return self.shard[0] == 0
+
+    def tags(self, model: str) -> dict[str, str]:
+        """The run's tags about data parallelism: the world size (mlp), the backend (under torchrun)."""
+        tags = {"distributed.world_size": str(self.shard[1])} if model == "mlp" else {}
+        return tags | ({"distributed.backend": self.backend} if self.backend else {})
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel around the model when there are several ranks (same start weights,
+        gradients averaged in backward()); the model as it is otherwise."""
+        if self.shard[1] == 1:
+            return model
+        model.to(self.device)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The plain model inside DDP, for saving and logging."""
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextmanager
+def process_group(rank: Rank | None, device: torch.device) -> Iterator[Group]:
+    """Join the group (NCCL on CUDA, this rank's own GPU; gloo on CPU), yield this process's Group; always leave.
+
+    Without a rank (a single process) there is no group to join.
     """
     if rank is None:
-        yield device, ""
+        yield Group(device)
         return
     if device.type == "cuda":
         device = torch.device("cuda", rank.local)
@@ -82,12 +114,6 @@ def process_group(rank: Rank | None, device: torch.device) -> Iterator[tuple[tor
         backend = "gloo"
     dist.init_process_group(backend, rank=rank.rank, world_size=rank.world)
     try:
-        yield device, backend
+        yield Group(device, (rank.rank, rank.world), backend)
     finally:
         dist.destroy_process_group()
-
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around a model on `device`: same start weights, gradients averaged in backward()."""
-    model.to(device)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,39 +1,73 @@
 """DVC stage `evaluate`: score every model on the test split against the two exact references.
 
-Writes metrics/evaluation/<row>.json, one row per model and reference so that
-`dvc metrics show metrics/evaluation` prints a table with one line each, and
-plots/predictions/<model>.{csv,png} (DVC plots), logs an `evaluate` run, and copies each model's test metrics
-and predicted-vs-actual picture onto the training run that produced its weights, so one MLflow table shows
-params and test MSE, and one run page shows loss curves and predictions. It also registers each training
-run's logged model as `regression-<model>` and moves the alias `champion` to it when it scores better
-(docs/team.md says why this lives here): MLflow side effects only, no DVC output, so nothing reruns for it.
+`python -m stages evaluate` (stages/__main__.py checks params.yaml first, then calls `run`).
+Writes metrics/evaluation/<row>.json, one row per model and reference, so `dvc metrics show
+metrics/evaluation` prints a line each, and plots/predictions/<model>.{csv,png}. In MLflow it logs an
+`evaluate` run, copies each model's test metrics and picture onto the training run that made its
+weights (one table shows params beside test MSE), and registers that run's logged model as
+`regression-<model>`, moving the alias `champion` to it when it scores better (docs/team.md says why
+this lives here): MLflow side effects only, no DVC output, so nothing reruns for them.
 """
 
 from __future__ import annotations
 
-from pipeline import config
-from stages import common
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import config, data, dvc_params, evaluation, files, models, plots, tracking
+from stages import paths
+
+PREDICTIONS = paths.PLOTS / "predictions"
+SCORES = paths.METRICS / "evaluation"
 
 
-def main() -> None:
-    """Load params.yaml (one line and exit 2 when it is bad), then `run`."""
-    common.main("evaluate", run, [common.METRICS / "evaluation", common.PLOTS / "predictions"])
+def outputs() -> list[Path]:
+    """The stage's DVC outputs (named in the line printed when it is interrupted)."""
+    return [SCORES, PREDICTIONS]
 
 
 def run(cfg: config.Config) -> None:
-    """Score, write DVC metrics and plots, then log to MLflow and link each training run."""
-    # torch and mlflow load here, once params.yaml is known to be valid
-    from pipeline import data, tracking
-    from stages.evaluate_core import log_scores, score_models, write_outputs
+    """Open the run, score models and references, write metrics and plots, then log and link the training runs."""
+    with tracking.stage_run("evaluate", cfg.mlflow.experiment, {"device": "cpu"}) as mlflow_run:
+        # read
+        truth = data.read_truth(paths.TRUTH)
+        X_train, y_train = data.read_checked_split(paths.split_path("train"), truth, "train")
+        X_test, y_test = data.read_checked_split(paths.split_path("test"), truth, "test")
+        data_digest = data.combined_digest(paths.split_digests())
+        mlflow_run.set_tags({"data.digest": data_digest})
 
-    tracking.preflight()  # a store that is down fails here, before any model is scored
-    scored = score_models(cfg)
-    write_outputs(cfg, scored)
-    data_digest = data.combined_digest(common.data_digests())
-    tags = {"device": "cpu", "data.digest": data_digest}
-    with tracking.stage_run("evaluate", cfg.mlflow.experiment, common.run_name("evaluate"), tags) as mlflow_run:
-        log_scores(mlflow_run, cfg, scored, data_digest)
+        trained = {name: models.load_weights(paths.weights_path(name))[0] for name in config.MODEL_NAMES}
 
+        # compute: the references (least squares, the noise floor), then every model against them
+        refs = evaluation.references((X_train, y_train), (X_test, y_test), truth.noise_std, truth.w_true, truth.b_true)
+        predictions = {name: models.predict(model, X_test) for name, model in trained.items()}
+        scores = refs.rows | {
+            name: evaluation.score(refs, y_test, predictions[name], models.linear_weights(model))
+            for name, model in trained.items()
+        }
 
-if __name__ == "__main__":
-    main()
+        # write: a metrics file per row; per model the first plot_points test rows as CSV (6 digits) and PNG
+        for row_name, row in scores.items():
+            files.write_metrics(SCORES / f"{row_name}.json", row)
+        points = cfg.evaluate.plot_points
+        for name in config.MODEL_NAMES:
+            rows = [(f"{a:.6g}", f"{p:.6g}") for a, p in zip(y_test[:points], predictions[name][:points])]
+            files.write_csv(PREDICTIONS / f"{name}.csv", ["actual", "predicted"], rows)
+            actual, predicted = np.array(rows, dtype=np.float64).T.reshape(2, -1)  # the picture shows the CSV's values
+            plots.predicted_vs_actual(PREDICTIONS / f"{name}.png", f"{name}: predicted vs actual (test split)",
+                                      actual, predicted, refs.noise_floor**0.5)
+
+        # log, then write beside each training run and register its model
+        mlflow_run.log_params(dvc_params.stage_params(cfg, "evaluate"))
+        mlflow_run.link_generate_run(data_digest)
+        mlflow_run.log_metrics(dvc_params.flatten(scores))
+        mlflow_run.log_artifact(SCORES, "metrics")
+        mlflow_run.log_artifact(PREDICTIONS, "plots/predictions")
+        mlflow_run.log_artifact(paths.PLOTS / "loss", "plots/loss")
+        for name in config.MODEL_NAMES:
+            model_digest = files.md5_file(paths.weights_path(name))
+            mlflow_run.score_training_run(name, model_digest, scores[name], PREDICTIONS / f"{name}.png")
+            if report := mlflow_run.register_model(name, model_digest, scores[name]["test_mse"], data_digest):
+                print(f"registry: {report}")
+

@@ -1,29 +1,43 @@
-"""DVC stage `generate`: draw the data, write the splits and truth.json, log to MLflow."""
+"""DVC stage `generate`: draw the data, write the splits and truth.json, log them to MLflow.
+
+`python -m stages generate` (stages/__main__.py checks params.yaml first, then calls `run`).
+"""
 
 from __future__ import annotations
 
-from pipeline import config
-from stages import common
+import time
+from pathlib import Path
+
+from pipeline import config, data, dvc_params, files, tracking
+from stages import paths
 
 
-def main() -> None:
-    """Load params.yaml (one line and exit 2 when it is bad), then `run`."""
-    common.main("generate", run, [*map(common.split_path, ("train", "val", "test")), common.DATA / "truth.json"])
+def outputs() -> list[Path]:
+    """The stage's DVC outputs (named in the line printed when it is interrupted)."""
+    return [*map(paths.split_path, paths.SPLITS), paths.TRUTH]
 
 
 def run(cfg: config.Config) -> None:
-    """Generate, then record params, datasets and the true weights in MLflow."""
-    # numpy, pyarrow and mlflow load here, once params.yaml is known to be valid
-    from pipeline import data, tracking
-    from stages.generate_core import log_generated, write_data
+    """Open the run, generate and write the splits, then log params, datasets, speed and the true weights."""
+    d = cfg.data
+    with tracking.stage_run("generate", cfg.mlflow.experiment, {"device": "cpu"}) as mlflow_run:
+        # compute and write: the splits block by block, then truth.json, each file atomically
+        start = time.perf_counter()
+        truth = data.generate(
+            paths.DATA, seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+            noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples),
+        )
+        seconds = time.perf_counter() - start
+        files.write_json(paths.TRUTH, truth.to_dict())
+        digests = paths.split_digests()
 
-    tracking.preflight()  # a store that is down fails here, before any data is drawn
-    generated = write_data(cfg)
-    digests = common.data_digests()
-    tags = {"device": "cpu", "data.digest": data.combined_digest(digests)}
-    with tracking.stage_run("generate", cfg.mlflow.experiment, common.run_name("generate"), tags) as mlflow_run:
-        log_generated(mlflow_run, cfg, generated, digests)
-
-
-if __name__ == "__main__":
-    main()
+        # log
+        mlflow_run.set_tags({"data.digest": data.combined_digest(digests)})
+        mlflow_run.log_params(dvc_params.stage_params(cfg, "generate"))
+        for split in paths.SPLITS:
+            mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
+        mlflow_run.log_metrics({f"rows_{s}": n for s, n in truth.rows.items()} | {
+            "generate_seconds": seconds, "rows_per_second": d.n_samples / seconds,
+        })
+        mlflow_run.log_dict({"w_true": truth.w_true, "b_true": truth.b_true}, "weights/true_weights.json")
+        mlflow_run.log_artifact(paths.TRUTH)

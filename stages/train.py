@@ -1,73 +1,137 @@
-"""DVC stage `train@<model>`: train one model, write its weights and curves, log to MLflow.
+"""DVC stage `train@<model>`: train one model, write its weights, curves and metrics, log them to MLflow.
 
-Usage: python -m stages.train {linear_gd,linear,mlp}
+`python -m stages train {linear_gd,linear,mlp}` (stages/__main__.py checks params.yaml first, then calls
+`run`). With `mlp.distributed.nproc` > 1 the stage starts itself again under torchrun, once per rank
+(stages/distributed.py): every rank trains its slice of each batch, and rank 0 writes and logs.
 """
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+from pathlib import Path
 
-from pipeline import config
+import torch
+
+from pipeline import config, data, device, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
-from stages import common
+from stages import distributed, paths
+
+SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
+SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss"]
 
 
-def main() -> None:
-    """Check the argument, load params.yaml (one line and exit 2 when it is bad), then `run`."""
-    if len(sys.argv) != 2 or sys.argv[1] not in config.MODEL_NAMES:
-        print(f"usage: python -m stages.train {{{','.join(config.MODEL_NAMES)}}}", file=sys.stderr)
-        sys.exit(2)
-    name = sys.argv[1]
-    outputs = [common.weights_path(name), common.loss_plot_path(name), common.METRICS / "train" / f"{name}.json"]
-    common.main(f"train@{name}", lambda cfg: run(cfg, name), outputs)
+def outputs(name: str) -> list[Path]:
+    """The stage's DVC outputs (named in the line printed when it is interrupted)."""
+    return [paths.weights_path(name), paths.loss_plot_path(name), paths.loss_plot_path(name, ".png"),
+            paths.train_metrics_path(name)]
 
 
 def run(cfg: config.Config, name: str) -> None:
-    """Train one model here, or the mlp over `mlp.distributed.nproc` torchrun ranks, each running this again."""
-    # torch loads here, once params.yaml is known to be valid; mlflow only after the device check below
-    from pipeline.device import resolve_device, seed_everything
-    from stages import distributed
-
-    # Cheap checks first: `device: cuda` without CUDA fails right after torch is imported,
-    # and a tracking server that is down fails in seconds, both before any data is read.
+    """Train model `name` here, or the mlp over `mlp.distributed.nproc` torchrun ranks."""
     nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
     rank = distributed.launched()
-    device = resolve_device(cfg.device)
+    where = device.prepare(cfg.device, cfg.seed)
     if rank is None and nproc > 1:
-        distributed.check_devices(device, nproc, "mlp.distributed.nproc")
-        distributed.launch(nproc, "stages.train", name)  # every rank runs this stage again, and lands below
+        distributed.check_devices(where, nproc, "mlp.distributed.nproc")
+        distributed.launch(nproc, "train", name)  # every rank runs this stage again, and lands below
         return
     if rank is not None and (name != "mlp" or rank.world != nproc):
         raise PipelineError(
             f"started by torchrun with WORLD_SIZE={rank.world}, but only train@mlp runs data-parallel, "
-            f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages.train {name}` directly"
+            f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages train {name}` directly"
         )
-    from pipeline import data, tracking
-    from pipeline.training import Diverged
-    from stages import train_core
-
-    shard = (rank.rank, rank.world) if rank else (0, 1)
-    lead = shard[0] == 0  # the other ranks train their shards; the lead writes and logs
-    with distributed.process_group(rank, device) as (device, backend):
-        if lead:
-            tracking.preflight()
-        seed_everything(cfg.seed)
-        truth = data.read_truth(common.DATA / "truth.json")
-        splits = train_core.load_splits(truth, device)
-        if not lead:
-            train_core.train(cfg, name, splits, shard, progress=False)
+    with distributed.process_group(rank, where) as group:
+        if not group.lead:  # the other ranks train their shards; the lead writes and logs
+            fit(cfg, name, read_splits(data.read_truth(paths.TRUTH), group.device), group, progress=False)
             return
-        digests = common.data_digests()
-        tags = train_core.run_tags(name, device, shard, backend, data.combined_digest(digests))
-        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, common.run_name(f"train@{name}"), tags) as mlflow_run:
-            train_core.log_inputs(mlflow_run, cfg, name, truth, digests)
+        tags = {"device": str(group.device), "model": name} | group.tags(name)
+        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags) as mlflow_run:
+            # read
+            truth = data.read_truth(paths.TRUTH)
+            splits = read_splits(truth, group.device)
+            digests = paths.split_digests()
+            data_digest = data.combined_digest(digests)
+            params = dvc_params.stage_params(cfg, f"train@{name}")
+            mlflow_run.set_tags({"data.digest": data_digest})
+            mlflow_run.log_params(params)
+            if name == "mlp":  # the UI view for sweeps: every mlp run, its params beside its test MSE
+                mlflow_run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", [p for p in params if p.startswith("mlp.")],
+                                     SWEEP_METRICS)
+            mlflow_run.link_generate_run(data_digest)
+            for split in ("train", "val"):
+                mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
+
+            # compute
             try:
-                trained = train_core.train(cfg, name, splits, shard)
-            except Diverged as exc:
-                raise train_core.log_diverged(mlflow_run, cfg, name, exc) from None
-            train_core.write_outputs(name, trained)
-            train_core.log_trained(mlflow_run, name, trained, splits.X_val[:5])
+                result, spec = fit(cfg, name, splits, group)
+            except training.Diverged as exc:
+                mlflow_run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
+                mlflow_run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
+                lr = cfg.model(name).lr
+                raise PipelineError(
+                    f"training diverged: the loss became {exc.loss} at step {exc.step}; "
+                    f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g}). No model was written."
+                ) from None
+            summary = {
+                "final_train_loss": result.history.train_loss[-1],
+                "best_val_loss": min(result.history.val_loss),
+                "best_step": result.best_step,
+                "steps_run": result.history.step[-1] + 1,
+                "stopped_early": int(result.stopped_early),
+                "n_parameters": models.count_parameters(result.model),
+                **result.extra,
+            }
+
+            # write: weights, loss curve (CSV and PNG), summary metrics (wall time stays out: same bytes on a rerun)
+            models.save_weights(result.model, spec, paths.weights_path(name))
+            files.write_csv(paths.loss_plot_path(name), ["step", "train_loss", "val_loss"], result.history.rows())
+            steps = result.step_losses  # linear_gd: the loss of every step, not just the logged ones
+            train_curve = (range(len(steps)), steps) if steps else (result.history.step, result.history.train_loss)
+            x_label = "gradient step (full batch)" if name == "linear_gd" else "epoch"
+            plots.loss_curves(paths.loss_plot_path(name, ".png"), f"{name}: loss per {x_label.split(' (')[0]}",
+                              x_label, train_curve, (result.history.step, result.history.val_loss))
+            # the gradient check is float32 round-off itself, so its file copy keeps 6 decimals (0 = agree to 1e-6)
+            check = {k: round(v, 6) for k, v in summary.items() if k == "grad_check_max_abs_diff"}
+            files.write_metrics(paths.train_metrics_path(name), summary | check)
+
+            # log
+            mlflow_run.log_curve("train_loss", *train_curve)
+            mlflow_run.log_curve("val_loss", result.history.step, result.history.val_loss)
+            mlflow_run.log_metrics(summary | {"train_seconds": result.seconds})
+            mlflow_run.set_tags({"training.loop": result.loop})
+            mlflow_run.log_artifact(paths.weights_path(name), "weights")
+            mlflow_run.log_artifact(paths.loss_plot_path(name, ".png"), "plots/loss")
+            example = splits.X_val[:5].cpu().numpy()
+            mlflow_run.log_torch_model(result.model, example, [f"torch=={torch.__version__.split('+')[0]}"])
+            mlflow_run.set_tags({"model.digest": files.md5_file(paths.weights_path(name)),
+                                 "n_parameters": summary["n_parameters"]})
 
 
-if __name__ == "__main__":
-    main()
+def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
+    """Train and val splits as tensors on `where` (y as a column), checked against truth.json."""
+    arrays = []
+    for split in ("train", "val"):
+        X, y = data.read_checked_split(paths.split_path(split), truth, split)
+        arrays += [torch.from_numpy(X).to(where), torch.from_numpy(y).to(where).unsqueeze(1)]
+    return training.Splits(*arrays)
+
+
+def fit(cfg: config.Config, name: str, splits: training.Splits, group: distributed.Group,
+        progress: bool = True) -> tuple[training.TrainResult, models.ModelSpec]:
+    """Train model `name` as params.yaml says (the mlp data-parallel in a group of several ranks)."""
+    n_features = splits.X.shape[1]
+    p = cfg.model(name)
+    if isinstance(p, config.LinearGDConfig):
+        return training.train_linear_gd(splits, steps=p.steps, lr=p.lr, progress=progress), models.ModelSpec("linear", n_features)
+    settings = training.FitSettings(
+        optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs,
+        seed=cfg.seed, cuda_graph=cfg.cuda_graph, shard=group.shard, progress=progress, desc=name,
+    )
+    if isinstance(p, config.LinearConfig):
+        spec = models.ModelSpec("linear", n_features)
+        return training.fit(models.build(spec), splits, settings), spec
+    spec = models.ModelSpec("mlp", n_features, p.hidden, p.activation, p.dropout)
+    settings = dataclasses.replace(settings, schedule=p.schedule, patience=p.patience)
+    result = training.fit(group.wrap(models.build(spec)), splits, settings)
+    result.model = group.unwrap(result.model)  # the plain MLP inside DDP, for saving and logging
+    return result, spec

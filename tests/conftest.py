@@ -68,9 +68,8 @@ class Reproduced:
 
 
 def _stage_name(argv: list[str]) -> str:
-    """`python -m stages.train mlp` -> 'train@mlp', as dvc.yaml's foreach names it."""
-    module = Path(argv[0]).stem
-    return f"{module}@{argv[1]}" if module == "train" else module
+    """`python -m stages train mlp` (argv: [.../stages/__main__.py, train, mlp]) -> 'train@mlp', as dvc.yaml names it."""
+    return "@".join(argv[1:])
 
 
 @pytest.fixture(scope="session")

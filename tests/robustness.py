@@ -84,8 +84,8 @@ def output_of(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def stage_pid(repo: Path, model: str) -> int | None:
-    """The pid of `python -m stages.train <model>` running in `repo`, if any."""
-    wanted = f"stages.train\0{model}".encode()
+    """The pid of `python -m stages train <model>` running in `repo`, if any."""
+    wanted = f"stages\0train\0{model}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

@@ -145,7 +145,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     assert config.load(path).mlp.lr == pytest.approx(3e-3)
 
 
-STAGES = [["stages.generate"], ["stages.train", "mlp"], ["stages.evaluate"]]
+STAGES = [["stages", "generate"], ["stages", "train", "mlp"], ["stages", "evaluate"]]
 
 
 @pytest.mark.bad_input

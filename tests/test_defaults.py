@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, dvc_params
-from pipeline.device import resolve_device, seed_everything
-from stages import evaluate_core, generate_core, train_core
+from pipeline import config, data, device, dvc_params, evaluation, models
+from stages import distributed, paths, train
 from tests.conftest import ROOT
 
 DVC_FILE = ROOT / "dvc.yaml"
@@ -20,12 +19,20 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp_path_factory.mktemp("defaults"))
     try:
-        truth, _ = generate_core.write_data(cfg)
-        splits = train_core.load_splits(truth, resolve_device("cpu"))
-        for name in config.MODEL_NAMES:
-            seed_everything(cfg.seed)
-            train_core.write_outputs(name, train_core.train(cfg, name, splits, progress=False))
-        scores = evaluate_core.score_models(cfg).metrics
+        d = cfg.data
+        truth = data.generate(paths.DATA, seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+                              noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
+        cpu = device.prepare("cpu", cfg.seed)
+        splits = train.read_splits(truth, cpu)
+        trained = {}
+        for name in config.MODEL_NAMES:  # what stages/train.py computes, and in the same order of seeding
+            device.prepare("cpu", cfg.seed)
+            trained[name] = train.fit(cfg, name, splits, distributed.Group(cpu), progress=False)[0].model
+        X_test, y_test = data.read_split(paths.split_path("test"))
+        X_train, y_train = splits.X.numpy(), splits.y.numpy().ravel()
+        refs = evaluation.references((X_train, y_train), (X_test, y_test), truth.noise_std, truth.w_true, truth.b_true)
+        scores = refs.rows | {name: evaluation.score(refs, y_test, models.predict(m, X_test), models.linear_weights(m))
+                              for name, m in trained.items()}
     finally:
         mp.undo()
     return scores

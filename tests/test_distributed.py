@@ -58,7 +58,7 @@ def test_two_gloo_processes_match_one(project: Path) -> None:
     assert len((project / "plots" / "loss" / "mlp.csv").read_text().splitlines()) == 1 + ddp_metrics["steps_run"]
 
     set_params(project, {"mlp.distributed.nproc": 1})
-    sh(project, "python", "-m", "stages.train", "mlp")
+    sh(project, "python", "-m", "stages", "train", "mlp")
     single = _mlp_runs(project)
     assert [r.data.tags["distributed.world_size"] for r in single] == ["1", "2"]  # newest first
     weights = load_file(project / "models" / "mlp.safetensors")

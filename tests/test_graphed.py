@@ -32,7 +32,7 @@ def _fit(device: str, cuda_graph: bool, *, hidden: tuple[int, ...] = (16, 16), d
     model = models.mlp(X.shape[1], list(hidden), "relu", dropout).to(device)
     kwargs: dict[str, Any] = dict(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=48, epochs=6, seed=3,
                                   schedule="cosine", patience=None, progress=False)
-    return training.fit(model, X, y, Xv, yv, **(kwargs | overrides), cuda_graph=cuda_graph)
+    return training.fit(model, training.Splits(X, y, Xv, yv), training.FitSettings(**(kwargs | overrides), cuda_graph=cuda_graph))
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_plain_repro_is_commit_plus_uncommitted_changes(repo: Path, monkeypatch:
 
 
 def test_a_stage_run_by_hand_is_tagged_as_such(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DVC_ROOT", raising=False)  # `python -m stages.train mlp`, no DVC
+    monkeypatch.delenv("DVC_ROOT", raising=False)  # `python -m stages train mlp`, no DVC
     commit = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
     tags = tracking.context_tags()
     assert tags["pipeline"] == f"hand@{commit[:7]}" and tags["started_by"] == "hand"

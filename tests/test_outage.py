@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,7 +25,8 @@ from pipeline import tracking
 from pipeline.files import round_sig
 from processes import free_port, group_alive, stop_group
 from robustness import statuses, wait_for_running
-from stages import common
+from stages import __main__ as entry
+from stages import paths
 
 TRAIN_OUTS = ("models/mlp.safetensors", "plots/loss/mlp.csv", "metrics/train/mlp.json")
 
@@ -88,7 +90,7 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
         assert {r.info.run_id: r.info.status for r in _server_runs(uri)}[run_id] == "RUNNING"
         mtime = (repo / TRAIN_OUTS[0]).stat().st_mtime
         assert "Stage 'train@mlp' didn't change" in dvc(repo, "repro", "train@mlp", env=env).stdout  # no retraining
-        synced = sh(repo, sys.executable, "-m", "pipeline.sync", env=env)
+        synced = sh(repo, sys.executable, "-m", "pipeline.tracking.spool", env=env)
         assert f"train@mlp: run {run_id} synced as FINISHED" in synced.stdout and "1 model" in synced.stdout
         assert not any((repo / tracking.SPOOL_DIR).iterdir())
         (run,) = [r for r in _server_runs(uri) if r.info.run_id == run_id]
@@ -133,14 +135,14 @@ def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compar
     set_params(repo, {"linear_gd.steps": 5_000_000})
 
     def kill_training() -> None:
-        job = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
+        job = spawn([sys.executable, "-m", "stages", "train", "linear_gd"], repo)
         wait_for_running(repo, "train@linear_gd", job)
         os.kill(job.pid, signal.SIGKILL)  # as the OOM killer does: no handler runs
         job.communicate()
 
     kill_training()
     assert statuses(repo)["train@linear_gd"] == ["FINISHED", "RUNNING"]
-    sh(repo, sys.executable, "-m", "stages.train", "linear")  # the next start of any stage closes it
+    sh(repo, sys.executable, "-m", "stages", "train", "linear")  # the next start of any stage closes it
     assert statuses(repo)["train@linear_gd"] == ["FINISHED", "KILLED"]
     kill_training()
     assert statuses(repo)["train@linear_gd"] == ["FINISHED", "KILLED", "RUNNING"]
@@ -182,7 +184,7 @@ def test_broken_store_fails_in_one_line_before_any_output(reproduced: Path, tmp_
     db = repo / "mlflow.db"
     damage(db)
     data = {p: p.stat().st_mtime_ns for p in (repo / "data").iterdir()}
-    for cmd, prefix in ((["stages.generate"], "generate"), (["pipeline.compare"], "compare")):
+    for cmd, prefix in ((["stages", "generate"], "generate"), (["pipeline.compare"], "compare")):
         start = time.monotonic()
         proc = sh(repo, sys.executable, "-m", *cmd, check=False)
         print(f"\n{name} store: {prefix} answered in {time.monotonic() - start:.1f} s")  # the issue's bound is 10 s
@@ -200,7 +202,7 @@ def test_unwritable_and_locked_store_fail_in_one_line(reproduced: Path, tmp_path
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")  # another process writing for a long time
     try:
-        proc = sh(repo, sys.executable, "-m", "stages.generate", check=False)
+        proc = sh(repo, sys.executable, "-m", "stages", "generate", check=False)
     finally:
         con.close()
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
@@ -210,7 +212,7 @@ def test_unwritable_and_locked_store_fail_in_one_line(reproduced: Path, tmp_path
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (needs root on a filesystem with attributes)")
     try:
-        proc = sh(repo, sys.executable, "-m", "stages.generate", check=False)
+        proc = sh(repo, sys.executable, "-m", "stages", "generate", check=False)
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
     (line,) = proc.stderr.splitlines()
@@ -220,8 +222,11 @@ def test_unwritable_and_locked_store_fail_in_one_line(reproduced: Path, tmp_path
 def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM in each phase: before any output, and after the weights (while logging)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common.config, "load", lambda: None)
-    outs = [common.weights_path("mlp"), common.loss_plot_path("mlp")]
+    monkeypatch.setattr(entry.config, "load", lambda: None)
+    stage = ModuleType("stages.fake")  # the dispatcher imports the stage only after params.yaml is read
+    outs = [paths.weights_path("mlp"), paths.loss_plot_path("mlp")]
+    stage.outputs = lambda _model: outs
+    monkeypatch.setattr(entry, "load_stage", lambda _stage, _cfg: stage)
     old = tmp_path / outs[1]
     old.parent.mkdir(parents=True)
     old.write_text("from an earlier run")
@@ -240,8 +245,9 @@ def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, 
         ([outs[0]], "train@mlp: interrupted (stopped by signal SIGTERM); already written: models/mlp.safetensors "
                     "(DVC does not record them; the next `dvc repro` runs the stage again)"),
     ):
+        stage.run = body(written)
         with pytest.raises(SystemExit) as stop:
-            common.main("train@mlp", body(written), outs)
+            entry.main(["train", "mlp"])
         assert stop.value.code == 130
         assert capsys.readouterr().err.strip() == expected
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

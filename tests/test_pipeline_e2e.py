@@ -166,7 +166,7 @@ def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[
     from tests.conftest import sh
 
     repo, _ = repro
-    proc = sh(repo, sys.executable, "-m", "stages.train", "linear_gd")  # no DVC: its environment has no DVC_ROOT
+    proc = sh(repo, sys.executable, "-m", "stages", "train", "linear_gd")  # no DVC: its environment has no DVC_ROOT
     run_id = proc.stderr.split("MLflow run ")[1].split()[0]
     assert f"experiment 'regression' at sqlite:///{repo}/mlflow.db" in proc.stderr
     tags = _client(repo).get_run(run_id).data.tags

@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from pipeline import config, data, evaluation, files, models, plots
-from stages import common, evaluate_core
 from tests.conftest import ROOT
 
 FLOAT64_ULP = 2.0**-52
@@ -52,20 +51,25 @@ def _noisy(rng: np.random.Generator, least_squares, predict):  # noqa: ANN001, A
         w, b = least_squares(X, y)
         return w * (1 + FLOAT64_ULP * rng.choice([-1, 1], w.shape)), b * (1 + FLOAT64_ULP * rng.choice([-1, 1]))
 
-    def noisy_predict(path: Path, X: np.ndarray):  # noqa: ANN202
-        pred, model = predict(path, X)
+    def noisy_predict(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
+        pred = predict(model, X)
         towards = np.where(rng.random(pred.shape) < 0.5, -np.inf, np.inf).astype(pred.dtype)
-        return np.where(rng.random(pred.shape) < 0.5, np.nextafter(pred, towards), pred), model
+        return np.where(rng.random(pred.shape) < 0.5, np.nextafter(pred, towards), pred)
 
     return noisy_least_squares, noisy_predict
 
 
 def _evaluate(cfg: config.Config) -> tuple[dict[str, bytes], dict]:
-    """Score as the stage does and write its metrics files; return (file bytes by row, unrounded metrics)."""
-    metrics = evaluate_core.score_models(cfg).metrics
+    """Score as stages/evaluate.py does and write its metrics files; return (file bytes by row, unrounded metrics)."""
+    truth = data.read_truth(Path("data/truth.json"))
+    train, test = data.read_split(Path("data/train.parquet")), data.read_split(Path("data/test.parquet"))
+    refs = evaluation.references(train, test, truth.noise_std, truth.w_true, truth.b_true)
+    trained = {name: models.load_weights(Path(f"models/{name}.safetensors"))[0] for name in config.MODEL_NAMES}
+    metrics = refs.rows | {name: evaluation.score(refs, test[1], models.predict(m, test[0]), models.linear_weights(m))
+                           for name, m in trained.items()}
     out = {}
     for row, scores in metrics.items():
-        path = common.METRICS / "evaluation" / f"{row}.json"
+        path = Path("metrics/evaluation") / f"{row}.json"
         files.write_metrics(path, scores)
         out[row] = path.read_bytes()
     return out, metrics
@@ -76,12 +80,12 @@ def test_metrics_files_are_the_same_bytes_under_last_bit_noise(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     reference, raw = _evaluate(cfg)
     rng = np.random.default_rng(0)
-    lstsq, predict = evaluation.least_squares, evaluate_core.predict
+    lstsq, predict = evaluation.least_squares, models.predict
     moved = 0
     for _ in range(PERTURBATIONS):
         noisy_lstsq, noisy_predict = _noisy(rng, lstsq, predict)
         monkeypatch.setattr(evaluation, "least_squares", noisy_lstsq)
-        monkeypatch.setattr(evaluate_core, "predict", noisy_predict)
+        monkeypatch.setattr(models, "predict", noisy_predict)
         again, raw_again = _evaluate(cfg)
         moved += raw_again != raw  # the noise did reach the unrounded numbers...
         assert again == reference  # ...and not the bytes written
@@ -121,7 +125,7 @@ def test_written_files_get_the_mode_dvc_gives_its_own(tmp_path: Path) -> None:
 
 def test_a_stage_outside_the_project_environment_says_how_to_get_it() -> None:
     # -S: no site-packages, as with a system Python that lacks the project's packages.
-    proc = subprocess.run([sys.executable, "-S", "-m", "stages.train", "mlp"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-S", "-m", "stages", "train", "mlp"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "No module named" in proc.stderr and "source .venv/bin/activate" in proc.stderr and "./tasks.sh" in proc.stderr

@@ -126,16 +126,15 @@ def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
     import numpy as np
 
     from pipeline import models
-    from stages.evaluate_core import predict
 
     path = tmp_path / "mlp.safetensors"
     spec = models.ModelSpec("mlp", 10, (8,), "relu", 0.0)
     models.save_weights(models.build(spec), spec, path)
     raw = path.read_bytes()
-    assert predict(path, np.zeros((2, 10), np.float32))[0].shape == (2,)  # intact, it loads
+    assert models.predict(models.load_weights(path)[0], np.zeros((2, 10), np.float32)).shape == (2,)  # intact, it loads
     path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"PK\x03\x04 a zip, say")
-    with pytest.raises(data.DataError, match="not a weights file this pipeline wrote") as err:
-        predict(path, np.zeros((2, 10), np.float32))
+    with pytest.raises(models.WeightsError, match="not a weights file this pipeline wrote") as err:
+        models.load_weights(path)
     assert str(path) in str(err.value)
 
 

@@ -57,7 +57,7 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
     set_params(repo, {"linear_gd.steps": 5_000_000})  # minutes of training: it is stopped long before
 
-    by_hand = spawn([sys.executable, "-m", "stages.train", "linear_gd"], repo)
+    by_hand = spawn([sys.executable, "-m", "stages", "train", "linear_gd"], repo)
     wait_for_running(repo, "train@linear_gd", by_hand)
     by_hand.send_signal(signal.SIGINT)
     out, err = by_hand.communicate(timeout=120)

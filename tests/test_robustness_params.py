@@ -91,7 +91,7 @@ def test_cuda_without_cuda_fails_before_store_and_data(baseline: Path, tmp_path:
     (repo / "data" / "train.parquet").unlink()
     env = run_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}", PYTHONPROFILEIMPORTTIME="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.train", "mlp"], cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "stages", "train", "mlp"], cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )
     messages = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert proc.returncode == 1

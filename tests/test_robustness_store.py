@@ -43,7 +43,7 @@ def test_tracking_server_down_fails_fast_before_any_work(baseline: Path, tmp_pat
     # The check comes before the data is read: with the data gone, the store is still what is reported.
     (repo / "data" / "train.parquet").unlink()
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.train", "linear"], cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
+        [sys.executable, "-m", "stages", "train", "linear"], cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1 and expected in proc.stderr and "parquet" not in proc.stderr

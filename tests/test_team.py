@@ -64,12 +64,12 @@ def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -
     alice = ("alice", "Alice-pass-for-tests-1")
     server.request("/api/2.0/mlflow/users/create", {"username": alice[0], "password": alice[1]}, auth=admin)
 
-    anonymous = sh(project, "python", "-m", "stages.generate", check=False, env=run_env(MLFLOW_TRACKING_URI=server.url))
+    anonymous = sh(project, "python", "-m", "stages", "generate", check=False, env=run_env(MLFLOW_TRACKING_URI=server.url))
     assert anonymous.returncode == 1
     assert "HTTP 401" in anonymous.stderr and "MLFLOW_TRACKING_USERNAME" in anonymous.stderr
     assert "Traceback" not in anonymous.stderr
 
-    sh(project, "python", "-m", "stages.generate", env=run_env(
+    sh(project, "python", "-m", "stages", "generate", env=run_env(
         MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=alice[0], MLFLOW_TRACKING_PASSWORD=alice[1]))
     server.auth = alice
     exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]

@@ -36,7 +36,7 @@ def test_autograd_gradient_matches_the_analytical_one() -> None:
 
 def test_linear_gd_reaches_the_least_squares_weights_on_linear_data() -> None:
     X, y, Xv, yv = _problem()
-    result = training.train_linear_gd(X, y, Xv, yv, steps=300, lr=0.1, progress=False)
+    result = training.train_linear_gd(training.Splits(X, y, Xv, yv), steps=300, lr=0.1, progress=False)
     w_ls, b_ls = evaluation.least_squares(X.numpy(), y.numpy().ravel())
     np.testing.assert_allclose(result.model.weight.detach().numpy().ravel(), w_ls, atol=1e-4)
     assert abs(result.model.bias.item() - b_ls) < 1e-4
@@ -48,10 +48,7 @@ def test_linear_gd_reaches_the_least_squares_weights_on_linear_data() -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_minibatch_training_lowers_the_loss(optimizer: str) -> None:
     X, y, Xv, yv = _problem()
-    result = training.fit(
-        models.linear(4), X, y, Xv, yv, optimizer=optimizer, lr=0.05, weight_decay=0.0,
-        batch_size=32, epochs=15, seed=0, progress=False,
-    )
+    result = training.fit(models.linear(4), training.Splits(X, y, Xv, yv), training.FitSettings(optimizer=optimizer, lr=0.05, weight_decay=0.0, batch_size=32, epochs=15, seed=0, progress=False))
     assert result.history.train_loss[-1] < result.history.train_loss[0] / 2
     assert len(result.history.step) == 15 and not result.stopped_early
 
@@ -59,10 +56,7 @@ def test_minibatch_training_lowers_the_loss(optimizer: str) -> None:
 def test_mlp_fits_what_a_line_cannot() -> None:
     torch.manual_seed(0)
     X, y, Xv, yv = _problem(n=2048, nonlinear=True)
-    result = training.fit(
-        models.mlp(4, [32, 32], "relu", 0.0), X, y, Xv, yv, optimizer="adam", lr=0.01, weight_decay=0.0,
-        batch_size=64, epochs=40, seed=0, schedule="cosine", patience=10, progress=False,
-    )
+    result = training.fit(models.mlp(4, [32, 32], "relu", 0.0), training.Splits(X, y, Xv, yv), training.FitSettings(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=64, epochs=40, seed=0, schedule="cosine", patience=10, progress=False))
     w_ls, b_ls = evaluation.least_squares(X.numpy(), y.numpy().ravel())
     ls_val = float(np.mean((Xv.numpy() @ w_ls + b_ls - yv.numpy().ravel()) ** 2))
     assert min(result.history.val_loss) < ls_val / 5
@@ -71,10 +65,7 @@ def test_mlp_fits_what_a_line_cannot() -> None:
 def test_early_stopping_keeps_the_best_weights() -> None:
     X, y, Xv, yv = _problem()
     model = models.mlp(4, [16], "relu", 0.0)
-    result = training.fit(
-        model, X, y, Xv, yv, optimizer="sgd", lr=0.05, weight_decay=0.0, batch_size=16, epochs=200,
-        seed=0, patience=3, progress=False,
-    )
+    result = training.fit(model, training.Splits(X, y, Xv, yv), training.FitSettings(optimizer="sgd", lr=0.05, weight_decay=0.0, batch_size=16, epochs=200, seed=0, patience=3, progress=False))
     assert result.stopped_early
     assert result.history.step[-1] == result.best_step + 3
     final_val = training.mse(result.model, Xv, yv).item()
@@ -86,10 +77,7 @@ def test_same_seed_same_weights() -> None:
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        result = training.fit(
-            models.mlp(4, [8], "relu", 0.2), X, y, Xv, yv, optimizer="adam", lr=0.01, weight_decay=0.0,
-            batch_size=32, epochs=3, seed=7, progress=False,
-        )
+        result = training.fit(models.mlp(4, [8], "relu", 0.2), training.Splits(X, y, Xv, yv), training.FitSettings(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=32, epochs=3, seed=7, progress=False))
         runs.append(torch.cat([p.detach().ravel() for p in result.model.parameters()]))
     assert torch.equal(runs[0], runs[1])
 
@@ -97,11 +85,10 @@ def test_same_seed_same_weights() -> None:
 def test_divergence_names_the_step_and_keeps_the_curve() -> None:
     X, y, Xv, yv = _problem()
     with pytest.raises(training.Diverged) as gd:
-        training.train_linear_gd(X * 100, y, Xv, yv, steps=50, lr=10.0, log_every=5, progress=False)
+        training.train_linear_gd(training.Splits(X * 100, y, Xv, yv), steps=50, lr=10.0, log_every=5, progress=False)
     assert 0 < gd.value.step < 50 and "at step" in str(gd.value)
     with pytest.raises(training.Diverged) as mb:
-        training.fit(models.linear(4), X * 100, y, Xv, yv, optimizer="sgd", lr=100.0, weight_decay=0.0,
-                     batch_size=32, epochs=5, seed=0, progress=False)
+        training.fit(models.linear(4), training.Splits(X * 100, y, Xv, yv), training.FitSettings(optimizer="sgd", lr=100.0, weight_decay=0.0, batch_size=32, epochs=5, seed=0, progress=False))
     assert mb.value.step >= 0
 
 

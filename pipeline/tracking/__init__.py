@@ -1,29 +1,26 @@
-"""The one package that talks to MLflow (and reads the environment for it), split by job.
+"""The one package that talks to MLflow (and reads the environment for it), one module per feature.
 
-    store.py       where runs go (URI, workspace root), /health once, SQLite pre-flight, backup, lock
-    provenance.py  git commit, pipeline execution, DVC experiment and process tags
-    experiment.py  opening the store for a stage: client, experiment, orphaned runs closed
-    run.py         StageRun and stage_run: one MLflow run per stage, spooled when the store fails
-    torch_model.py a PyTorch model as an MLflow logged model (pt2, CPU pyfunc)
-    spool.py       the local stores under .mlflow-spool/; replay.py copies them back (`./tasks.sh sync`)
-    lineage.py     the run that made an input; results written beside the run they belong to
+    store.py       where runs go (URI, workspace root), /health once, SQLite checks, the experiment, backup, lock
+    provenance.py  the tags that say where a run came from: git commit, pipeline execution, DVC experiment, process
+    run.py         StageRun and stage_run: one MLflow run per stage, the one door stages use; orphaned runs closed
+    spool.py       runs kept under .mlflow-spool/ while the store is down, and `./tasks.sh sync`, which replays them
+    lineage.py     the run that made an input; test results copied onto the run that trained the model
     registry.py    registered models and their `champion` alias
+    torch_model.py a PyTorch model as an MLflow logged model
     reading.py     the read side of `python -m pipeline.compare`
 
+Imports go one way: store <- provenance, lineage <- registry <- spool <- run <- reading.
 Callers use the names below; none is a stage dependency in dvc.yaml (logging changes no output).
 """
 
-from pipeline.tracking.lineage import latest_run, link_generate_run, log_artifact_to, log_metrics_to
 from pipeline.tracking.provenance import context_tags, pipeline_id
-from pipeline.tracking.reading import close_stale_runs, stage_runs
-from pipeline.tracking.registry import CHAMPION, champion_uri, register_model, registered_name
-from pipeline.tracking.replay import sync_spool
+from pipeline.tracking.reading import running_after_cleanup, stage_runs
+from pipeline.tracking.registry import CHAMPION, champion_uri, registered_name
 from pipeline.tracking.run import StageRun, stage_run
-from pipeline.tracking.spool import SPOOL_DIR
-from pipeline.tracking.store import backup_path, backup_store, preflight, tracking_uri
+from pipeline.tracking.spool import SPOOL_DIR, sync_spool
+from pipeline.tracking.store import backup_store, preflight, tracking_uri
 
 __all__ = [
-    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_path", "backup_store", "champion_uri", "close_stale_runs",
-    "context_tags", "latest_run", "link_generate_run", "log_artifact_to", "log_metrics_to", "pipeline_id",
-    "preflight", "register_model", "registered_name", "stage_run", "stage_runs", "sync_spool", "tracking_uri",
+    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_store", "champion_uri", "context_tags", "pipeline_id", "preflight",
+    "registered_name", "running_after_cleanup", "stage_run", "stage_runs", "sync_spool", "tracking_uri",
 ]

@@ -1,17 +1,17 @@
-"""Lineage: finding the run that made an input, and writing results beside the run they belong to."""
+"""Lineage: the run that made an input, and results written beside the run they belong to.
+
+Each operation takes the store's client, this run's experiment and id, and plain
+values, and sets on this run the tags that say what it did: so a stage calls it
+through its StageRun, and `./tasks.sh sync` replays it the same way when the store
+failed at that moment (spool.py keeps the call).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.store import now_ms
-
-if TYPE_CHECKING:  # run.py looks runs up through latest_run: the import goes one way
-    from pipeline.tracking.run import StageRun
 
 
 def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -24,26 +24,35 @@ def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -
     return runs[0].info.run_id if runs else None
 
 
-def log_metrics_to(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
-    """Add metrics to another (finished) run, e.g. test scores beside their training run."""
-    ts = now_ms()
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+def training_run(client: MlflowClient, experiment_id: str, model: str, model_digest: str) -> str | None:
+    """The finished train@<model> run that wrote these weights (its model.digest), if the store has it."""
+    return latest_run(client, experiment_id, {"stage": f"train@{model}", "model.digest": model_digest})
 
 
-def log_artifact_to(client: MlflowClient, run_id: str, path: str | Path, artifact_path: str) -> None:
-    """Add a file to another (finished) run, e.g. the predicted-vs-actual picture beside its training run."""
-    client.log_artifact(run_id, str(path), artifact_path)
+def link_generate_run(client: MlflowClient, experiment_id: str, run_id: str, data_digest: str) -> None:
+    """Tag the run with the generate run that produced its data (same data.digest).
 
-
-def link_generate_run(run: StageRun, data_digest: str) -> str | None:
-    """Tag `run` with the generate run that produced its data (same data.digest); return its id.
-
-    When generate was restored from DVC's run cache, that is the earlier run
-    which made the identical files; when no run made them (data pulled from a
-    remote into a fresh store), no tag is set.
+    When generate was restored from DVC's run cache, that is the earlier run which
+    made the identical files; when no run made them (data pulled from a remote into
+    a fresh store), no tag is set.
     """
-    found = run.find_run({"stage": "generate", "data.digest": data_digest})
-    if found:
-        run.set_tags({"generate.run_id": found})
-    return found
+    if found := latest_run(client, experiment_id, {"stage": "generate", "data.digest": data_digest}):
+        client.set_tag(run_id, "generate.run_id", found)
+
+
+def score_training_run(
+    client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str,
+    metrics: dict[str, float], picture: str,
+) -> None:
+    """Copy a model's test metrics and picture onto the training run that made its weights; tag the run with it.
+
+    One MLflow table then shows params beside test MSE, and one run page the loss
+    curves beside the predictions.
+    """
+    if (train_run := training_run(client, experiment_id, model, model_digest)) is None:
+        return
+    ts = now_ms()
+    client.log_batch(train_run, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+    client.log_artifact(train_run, picture, "plots/predictions")
+    client.log_batch(run_id, tags=[RunTag(f"scored.{model}.run_id", train_run)])
 

@@ -58,6 +58,12 @@ def pipeline_id(commit: str) -> str:
     return f"{kind}@{commit[:7]}" + (f"+{dirty}" if dirty else "")
 
 
+def run_name(stage: str) -> str:
+    """Readable MLflow run name: the stage, plus the DVC experiment when there is one."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{stage} [{exp}]" if exp else stage
+
+
 def context_tags() -> dict[str, str]:
     """Tags every run carries: git commit, pipeline execution and, under `dvc exp`, name and baseline."""
     tags = {"git.commit": _git_commit()}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.tracking.experiment import close_zombies
+from pipeline.tracking.run import close_orphaned_runs
 from pipeline.tracking.store import TrackingError, open_existing, tracking_uri
 
 
-def close_stale_runs(experiment: str, found_by: str) -> tuple[int, int]:
+def running_after_cleanup(experiment: str, found_by: str) -> tuple[int, int]:
     """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
     client = open_existing(tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return 0, 0
-    closed = close_zombies(client, [exp.experiment_id], found_by)
+    closed = close_orphaned_runs(client, [exp.experiment_id], found_by)
     running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     return closed, len(running)
 

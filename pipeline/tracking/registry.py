@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import TrackingError, open_existing, store_lock, tracking_uri, workspace_root
-
-if TYPE_CHECKING:
-    from pipeline.tracking.run import StageRun
+from pipeline.tracking.lineage import training_run
+from pipeline.tracking.store import TrackingError, is_sqlite, open_existing, store_lock, tracking_uri, workspace_root
 
 REGISTERED_PREFIX = "regression-"  # registered model names: regression-linear_gd, regression-linear, regression-mlp
 CHAMPION = "champion"
@@ -36,23 +34,32 @@ def champion_uri(model: str) -> str:
     return f"models:/{name}@{CHAMPION}"
 
 
-def register_model(run: StageRun, model: str, train_run_id: str, test_mse: float, data_digest: str) -> str:
-    """Register a training run's logged model (once per run) and promote it if it is better; return a report line.
+def register_model(
+    client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str, test_mse: float,
+    data_digest: str,
+) -> str | None:
+    """Register the logged model of the run that trained these weights (once per run), promote it if better.
 
-    The alias `champion` moves to the new version only when its test MSE is lower
-    than the current champion's on the same data digest: ties and worse results
-    leave it, and a version trained on other data is reported, not compared. On the
-    embedded store the read-compare-move is serialised with the store's file lock
-    (queued experiments evaluate in parallel); a server offers no such lock.
+    Returns the report line (also set as the tag `registry.<model>` on run `run_id`),
+    or None when no finished training run made these weights. The alias `champion`
+    moves to the new version only when its test MSE is lower than the current
+    champion's on the same data digest: ties and worse results leave it, and a
+    version trained on other data is reported, not compared. On the embedded store
+    the read-compare-move is serialised with the store's file lock (queued
+    experiments evaluate in parallel); a server offers no such lock.
     """
-    client, name, uri = run.client, registered_name(model), tracking_uri()
-    if run.spool is not None:  # the store is down: the registry is the store's, so this waits for a rerun
-        return f"{name}: not registered (the MLflow store failed; this run is spooled in {run.spool})"
-    with store_lock(workspace_root()) if uri.startswith("sqlite:///") else nullcontext():
-        version = _version_for_run(client, name, train_run_id, run.experiment_id, test_mse, data_digest)
+    train_run = training_run(client, experiment_id, model, model_digest)
+    if train_run is None:
+        return None
+    name = registered_name(model)
+    with store_lock(workspace_root()) if is_sqlite(tracking_uri()) else nullcontext():
+        version = _version_for_run(client, name, train_run, experiment_id, test_mse, data_digest)
         if version is None:
-            return f"{name}: training run {train_run_id} logged no model; nothing registered"
-        return f"{name} v{version.version}: {_promote(client, name, version, test_mse, data_digest)}"
+            report = f"{name}: training run {train_run} logged no model; nothing registered"
+        else:
+            report = f"{name} v{version.version}: {_promote(client, name, version, test_mse, data_digest)}"
+    client.set_tag(run_id, f"registry.{model}", report)
+    return report
 
 
 def _version_for_run(

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -24,12 +27,13 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import torch_model
-from pipeline.tracking.experiment import connect
-from pipeline.tracking.lineage import latest_run
-from pipeline.tracking.provenance import context_tags, process_tags
-from pipeline.tracking.spool import open_spool
-from pipeline.tracking.store import BATCH, OUTAGE, PARAM_BATCH, failure_reason, now_ms, tracking_uri, workspace_root
+from pipeline.tracking import lineage, registry, torch_model
+from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
+from pipeline.tracking.spool import defer, open_spool, spooled_run_ids
+from pipeline.tracking.store import (
+    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, preflight, sqlite_file,
+    tracking_uri, workspace_root,
+)
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
 # #/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=<key> opens it.
@@ -105,10 +109,36 @@ class StageRun:
                     file=sys.stderr,
                 )
 
-    @_spooling
-    def find_run(self, tags: dict[str, str]) -> str | None:
-        """The newest finished run in this run's experiment with all of `tags` (none while spooling)."""
-        return latest_run(self.client, self.experiment_id, tags)
+    def _across(self, operation: Callable[..., Any], **kwargs: Any) -> Any:
+        """Run an operation that reaches other runs or the registry, with this run's client, experiment and id.
+
+        When the store fails (now, or earlier in the run), the call is kept in the spool
+        instead and `./tasks.sh sync` runs it there, in order, against the store; None then.
+        """
+        if self.spool is None:
+            try:
+                return operation(self.client, self.experiment_id, self.run_id, **kwargs)
+            except OUTAGE as exc:
+                self.start_spool(exc)
+        defer(self.spool, operation.__name__, kwargs)
+        return None
+
+    def link_generate_run(self, data_digest: str) -> None:
+        """Tag this run with the generate run that made its data (tag generate.run_id)."""
+        self._across(lineage.link_generate_run, data_digest=data_digest)
+
+    def score_training_run(self, model: str, model_digest: str, metrics: dict[str, float], picture: Path) -> None:
+        """Copy test metrics and the predicted-vs-actual picture onto the run that trained these weights."""
+        self._across(lineage.score_training_run, model=model, model_digest=model_digest,
+                     metrics={k: float(v) for k, v in metrics.items()}, picture=str(picture))
+
+    def register_model(self, model: str, model_digest: str, test_mse: float, data_digest: str) -> str | None:
+        """Register the training run's logged model and move `champion` to it when better; the report line."""
+        report = self._across(registry.register_model, model=model, model_digest=model_digest,
+                              test_mse=float(test_mse), data_digest=data_digest)
+        if report is None and self.spool is not None:
+            return f"{registry.registered_name(model)}: waits in the spool; `./tasks.sh sync` registers it"
+        return report
 
     @_spooling
     def log_params(self, params: dict[str, Any]) -> None:
@@ -181,18 +211,22 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[StageRun]:
-    """Start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
+def stage_run(stage: str, experiment: str, tags: dict[str, str]) -> Iterator[StageRun]:
+    """Check the store, start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
 
-    Runs of this host left RUNNING by a process that died are closed first. A
-    store that fails from here on does not fail the stage: the run is spooled.
+    A store that is down or unusable fails here, before the stage works. Runs of
+    this host left RUNNING by a process that died are closed first. A store that
+    fails from here on does not fail the stage: the run is spooled.
     """
+    preflight()
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
-    tracked = StageRun(None, None, None, experiment, run_name, all_tags, all_tags.get("model", "model"))
+    name = run_name(stage)
+    tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
     try:
-        client, exp_id = connect(experiment, found_by=stage)
+        client, exp_id = connect(experiment)
+        close_orphaned_runs(client, [exp_id], stage)
         # the fluent run: MLflow's context tags and Model.log's experiment (see the module docstring)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
         tracked.client, tracked.run_id, tracked.experiment_id = client, run.info.run_id, exp_id
         tracked.start_time = run.info.start_time
     except OUTAGE as exc:
@@ -212,3 +246,31 @@ def stage_run(stage: str, experiment: str, run_name: str, tags: dict[str, str]) 
             print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
                   f"experiment {experiment!r} at {tracking_uri()}", file=sys.stderr)
 
+
+def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str], found_by: str) -> int:
+    """Close RUNNING runs of this host whose process is gone, as KILLED with a `closed.reason` tag; return how many.
+
+    Runs waiting in the spool for `./tasks.sh sync` are left for it. The SQLite
+    store is backed up first when there is anything to close.
+    """
+    host = socket.gethostname().replace("'", "")
+    found = client.search_runs(
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'", max_results=1000,
+    )
+    pending = set(spooled_run_ids())
+    dead = [
+        r for r in found
+        if r.info.run_id not in pending and r.data.tags.get("process.pid", "").isdigit()
+        and process_started(int(r.data.tags["process.pid"])) != r.data.tags.get("process.started")
+    ]
+    if dead and is_sqlite(client.tracking_uri):
+        backup_store(sqlite_file(client.tracking_uri))
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    for r in dead:
+        reason = (
+            f"process {r.data.tags['process.pid']} on {host} was gone when {found_by} (pid {os.getpid()}) "
+            f"started at {now}; killed without cleanup (SIGKILL, out of memory, power loss)"
+        )
+        client.set_tag(r.info.run_id, "closed.reason", reason)
+        client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return len(dead)

@@ -1,22 +1,49 @@
-"""The spool: a local MLflow store per run under .mlflow-spool/, kept while the real store is down.
+"""The spool: runs kept locally while the MLflow store is down, and `./tasks.sh sync`, which replays them.
 
-A run moves here when the store fails (replay.py copies it back on `./tasks.sh sync`);
-its meta.json names the store run it continues, if there was one, and why it moved.
+When the store fails during a stage, the rest of its run goes to a local MLflow
+store of its own under .mlflow-spool/<when>-<stage>-<pid>/ (spool.db, artifacts),
+through the same calls; meta.json names the store run it continues, if there was
+one, and why it moved. Operations that reach other runs or the registry (lineage,
+registry) are kept in deferred.json, with copies of the files they upload. Sync
+copies each run back into the store (the same run where it began there), runs its
+deferred operations against the store in order, then drops the folder.
+
+    ./tasks.sh sync                  # replay every spooled run into the store (`main` here)
+    ./tasks.sh sync --upgrade-store  # back up mlflow.db, then `mlflow db upgrade`
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
+import yaml
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import tracking_uri, workspace_root
+from pipeline.errors import PipelineError
+from pipeline.tracking import lineage, registry
+from pipeline.tracking.store import (
+    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_sqlite, preflight,
+    sqlite_file, tracking_uri, upgrade_store, workspace_root,
+)
 
 SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
+DEFERRED = "deferred.json"
+
+# The operations a run may defer, by name: each takes (client, experiment id, run id, **kwargs).
+OPERATIONS = {op.__name__: op for op in (lineage.link_generate_run, lineage.score_training_run, registry.register_model)}
+FILE_ARGS = ("picture",)  # arguments that name a local file: copied into the spool, since it may change before sync
 
 
 def spool_folders(root: Path | None = None) -> list[Path]:
@@ -25,7 +52,7 @@ def spool_folders(root: Path | None = None) -> list[Path]:
 
 
 def spooled_run_ids() -> list[str]:
-    """Store run ids that have the rest of their logging waiting in the spool (the zombie check skips them)."""
+    """Store run ids that have the rest of their logging waiting in the spool (the orphan check skips them)."""
     ids = []
     for folder in spool_folders():
         with suppress(OSError, ValueError):
@@ -48,3 +75,136 @@ def open_spool(
             "store": tracking_uri(), "reason": reason}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return client, exp_id, run.info.run_id, folder
+
+
+def defer(folder: Path, operation: str, kwargs: dict[str, Any]) -> None:
+    """Keep an operation on other runs (one of OPERATIONS) in the spool folder, for sync to run against the store."""
+    queued = _deferred(folder)
+    kwargs = dict(kwargs)
+    for arg in FILE_ARGS:
+        if arg in kwargs:  # a copy: the workspace's file may be rewritten before sync
+            copy = folder / "files" / f"{len(queued)}-{Path(kwargs[arg]).name}"
+            copy.parent.mkdir(exist_ok=True)
+            shutil.copy2(kwargs[arg], copy)
+            kwargs[arg] = str(copy.relative_to(folder))
+    queued.append({"operation": operation, "kwargs": kwargs})
+    tmp = folder / f".{DEFERRED}.tmp"
+    tmp.write_text(json.dumps(queued, indent=2) + "\n")
+    os.replace(tmp, folder / DEFERRED)
+
+
+def _deferred(folder: Path) -> list[dict[str, Any]]:
+    path = folder / DEFERRED
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _local_dir(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path))
+
+
+def _copy_logged_models(src: MlflowClient, src_run: Any, dest: MlflowClient, run_id: str, exp_id: str) -> int:
+    """Re-create the spooled run's logged models (artifacts, MLmodel ids rewritten) in the store; return how many."""
+    models = [m for m in src.search_logged_models([src_run.info.experiment_id]) if m.source_run_id == src_run.info.run_id]
+    for m in models:
+        new = dest.create_logged_model(exp_id, name=m.name, source_run_id=run_id, tags=m.tags, params=m.params,
+                                       model_type=m.model_type)
+        with tempfile.TemporaryDirectory(prefix="spool-model-") as tmp:
+            local = Path(tmp) / "model"
+            shutil.copytree(_local_dir(m.artifact_location), local)
+            if (mlmodel := local / "MLmodel").exists():
+                spec = yaml.safe_load(mlmodel.read_text())
+                spec.update(run_id=run_id, model_id=new.model_id)
+                mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+            dest.log_model_artifacts(new.model_id, str(local))
+        dest.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
+        dest.log_outputs(run_id, [LoggedModelOutput(new.model_id, 0)])
+    return len(models)
+
+
+def _replay(folder: Path) -> list[str]:
+    """Copy one spooled run into the store (the same run when it was created there), run its deferred operations,
+    then drop the spool folder; the lines to print."""
+    meta = json.loads((folder / "meta.json").read_text())
+    src = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
+    src_exp = src.get_experiment_by_name(meta["experiment"])
+    (run,) = src.search_runs([src_exp.experiment_id])
+    dest, exp_id = connect(meta["experiment"])
+    run_id = meta.get("run_id")
+    if run_id:
+        try:
+            dest.get_run(run_id)
+        except MlflowException:  # the store was replaced since: the run comes back as a new one
+            run_id = None
+    if not run_id:
+        run_id = dest.create_run(exp_id, start_time=run.info.start_time, tags=run.data.tags, run_name=run.info.run_name).info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for i in range(0, len(params), PARAM_BATCH):
+        dest.log_batch(run_id, params=params[i : i + PARAM_BATCH])
+    metrics = [m for key in run.data.metrics for m in src.get_metric_history(run.info.run_id, key)]
+    for i in range(0, len(metrics), BATCH):
+        dest.log_batch(run_id, metrics=metrics[i : i + BATCH])
+    tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.loggedModels"} | {"spool.synced": folder.name}
+    dest.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if run.inputs and run.inputs.dataset_inputs:
+        dest.log_inputs(run_id, datasets=run.inputs.dataset_inputs)
+    artifacts = _local_dir(run.info.artifact_uri)
+    if artifacts.is_dir() and any(artifacts.iterdir()):
+        dest.log_artifacts(run_id, str(artifacts))
+    n_models = _copy_logged_models(src, run, dest, run_id, exp_id)
+    reports = []
+    for item in (deferred := _deferred(folder)):
+        kwargs = {k: str(folder / v) if k in FILE_ARGS else v for k, v in item["kwargs"].items()}
+        if isinstance(report := OPERATIONS[item["operation"]](dest, exp_id, run_id, **kwargs), str):
+            reports.append(f"registry: {report}")
+    dest.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+    shutil.rmtree(folder)
+    line = (
+        f"{meta.get('stage')}: run {run_id} synced as {run.info.status} ({len(params)} params, {len(metrics)} metric "
+        f"points, {n_models} model{'s' * (n_models != 1)}, {len(deferred)} deferred operation"
+        f"{'s' * (len(deferred) != 1)}) from {SPOOL_DIR}/{folder.name}"
+    )
+    return [line, *reports]
+
+
+def sync_spool() -> list[str]:
+    """Replay every spooled run into the store (backed up first when it is the SQLite file); the lines to print."""
+    folders = spool_folders()
+    if not folders:
+        return []
+    uri = preflight()
+    if is_sqlite(uri):
+        backup_store(sqlite_file(uri))
+    lines: list[str] = []
+    for done, folder in enumerate(folders):
+        try:
+            lines += _replay(folder)
+        except OUTAGE as exc:
+            raise TrackingError(
+                f"{SPOOL_DIR}/{folder.name}: replay into {uri} failed ({failure_reason(exc)}); "
+                f"synced {done} of {len(folders)}; run `./tasks.sh sync` again once the store works"
+            ) from None
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`./tasks.sh sync [--upgrade-store]`; errors are one line and exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["-h"], ["--help"]):
+        print(__doc__.split("\n\n")[-1].rstrip())
+        return 0
+    if args not in ([], ["--upgrade-store"]):
+        print(f"sync: unknown arguments {' '.join(args)}; allowed: none, --upgrade-store, --help", file=sys.stderr)
+        return 2
+    try:
+        if args:
+            return upgrade_store()
+        lines = sync_spool()
+    except PipelineError as exc:
+        print(f"sync: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines) if lines else f"sync: nothing to sync in {SPOOL_DIR}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

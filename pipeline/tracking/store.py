@@ -1,4 +1,4 @@
-"""Where runs go, and whether that store can be used: URI, workspace root, health check, SQLite checks, backup, lock.
+"""Where runs go, and opening it: URI, workspace root, health check, SQLite checks, the experiment, backup, lock.
 
 Where runs go is decided once, here: `MLFLOW_TRACKING_URI` when set (a team
 server), else `mlflow.db` and `mlartifacts/` at the workspace root. The root is
@@ -12,6 +12,8 @@ import fcntl
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import requests
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
@@ -100,9 +103,14 @@ def use_server(uri: str) -> None:
         _answered.add(uri)
 
 
-def backup_path(uri: str) -> Path | None:
-    """The SQLite file behind `uri` (what `backup_store` copies), None for a server or another database."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+def is_sqlite(uri: str) -> bool:
+    """True for an embedded SQLite store (a file; `sqlite:///path`)."""
+    return uri.startswith("sqlite:///")
+
+
+def sqlite_file(uri: str) -> Path:
+    """The file behind a SQLite store URI."""
+    return Path(uri.removeprefix("sqlite:///"))
 
 
 def preflight() -> str:
@@ -116,7 +124,8 @@ def preflight() -> str:
     uri = tracking_uri()
     if is_server(uri):
         use_server(uri)
-    elif path := backup_path(uri):
+    elif is_sqlite(uri):
+        path = sqlite_file(uri)
         if not path.parent.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {path.parent} does not exist; create it or fix MLFLOW_TRACKING_URI")
         check_sqlite_store(path)
@@ -127,7 +136,8 @@ def open_existing(uri: str) -> MlflowClient:
     """A client for a store that must already exist: reading never creates an empty SQLite file."""
     if is_server(uri):
         use_server(uri)
-    elif path := backup_path(uri):
+    elif is_sqlite(uri):
+        path = sqlite_file(uri)
         if not path.exists():
             raise TrackingError(f"no MLflow store at {path}; run `dvc repro` first, or set MLFLOW_TRACKING_URI")
         check_sqlite_store(path)
@@ -196,6 +206,16 @@ def backup_store(path: Path) -> Path | None:
     return dest
 
 
+def upgrade_store() -> int:
+    """Back up the embedded store (SQLite online backup), then migrate it with `mlflow db upgrade`; its exit code."""
+    uri = tracking_uri()
+    if not is_sqlite(uri):
+        raise TrackingError(f"{uri} is not the embedded SQLite store; upgrade it on the server")
+    backup = backup_store(sqlite_file(uri))
+    print(f"sync: backed up {sqlite_file(uri)} to {backup}", file=sys.stderr)
+    return subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri]).returncode
+
+
 @contextmanager
 def store_lock(root: Path) -> Iterator[None]:
     """Serialise store creation (concurrent first-time SQLite migrations crash) and registry promotions."""
@@ -205,6 +225,44 @@ def store_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# MLflow 3's experiment kind (values: the UI bundle's experiment kinds; its "experiment type" switch
+# writes this tag). The 3.17 UI lets the browser's GenAI / Model training toggle decide instead, so
+# links add `?workflowType=machine_learning` (docs/mlflow-ui.md); the tag keeps other readers right.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def connect(experiment: str) -> tuple[MlflowClient, str]:
+    """Open the store (creating it and the experiment once, safely); return (client, experiment id)."""
+    root = workspace_root()
+    uri = tracking_uri(root)
+    if is_server(uri):
+        use_server(uri)  # a no-op after the stage's pre-flight: one /health check per stage
+    mlflow.set_tracking_uri(uri)  # the process-wide store of MLflow's own log_model (and of the fluent run)
+    if is_sqlite(uri):
+        with store_lock(root):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                experiment, artifact_location=(root / ARTIFACT_DIR).as_uri(), tags=dict([EXPERIMENT_KIND])
+            )
+    else:
+        client = MlflowClient(uri)
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            try:
+                exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=dict([EXPERIMENT_KIND]))
+            except MlflowException:  # another stage created it first: no file lock reaches a server
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        except MlflowException as exc:
+            raise TrackingError(refusal(uri, exc)) from None
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)  # experiments made before the tag, or by the UI
+    return client, exp_id
 
 
 def refusal(uri: str, exc: MlflowException) -> str:

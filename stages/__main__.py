@@ -1,0 +1,95 @@
+"""`python -m stages <stage> [model]`: the one entry point of every DVC stage.
+
+It reads params.yaml first, with only light modules loaded, so a bad file costs a
+fraction of a second and one line (exit 2). Only then does it import the stage module,
+whose imports (torch, mlflow) sit at its top: this is the one lazy boundary. Known
+failures end as one line and exit 1; Ctrl-C and SIGTERM as one line naming what the
+stage had already written, and exit 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, ModuleType
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+USAGE = f"usage: python -m stages {{generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def written_since(outputs: Sequence[Path], since: float) -> list[str]:
+    """The outputs (files, or files in folders) modified at or after `since`: what a stage has written so far."""
+    found = []
+    for out in outputs:
+        files = [out] if out.is_file() else sorted(f for f in out.rglob("*") if f.is_file()) if out.is_dir() else []
+        if any(f.stat().st_mtime >= since for f in files):
+            found.append(str(out))
+    return found
+
+
+def parse(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(stage module, its arguments) from the command line, None when it is not one of the stages."""
+    if list(argv[:1]) in (["generate"], ["evaluate"]) and len(argv) == 1:
+        return argv[0], []
+    if len(argv) == 2 and argv[0] == "train" and argv[1] in config.MODEL_NAMES:
+        return "train", [argv[1]]
+    return None
+
+
+def load_stage(stage: str, cfg: config.Config) -> ModuleType:
+    """The lazy boundary: import the stage module (torch, mlflow) once params.yaml is known to be valid.
+
+    `device: cuda` on a machine without CUDA is refused here, with torch loaded but not mlflow.
+    """
+    if stage == "train" and cfg.device == "cuda":
+        from pipeline.device import resolve_device
+
+        resolve_device(cfg.device)
+    return importlib.import_module(f"stages.{stage}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Validate params.yaml, run the stage, and turn known failures into one line and an exit code."""
+    parsed = parse(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    stage, args = parsed
+    label = "@".join([stage, *args])
+    started = time.time() - 1  # mtime granularity: a file written in the first second still counts
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
+    outputs: list[Path] = []
+    try:
+        cfg = config.load()
+    except PipelineError as exc:
+        print(f"{label}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        module = load_stage(stage, cfg)
+        outputs = module.outputs(*args)
+        module.run(cfg, *args)
+    except PipelineError as exc:
+        print(f"{label}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        written = written_since(outputs, started)
+        outcome = (
+            f"already written: {', '.join(written)} (DVC does not record them; the next `dvc repro` runs the stage again)"
+            if written else "no output was written"
+        )
+        print(f"{label}: interrupted ({str(exc) or 'Ctrl-C'}); {outcome}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
