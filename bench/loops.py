@@ -103,7 +103,7 @@ def tracked_run(store: str) -> Iterator[StageRun]:
     saved = os.environ.get("DVC_ROOT"), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["DVC_ROOT"] = store  # tracking resolves the store at the workspace root
     try:
-        with tracking.stage_run("bench", "bench", "bench", {}) as run:
+        with tracking.stage_run("bench", "bench", {}, "bench") as run:
             yield run
     finally:
         for key, value in zip(("DVC_ROOT", "MLFLOW_TRACKING_URI"), saved):

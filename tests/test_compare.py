@@ -29,7 +29,7 @@ DATA = "d" * 32
 def _train_run(name: str, model: str, params: dict[str, Any], metrics: dict[str, float], digest: str, data: str = DATA) -> str:
     """A finished train run as the train stage leaves it (after evaluate copied its test metrics)."""
     tags = {"model": model, "model.digest": digest, "data.digest": data, "device": "cpu"}
-    with tracking.stage_run(f"train@{model}", EXPERIMENT, name, tags) as run:
+    with tracking.stage_run(f"train@{model}", EXPERIMENT, tags, name) as run:
         run.log_params({"seed": 42, "device": "auto", **{f"{model}.{k}": v for k, v in params.items()}})
         run.log_metrics(metrics)
     return run.run_id
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("DVC_ROOT", str(root))
         ids: dict[str, str] = {}
-        with tracking.stage_run("generate", EXPERIMENT, "generate", {"data.digest": DATA}):
+        with tracking.stage_run("generate", EXPERIMENT, {"data.digest": DATA}, "generate"):
             pass
         ids["gd"] = _train_run("train@linear_gd", "linear_gd", {"steps": 30, "lr": 0.1}, _scores(1.2, 1.1), "g1")
         ids["linear"] = _train_run("train@linear", "linear", {"lr": 0.02, "epochs": 2}, _scores(1.0, 1.05), "l1")
@@ -60,7 +60,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         ids["mlp_new"] = _train_run("train@mlp [c]", "mlp", {"lr": 0.001, "hidden": [64, 64]}, _scores(0.7, None), "m3")
         # Same weights as mlp_good, retrained later and not evaluated: must not add a row.
         ids["mlp_dup"] = _train_run("train@mlp [d]", "mlp", {"lr": 0.01, "hidden": [32]}, _scores(0.8, None), "m1")
-        with pytest.raises(RuntimeError), tracking.stage_run("train@mlp", EXPERIMENT, "train@mlp [failed]", {"model": "mlp"}):
+        with pytest.raises(RuntimeError), tracking.stage_run("train@mlp", EXPERIMENT, {"model": "mlp"}, "train@mlp [failed]"):
             raise RuntimeError("diverged")
         mp.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
         mp.delenv("DVC_ROOT")

@@ -233,7 +233,7 @@ def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, 
     os.utime(old, (0, 0))
 
     def body(written: list[Path]) -> Any:
-        def run(_cfg: Any) -> None:
+        def run(_cfg: Any, _model: str) -> None:
             for path in written:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("new")
@@ -251,3 +251,125 @@ def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, 
         assert stop.value.code == 130
         assert capsys.readouterr().err.strip() == expected
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _FailingClient:
+    """An MlflowClient that raises MLflow's error at its `fail_at`-th call (0: never), and records every call."""
+
+    def __init__(self, client: Any, fail_at: int, calls: list[str]) -> None:
+        self._client, self._fail_at, self._calls = client, fail_at, calls
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append(name)
+            if len(self._calls) == self._fail_at:
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException(f"injected failure at call {self._fail_at} ({name})")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _evaluate_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int, calls: list[str]) -> str:
+    """Run stages/evaluate.py in-process in `repo`, its store client failing at call `fail_at`; then sync. Output."""
+    from pipeline import config
+    from pipeline.tracking import run as run_module
+    from pipeline.tracking import spool
+    from stages import evaluate
+
+    real_connect = run_module.connect
+    with monkeypatch.context() as mp:
+        mp.chdir(repo)
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setattr(run_module, "connect", lambda exp: (lambda c, e: (_FailingClient(c, fail_at, calls), e))(*real_connect(exp)))
+        evaluate.run(config.load())
+        mp.setattr(run_module, "connect", real_connect)
+        spooled = spool.spool_folders()
+        assert bool(spooled) == bool(fail_at), "a failure must spool the run, and only a failure"
+        return "\n".join(spool.sync_spool())
+
+
+def _store_content(repo: Path) -> dict[str, Any]:
+    """What the store holds, without what differs between any two runs (ids, times, process tags)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("regression")
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    names = {r.info.run_id: f"<{r.data.tags['stage']}#{i}>" for i, r in enumerate(found)}
+    volatile = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "mlflow.source.name"}
+
+    def plain(value: str) -> str:
+        for run_id, name in names.items():
+            value = value.replace(run_id, name)
+        return value
+
+    def artifacts(run_id: str, path: str | None = None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out += artifacts(run_id, f.path) if f.is_dir else [f.path]
+        return sorted(out)
+
+    return {
+        "runs": [{
+            "stage": r.data.tags["stage"], "status": r.info.status, "params": r.data.params,
+            "metrics": {k: (v, len(client.get_metric_history(r.info.run_id, k))) for k, v in r.data.metrics.items()},
+            "tags": {k: plain(v) for k, v in r.data.tags.items() if k not in volatile},
+            "artifacts": artifacts(r.info.run_id),
+        } for r in found],
+        "registry": {
+            m.name: sorted((v.version, plain(v.run_id), v.tags.get("test_mse")) for v in client.search_model_versions(f"name = '{m.name}'"))
+            for m in client.search_registered_models()
+        },
+        "champions": {m.name: dict(m.aliases) for m in client.search_registered_models()},
+    }
+
+
+@pytest.fixture(scope="module")
+def unscored(reproduced: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reproduced project with its registry emptied: the next evaluate registers and promotes afresh."""
+    repo = _copy(reproduced, tmp_path_factory.mktemp("unscored") / "repo")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for model in client.search_registered_models():
+        client.delete_registered_model(model.name)
+    return repo
+
+
+@pytest.mark.slow
+def test_store_failing_at_each_evaluate_operation_loses_nothing_after_sync(
+    unscored: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store fails at each kind of call evaluate makes, in turn (its first call of each kind, and the
+    first call of every operation that reaches other runs: the generate link, the metrics and picture copied
+    onto each training run, the registry); the stage still writes everything, and after `sync` the store holds
+    what an undisturbed evaluate leaves: the same runs, metrics (history lengths too), tags, artifacts,
+    registered versions and champions."""
+    calls: list[str] = []
+    reference = _copy(unscored, tmp_path / "reference")
+    _evaluate_in_process(reference, monkeypatch, 0, calls)
+    expected = _store_content(reference)
+    assert any(t.startswith("registry.") for r in expected["runs"] for t in r["tags"])  # the registry step ran
+    assert {"generate.run_id", "scored.mlp.run_id"} <= set(expected["runs"][-1]["tags"])
+    points = sorted({calls.index(name) + 1 for name in calls} | {i + 1 for i, name in enumerate(calls) if name == "search_runs"})
+    assert len(points) >= 8, calls
+    for fail_at in points:
+        repo = _copy(unscored, tmp_path / f"fail-{fail_at}")
+        synced = _evaluate_in_process(repo, monkeypatch, fail_at, [])
+        assert "synced as FINISHED" in synced, synced
+        assert "injected failure" in capsys.readouterr().err  # the one line naming where the run is kept
+        assert outputs_of(repo) == outputs_of(reference), f"failing at call {fail_at} ({calls[fail_at - 1]})"
+        assert _store_content(repo) == expected, f"failing at call {fail_at} ({calls[fail_at - 1]})"
+
+
+def outputs_of(repo: Path) -> dict[str, bytes]:
+    """evaluate's DVC outputs, by path."""
+    return {str(p.relative_to(repo)): p.read_bytes() for folder in ("metrics/evaluation", "plots/predictions")
+            for p in sorted((repo / folder).iterdir())}

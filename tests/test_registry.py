@@ -33,17 +33,19 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _trained(model: str = "linear") -> str:
-    """A finished train run with a real logged model (a tiny nn.Linear); return its run id."""
+    """A finished train run with a real logged model (a tiny nn.Linear); return its run id (also its model.digest)."""
     import torch
 
-    with tracking.stage_run(f"train@{model}", EXPERIMENT, f"train@{model}", {"model": model}) as run:
+    with tracking.stage_run(f"train@{model}", EXPERIMENT, {"model": model}, f"train@{model}") as run:
         run.log_torch_model(torch.nn.Linear(3, 1), np.zeros((2, 3), dtype=np.float32), ["torch"])
+        run.set_tags({"model.digest": run.run_id})  # as the train stage tags its weights file's md5
     return run.run_id
 
 
-def _register(model: str, train_run: str, test_mse: float, digest: str = DATA) -> str:
-    with tracking.stage_run("evaluate", EXPERIMENT, "evaluate", {}) as run:
-        return tracking.register_model(run, model, train_run, test_mse, digest)
+def _register(model: str, train_run: str, test_mse: float, digest: str = DATA) -> str | None:
+    """What evaluate does for the model whose weights `train_run` wrote: register it, perhaps promote it."""
+    with tracking.stage_run("evaluate", EXPERIMENT, {}, "evaluate") as run:
+        return run.register_model(model, train_run, test_mse, digest)
 
 
 def _champion(client: Any, model: str = "linear") -> str:
@@ -75,9 +77,10 @@ def test_champion_moves_only_on_a_better_score_on_the_same_data(workspace: Path)
 
 
 def test_run_without_logged_model_is_not_registered(workspace: Path) -> None:
-    with tracking.stage_run("train@mlp", EXPERIMENT, "train@mlp", {}) as run:
-        pass
-    assert _register("mlp", run.run_id, 1.0) == f"regression-mlp: training run {run.run_id} logged no model; nothing registered"
+    with tracking.stage_run("train@mlp", EXPERIMENT, {}, "train@mlp") as run:
+        run.set_tags({"model.digest": "w1"})
+    assert _register("mlp", "w1", 1.0) == f"regression-mlp: training run {run.run_id} logged no model; nothing registered"
+    assert _register("mlp", "w2", 1.0) is None  # no training run wrote these weights: nothing to register
 
 
 @pytest.mark.bad_input

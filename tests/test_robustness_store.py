@@ -60,7 +60,7 @@ print("ready", flush=True)
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.005)
-with tracking.stage_run("worker", "regression", f"worker {sys.argv[2]}", {"worker": sys.argv[2]}) as run:
+with tracking.stage_run("worker", "regression", {"worker": sys.argv[2]}, f"worker {sys.argv[2]}") as run:
     run.log_params({"worker": sys.argv[2]})
     run.log_metrics({"value": float(sys.argv[2])})
 """

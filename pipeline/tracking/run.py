@@ -211,16 +211,17 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, tags: dict[str, str]) -> Iterator[StageRun]:
+def stage_run(stage: str, experiment: str, tags: dict[str, str], name: str | None = None) -> Iterator[StageRun]:
     """Check the store, start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
 
     A store that is down or unusable fails here, before the stage works. Runs of
     this host left RUNNING by a process that died are closed first. A store that
-    fails from here on does not fail the stage: the run is spooled.
+    fails from here on does not fail the stage: the run is spooled. The run's name is
+    the stage's, plus the DVC experiment's when there is one, unless `name` is given.
     """
     preflight()
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
-    name = run_name(stage)
+    name = name or run_name(stage)
     tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
     try:
         client, exp_id = connect(experiment)
