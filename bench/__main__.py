@@ -73,8 +73,8 @@ def main(argv: list[str]) -> int:
             else:
                 rows.append(report.Row("GPU throughput", None, None, "", note="skipped: no CUDA device on this machine"))
         if "workflow" in args.only:
-            print("measuring the DVC loop, tracking overhead and stage start-up ...", flush=True)
-            rows += workflow.workflow_rows(work, updates, args.repeats)
+            print("measuring the train stage, stage start-up, the DVC loop and the test suite ...", flush=True)
+            rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not args.tiny)
         if "scale" in args.only:
             print(f"measuring generation and training at {args.scale_rows:,} rows ...", flush=True)
             rows += workflow.scale(work, updates, args.scale_rows, args.scale_features)

@@ -66,10 +66,10 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
         dvc(repo, "repro", "generate", env=env)
         job = spawn([sys.executable, "-m", "dvc", "repro", "train@mlp"], repo, env)
         deadline = time.monotonic() + 300
-        while not any(r.info.status == "RUNNING" for r in _server_runs(uri)):
+        while not any(r.info.status == "RUNNING" and "generate.run_id" in r.data.tags for r in _server_runs(uri)):
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()
             time.sleep(0.5)
-        os.killpg(server.pid, signal.SIGKILL)  # the whole server, workers included, mid-training
+        os.killpg(server.pid, signal.SIGKILL)  # the whole server, workers included, mid-training (after the link)
         server.wait()
         out, err = job.communicate(timeout=600)
     finally:

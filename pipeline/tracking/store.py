@@ -281,7 +281,7 @@ def refusal(uri: str, exc: MlflowException) -> str:
 def failure_reason(exc: BaseException | str) -> str:
     """The cause of a store failure in a few words (MLflow's own messages run to many lines)."""
     text = str(exc)
-    for cause in ("Connection refused", "readonly database", "database is locked", "disk I/O error",
+    for cause in ("Connection refused", "Connection aborted", "Connection reset", "readonly database", "database is locked", "disk I/O error",
                   "No space left on device", "file is not a database", "Read timed out"):
         if cause in text:
             return cause

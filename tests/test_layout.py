@@ -1,0 +1,108 @@
+"""The map matches the territory: README's layout lists every module, docs name only what exists,
+and pipeline/tracking/ imports go one way (no cycle)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
+# What the pipeline writes (DVC outputs, MLflow's store, scratch): named in the docs, absent from a clean clone.
+GENERATED = ("data/", "models/", "metrics/", "plots/", "dvc_plots/", "mlartifacts/", "mlruns/", ".mlflow-spool/",
+             ".mlflow-server/", ".dvc/tmp/", "gpu-check-logs/", "bench/.work/", ".venv/", ".checkpoints/")
+
+
+def _layout_block() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1].splitlines()[1:]
+
+
+def _layout_paths() -> set[str]:
+    """The files the layout block names, as paths from the root (indentation gives the folder)."""
+    found, folders = set(), {}
+    for line in _layout_block():
+        name = line.split()[0] if line.strip() else ""
+        depth = (len(line) - len(line.lstrip())) // 2
+        if name.endswith("/"):
+            folders[depth] = name.rstrip("/")
+        elif name:
+            found.add("/".join([*(folders[d] for d in range(depth)), name]))
+    return found
+
+
+def test_readme_layout_lists_every_module_and_nothing_else() -> None:
+    modules = {str(p.relative_to(ROOT)) for folder in ("pipeline", "stages") for p in (ROOT / folder).rglob("*.py")
+               if p.name != "__init__.py"}
+    listed = _layout_paths()
+    assert modules - listed == set(), "modules missing from README's layout"
+    assert {p for p in listed if not (ROOT / p).exists()} == set(), "README's layout names files that do not exist"
+
+
+def test_quick_start_is_the_first_section() -> None:
+    sections = re.findall(r"^## (.+)$", (ROOT / "README.md").read_text(), re.M)
+    assert sections[0] == "Quick start", sections
+
+
+def test_docs_name_only_files_and_modules_that_exist() -> None:
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for token in re.findall(r"`([^`\s]+)`", text):
+            path = token.split("#")[0].split(":")[0]
+            if re.fullmatch(r"[\w.-]+(/[\w.-]+)+\.(py|md|sh|yaml|toml)", path) and not path.startswith(GENERATED):
+                if not (ROOT / path).exists() and not (doc.parent / path).exists():
+                    missing.append(f"{doc.relative_to(ROOT)}: {token}")
+        for name in re.findall(r"`((?:pipeline|stages|tracking)(?:\.\w+)+)", text):
+            if not _resolves(name if not name.startswith("tracking.") else f"pipeline.{name}"):
+                missing.append(f"{doc.relative_to(ROOT)}: {name}")
+        for module in re.findall(r"python -m ([\w.]+)", text):
+            if module.split(".")[0] in ("pipeline", "stages", "bench"):
+                base = ROOT / module.replace(".", "/")
+                if not (base.with_suffix(".py").exists() or (base / "__main__.py").exists()):
+                    missing.append(f"{doc.relative_to(ROOT)}: python -m {module}")
+    assert missing == []
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether a dotted name is a module of the project, or an attribute of one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_tracking_modules_import_one_way() -> None:
+    package = ROOT / "pipeline" / "tracking"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("pipeline.tracking."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+                elif node.module == "pipeline.tracking":
+                    deps.update(a.name for a in node.names)
+        graph[path.stem] = deps & {p.stem for p in package.glob("*.py")}
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        for dep in graph[node]:
+            visit(dep, (*path, node))
+
+    for module in graph:
+        visit(module, ())
