@@ -16,8 +16,11 @@ from pipeline.errors import PipelineError
 def main(argv: Sequence[str] | None = None) -> int:
     """Sync (or upgrade the store); errors are one line and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if args not in ([], ["--upgrade-store"]):
-        print(f"sync: unknown arguments {' '.join(args)}; allowed: none, or --upgrade-store", file=sys.stderr)
+        print(f"sync: unknown arguments {' '.join(args)}; allowed: none, --upgrade-store, or --help", file=sys.stderr)
         return 2
     from pipeline import tracking
 
