@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Sync (or upgrade the store); errors are one line and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        print(f"usage: python -m pipeline.sync [--upgrade-store]\n\n{__doc__.strip()}")
         return 0
     if args not in ([], ["--upgrade-store"]):
         print(f"sync: unknown arguments {' '.join(args)}; allowed: none, --upgrade-store, or --help", file=sys.stderr)
