@@ -57,8 +57,11 @@ def _bind(host: str, port: int) -> None:
 
 
 def _free_after(host: str, port: int) -> int | None:
-    """The first free port above `port` (a suggestion for the error line), None if none nearby."""
+    """The first free port above `port` that is no command's default (a suggestion for the error line)."""
+    defaults = {default for default, *_ in COMMANDS.values()}
     for candidate in range(port + 1, min(port + 50, 65536)):
+        if candidate in defaults:
+            continue
         try:
             _bind(host, candidate)
         except OSError:
@@ -100,6 +103,7 @@ def _answers(probe: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
