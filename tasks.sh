@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
 # One entry point for the project's commands; each installs what it needs first.
-#   ./tasks.sh repro     install into .venv, then `dvc repro` (the whole pipeline)
-#   ./tasks.sh test      install into .venv, then run the test suite
-#   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
-#   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
-#   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
-#   ./tasks.sh serve     serve models:/regression-<model>@champion (default mlp) on 127.0.0.1:${PORT:-5000}
-#   ./tasks.sh bench     run the benchmark; figures and their meaning in bench/RESULTS.md
-#   ./tasks.sh sync      replay runs spooled while MLflow was down (--upgrade-store: back up, then migrate mlflow.db)
+# `./tasks.sh` alone lists them; `./tasks.sh <command> --help` says more about one.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=.venv
 PY="${PYTHON:-python3}"
+
+usage() {
+  cat <<'EOF'
+usage: ./tasks.sh <command> [arguments]
+  install   install the project and its tools into .venv (done by every command below when needed)
+  repro     install, then `dvc repro` (the whole pipeline); arguments go to dvc repro
+  test      install, then run the test suite; arguments go to pytest (e.g. -m "not slow")
+  ui        the MLflow UI on the workspace's mlflow.db at http://127.0.0.1:5000 (PORT to change)
+  compare   table of the trained models, best test MSE first (--format csv|json|markdown, --limit N)
+  server    a shared MLflow tracking server at http://127.0.0.1:5001 (PORT, HOST; see server --help)
+  serve     serve models:/regression-<model>@champion (default mlp) at http://127.0.0.1:5002 (PORT to change)
+  bench     run the benchmark; figures and their meaning in bench/RESULTS.md
+  sync      replay runs spooled while MLflow was down (--upgrade-store: back up, then migrate mlflow.db)
+EOF
+}
+
+help_line() {
+  # `./tasks.sh <command> --help` for the commands tasks.sh runs itself: their line of the table.
+  usage | sed -n '1p'
+  usage | grep -E "^  $1 "
+}
+
+check_port() {
+  # Fail in one line (exit 2) before installing or starting anything when the command's port is taken.
+  "$PY" -m pipeline.ports check "$@" || exit 2
+}
 
 make_venv() {
   # A venv with a working pip; a half-made one (e.g. from an interrupted run) is made again.
@@ -33,24 +52,53 @@ install() {
   # Reinstall only when pyproject.toml changed since the last install.
   local stamp="$VENV/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)"
   if [[ ! -f "$stamp" ]]; then
+    local start=$SECONDS
+    echo "tasks.sh install: installing the project into $VENV (first run, or pyproject.toml changed)" >&2
+    echo "tasks.sh install: [1/3] creating $VENV" >&2
     make_venv
+    echo "tasks.sh install: [2/3] upgrading pip" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    echo "tasks.sh install: [3/3] installing torch, mlflow, dvc and the project: a few minutes on a fresh machine" >&2
+    # pip's own progress (a line per package), without its per-lookup warnings about index locations.
+    if ! "$VENV/bin/python" -m pip install -e '.[dev]' 2>&1 \
+        | { grep --line-buffered -v -E '^WARNING: Location .* is ignored' || true; } >&2; then
+      echo "tasks.sh install: pip failed (its messages are above)" >&2
+      exit 1
+    fi
     rm -f "$VENV"/.installed-*
     touch "$stamp"
+    echo "tasks.sh install: done in $((SECONDS - start)) s" >&2
   fi
   export PATH="$PWD/$VENV/bin:$PATH"
 }
 
-case "${1:-}" in
-  install) install ;;
-  repro)   install; shift; dvc repro "$@" ;;
-  test)    install; shift; python -m pytest "$@" ;;
-  ui)      install; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
-  bench)   install; shift; python -m bench "$@" ;;
-  compare) install; shift; python -m pipeline.compare "$@" ;;
-  server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
-  sync)    install; shift; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
-  serve)   install; shift; exec python -m pipeline.serve "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+help=0
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && help=1
+if (( help )) && [[ "$cmd" == install || "$cmd" == ui ]]; then
+  help_line "$cmd"  # the other commands pass --help to the tool they run
+  exit 0
+fi
+
+case "$cmd" in
+  install) [[ $# -eq 0 ]] || { echo "tasks.sh install: takes no arguments, got: $*" >&2; exit 2; }; install ;;
+  repro)   install; dvc repro "$@" ;;
+  test)    install; python -m pytest "$@" ;;
+  ui)
+    [[ $# -eq 0 ]] || { echo "tasks.sh ui: takes no arguments (PORT picks the port), got: $*" >&2; exit 2; }
+    port="$(check_port ui)"
+    install
+    python -m pipeline.ports announce ui --port "$port" --pid $$
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" \
+      --host 127.0.0.1 --port "$port" --workers 1 ;;
+  bench)   install; python -m bench "$@" ;;
+  compare) install; python -m pipeline.compare "$@" ;;
+  server)  (( help )) || check_port server --host "${HOST:-127.0.0.1}" >/dev/null; install; exec scripts/mlflow-server.sh "$@" ;;
+  sync)    install; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
+  serve)   (( help )) || check_port serve >/dev/null; install; exec python -m pipeline.serve "$@" ;;
+  *)
+    [[ -n "$cmd" ]] && echo "tasks.sh: unknown command '$cmd'" >&2
+    usage >&2
+    exit 2 ;;
 esac

@@ -1,9 +1,12 @@
 """Compare the trained models in the MLflow store: `python -m pipeline.compare`.
 
 One row per distinct trained model (runs with the same weights digest are one
-model; the newest evaluated run stands for it), the latest `--limit` per model
-kind, sorted by test MSE. Only the params whose values differ between the rows
-are shown, so a sweep reads as the knobs it turned. The store is the one every
+model; the newest evaluated run stands for it), the best `--limit` by test MSE
+per model kind, sorted by test MSE. Only the params whose values differ between
+the rows are shown, so a sweep reads as the knobs it turned; the `source` column
+tells runs of one stage apart (the DVC experiment name, else the short commit,
+marked `(uncommitted)` when params or code were edited). Numbers get as many
+digits as it takes for different values to print differently. The store is the one every
 stage uses (MLFLOW_TRACKING_URI, else the workspace's mlflow.db); MLflow is
 queried by pipeline/tracking/reading.py, this module only shapes and prints the rows.
 
@@ -28,13 +31,14 @@ from pipeline.errors import PipelineError
 
 FORMATS = ("table", "csv", "json", "markdown")
 DATA_KEY = "data"  # pseudo-param: the dataset digest, shown when rows were trained on different data
-# (column, where it comes from, how it is printed in table/markdown)
-METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("val_mse", "best_val_loss", "{:.4g}"),
-    ("test_mse", "test_mse", "{:.4g}"),
-    ("vs_lstsq", "ratio_to_least_squares", "{:.3f}"),
-    ("vs_floor", "ratio_to_noise_floor", "{:.3f}"),
+# (column, where it comes from, how table/markdown print it: format type and its least precision)
+METRIC_COLUMNS: tuple[tuple[str, str, tuple[str, int]], ...] = (
+    ("val_mse", "best_val_loss", ("g", 4)),
+    ("test_mse", "test_mse", ("g", 4)),
+    ("vs_lstsq", "ratio_to_least_squares", ("f", 3)),
+    ("vs_floor", "ratio_to_noise_floor", ("f", 3)),
 )
+MOST_DIGITS = 10  # values that still print alike with this many digits are equal for any purpose here
 TAIL_COLUMNS = ("device", "train_s", "run_s", "run_id")
 
 
@@ -52,6 +56,7 @@ def _record(run: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "run": run["run_name"],
         "model": tags.get("model") or tags.get("stage", "").removeprefix("train@"),
+        "source": source(tags),
         "params": params,
     }
     record |= {col: _number(metrics.get(key)) for col, key, _ in METRIC_COLUMNS}
@@ -67,8 +72,23 @@ def _record(run: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def source(tags: dict[str, str]) -> str:
+    """Where a run's code and params came from: its DVC experiment, else its commit (and whether it was edited)."""
+    if name := tags.get("dvc.exp_name"):
+        return name
+    commit = tags.get("git.commit", "")
+    if not commit or commit == "unknown":
+        return "-"
+    return commit[:7] + (" (uncommitted)" if "+" in tags.get("pipeline", "") else "")
+
+
+def _rank(record: dict[str, Any]) -> tuple[bool, float, int]:
+    """Sort key: best test MSE first, unscored rows last, newest first among equals."""
+    return record["test_mse"] is None, record["test_mse"] or 0.0, -record["start_time"]
+
+
 def select(runs: Sequence[dict[str, Any]], limit: int, models: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Latest `limit` distinct models per kind, best test MSE first (unscored rows last)."""
+    """The best `limit` distinct models per kind by test MSE (unscored rows last), best first."""
     best: dict[str, dict[str, Any]] = {}
     for record in map(_record, runs):
         if models and record["model"] not in models:
@@ -79,13 +99,11 @@ def select(runs: Sequence[dict[str, Any]], limit: int, models: Sequence[str] = (
         if held is None or key > (held["test_mse"] is not None, held["start_time"]):
             best[record["digest"]] = record
     per_model: dict[str, list[dict[str, Any]]] = {}
-    for record in sorted(best.values(), key=lambda r: r["start_time"], reverse=True):
+    for record in sorted(best.values(), key=_rank):  # sort first, then keep the best `limit` of each kind
         kept = per_model.setdefault(record["model"], [])
         if len(kept) < limit:
             kept.append(record)
-    rows = [r for kept in per_model.values() for r in kept]
-    rows.sort(key=lambda r: (r["test_mse"] is None, r["test_mse"] or 0.0, -r["start_time"]))
-    return rows
+    return sorted((r for kept in per_model.values() for r in kept), key=_rank)
 
 
 def differing_params(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -98,10 +116,21 @@ def differing_params(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: k != DATA_KEY)
 
 
-def _cells(row: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    """One row as printed text: 4 significant digits, seconds to 0.1, '-' for missing."""
-    cells = [row["run"], row["model"], *(str(row["params"].get(k, "-")) for k in keys)]
-    cells += ["-" if row[col] is None else fmt.format(row[col]) for col, _, fmt in METRIC_COLUMNS]
+def precisions(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Per metric column, the format with the fewest digits (from its least) that prints distinct values distinctly."""
+    formats = {}
+    for col, _, (kind, digits) in METRIC_COLUMNS:
+        values = {row[col] for row in rows if row[col] is not None}
+        while digits < MOST_DIGITS and len({f"{v:.{digits}{kind}}" for v in values}) < len(values):
+            digits += 1
+        formats[col] = f"{{:.{digits}{kind}}}"
+    return formats
+
+
+def _cells(row: dict[str, Any], keys: Sequence[str], formats: dict[str, str]) -> list[str]:
+    """One row as printed text: metrics to `formats`, seconds to 0.1, '-' for missing."""
+    cells = [row["run"], row["model"], row["source"], *(str(row["params"].get(k, "-")) for k in keys)]
+    cells += ["-" if row[col] is None else formats[col].format(row[col]) for col, _, _ in METRIC_COLUMNS]
     cells.append(row["device"] or "-")
     cells += ["-" if row[col] is None else f"{row[col]:.1f}" for col in ("train_s", "run_s")]
     cells.append(row["run_id"])
@@ -109,7 +138,7 @@ def _cells(row: dict[str, Any], keys: Sequence[str]) -> list[str]:
 
 
 def _header(keys: Sequence[str]) -> list[str]:
-    return ["run", "model", *keys, *(c for c, _, _ in METRIC_COLUMNS), *TAIL_COLUMNS]
+    return ["run", "model", "source", *keys, *(c for c, _, _ in METRIC_COLUMNS), *TAIL_COLUMNS]
 
 
 def _numeric(header: Sequence[str]) -> list[bool]:
@@ -119,7 +148,8 @@ def _numeric(header: Sequence[str]) -> list[bool]:
 def render_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """Aligned plain-text columns (numbers right-aligned); run ids shortened to 8 characters."""
     header = _header(keys)
-    body = [_cells(r, keys) for r in rows]
+    formats = precisions(rows)
+    body = [_cells(r, keys, formats) for r in rows]
     for cells in body:
         cells[-1] = cells[-1][:8]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
@@ -137,7 +167,8 @@ def render_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """A GitHub-flavoured Markdown table, numeric columns right-aligned."""
     header = _header(keys)
     align = ["---:" if num else "---" for num in _numeric(header)]
-    lines = [header, align, *(_cells(r, keys) for r in rows)]
+    formats = precisions(rows)
+    lines = [header, align, *(_cells(r, keys, formats) for r in rows)]
     return "".join("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n" for cells in lines)
 
 
@@ -148,7 +179,8 @@ def _plain(value: Any) -> Any:
 
 def _export(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The machine-readable row: full precision, full run id, the differing params, the pipeline tag."""
-    out = {"run": row["run"], "model": row["model"], "params": {k: row["params"][k] for k in keys if k in row["params"]}}
+    out = {"run": row["run"], "model": row["model"], "source": row["source"],
+           "params": {k: row["params"][k] for k in keys if k in row["params"]}}
     out |= {c: _plain(row[c]) for c, _, _ in METRIC_COLUMNS}
     out |= {c: _plain(row[c]) for c in TAIL_COLUMNS}
     out["pipeline"] = row["pipeline"]
@@ -184,10 +216,10 @@ def render(rows: Sequence[dict[str, Any]], fmt: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.compare",
-        description="Compare the latest trained models in the MLflow store, best test MSE first.",
+        description="Compare the trained models in the MLflow store, best test MSE first.",
     )
     parser.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment in params.yaml)")
-    parser.add_argument("--limit", type=int, default=10, help="latest distinct models per kind (default 10)")
+    parser.add_argument("--limit", type=int, default=10, help="the best N distinct models per kind by test MSE (default 10)")
     parser.add_argument("--model", action="append", choices=config.MODEL_NAMES, help="only this model (repeatable)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     return parser

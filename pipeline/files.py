@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,13 +58,17 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 
 def round_sig(payload: Any, digits: int = SIG_DIGITS) -> Any:
-    """Floats (also inside dicts and lists) rounded to `digits` significant digits; the rest unchanged."""
+    """Real numbers (also inside dicts and lists; numpy's too) as floats rounded to `digits` significant digits.
+
+    Significant digits, never decimals: a tiny value (a gradient check's 2.4e-07) keeps its
+    digits instead of becoming 0.0. Integers, non-finite floats and the rest stay as they are.
+    """
     if isinstance(payload, dict):
         return {k: round_sig(v, digits) for k, v in payload.items()}
     if isinstance(payload, list | tuple):
         return [round_sig(v, digits) for v in payload]
-    if isinstance(payload, float) and math.isfinite(payload):
-        return float(f"{payload:.{digits}g}")
+    if isinstance(payload, numbers.Real) and not isinstance(payload, numbers.Integral) and math.isfinite(payload):
+        return float(f"{float(payload):.{digits}g}")
     return payload
 
 

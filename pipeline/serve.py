@@ -3,10 +3,11 @@
 Runs MLflow's own `mlflow models serve` on `models:/regression-<model>@champion`
 from the store every stage uses (MLFLOW_TRACKING_URI, else the workspace's
 mlflow.db), in this environment (`--env-manager local`), on 127.0.0.1 and the
-port in PORT (default 5000). A bad model name, port, or a missing champion is
-one line on stderr before MLflow starts.
+port in PORT (default 5002, so it runs beside `./tasks.sh ui` on 5000). A bad
+model name, a bad or taken port, or a missing champion is one line on stderr
+before MLflow starts; the URL is printed once the server answers.
 
-    curl -s http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
+    curl -s http://127.0.0.1:5002/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]}'
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 
-from pipeline import config
+from pipeline import config, ports
 from pipeline.errors import PipelineError
 
 DEFAULT_MODEL = "mlp"
@@ -39,18 +41,29 @@ def command(model: str, port: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the arguments and the champion, then replace this process with the model server."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) > 1 or args[:1] in (["-h"], ["--help"]):
-        print(f"usage: python -m pipeline.serve [{'|'.join(config.MODEL_NAMES)}]  (port from PORT, default 5000)",
-              file=sys.stderr)
+    usage = (f"usage: python -m pipeline.serve [{'|'.join(config.MODEL_NAMES)}]  (default {DEFAULT_MODEL}; "
+             f"port from {ports.PORT_VAR}, default {ports.COMMANDS['serve'][0]})")
+    if args[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(args) > 1:
+        print(usage, file=sys.stderr)
         return 2
     try:
-        cmd = command(args[0] if args else DEFAULT_MODEL, os.environ.get("PORT", "5000"))
+        port = ports.check("serve")  # before the registry is read: a taken port fails in a fraction of a second
+    except ports.PortError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        cmd = command(args[0] if args else DEFAULT_MODEL, str(port))
         from pipeline import tracking
 
         os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     except PipelineError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
+    subprocess.run([sys.executable, "-m", "pipeline.ports", "announce", "serve", "--port", str(port),
+                    "--pid", str(os.getpid())], check=False)  # detaches; prints the URL once the server answers
     return os.execv(cmd[0], cmd)  # replaces this process: returns only by raising OSError
 
 

@@ -3,14 +3,15 @@
 # proxied through the server (clients need no access to the artifact folder/bucket),
 # bound to 127.0.0.1 unless HOST says otherwise, optional basic auth.
 #
-#   scripts/mlflow-server.sh                 # SQLite + ./.mlflow-server/artifacts on 127.0.0.1:5000
+#   scripts/mlflow-server.sh                 # SQLite + ./.mlflow-server/artifacts on 127.0.0.1:5001
 #   scripts/mlflow-server.sh --auth          # the same behind MLflow's basic-auth app
 #   scripts/mlflow-server.sh -- --workers 8  # anything after `--` goes to `mlflow server`
 #
 # Settings (environment variables; defaults in brackets):
 #   HOST                    interface to bind [127.0.0.1]; 0.0.0.0 exposes it to the network:
 #                           then use --auth, and ALLOWED_HOSTS if clients use a DNS name
-#   PORT                    [5000]
+#   PORT                    [5001] (the UI of `./tasks.sh ui` has 5000, `./tasks.sh serve` 5002);
+#                           a taken port is one line and exit 2 before anything starts
 #   SERVER_DIR              where the default store and artifacts live [./.mlflow-server]
 #   BACKEND_STORE_URI       runs, params, metrics [sqlite:///$SERVER_DIR/mlflow.db];
 #                           a team: postgresql://USER:PASSWORD@DBHOST:5432/DBNAME (docs/team.md)
@@ -18,7 +19,7 @@
 #                           or s3://bucket/prefix (needs boto3 and AWS_* credentials on the server only)
 #   WORKERS                 uvicorn worker processes [2]
 #   ALLOWED_HOSTS           Host headers accepted, comma separated (MLflow's default: localhost
-#                           and private IPs); e.g. mlflow.team.example,mlflow.team.example:5000
+#                           and private IPs); e.g. mlflow.team.example,mlflow.team.example:5001
 # With --auth, also:
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  required: signs the UI's CSRF tokens (same value on every replica)
 #   MLFLOW_AUTH_ADMIN_PASSWORD      required on the first start only: creates the admin user
@@ -30,16 +31,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -x .venv/bin/mlflow ]] && export PATH="$PWD/.venv/bin:$PATH"  # the project's mlflow, as tasks.sh installs it
+PY="$(command -v python || command -v python3)"
 
 auth=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --auth) auth=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "mlflow-server.sh: unknown option '$1'; allowed: --auth, --help, -- <mlflow server options>" >&2; exit 2 ;;
   esac
 done
+
+HOST="${HOST:-127.0.0.1}"
+PORT="$("$PY" -m pipeline.ports check server --host "$HOST")" || exit 2  # one line when taken, before anything starts
 
 SERVER_DIR="$(mkdir -p "${SERVER_DIR:-.mlflow-server}" && cd "${SERVER_DIR:-.mlflow-server}" && pwd)"
 BACKEND_STORE_URI="${BACKEND_STORE_URI:-sqlite:///$SERVER_DIR/mlflow.db}"
@@ -50,7 +55,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:
 args=(
   --backend-store-uri "$BACKEND_STORE_URI"
   --serve-artifacts --artifacts-destination "$ARTIFACTS_DESTINATION"
-  --host "${HOST:-127.0.0.1}" --port "${PORT:-5000}" --workers "${WORKERS:-2}"
+  --host "$HOST" --port "$PORT" --workers "${WORKERS:-2}"
 )
 [[ -n "${ALLOWED_HOSTS:-}" ]] && args+=(--allowed-hosts "$ALLOWED_HOSTS")
 
@@ -73,4 +78,5 @@ INI
   args+=(--app-name basic-auth)
 fi
 
+"$PY" -m pipeline.ports announce server --host "$HOST" --port "$PORT" --pid $$  # prints the URL once it answers
 exec mlflow server "${args[@]}" "$@"

@@ -90,9 +90,7 @@ def run(cfg: config.Config, name: str) -> None:
             x_label = "gradient step (full batch)" if name == "linear_gd" else "epoch"
             plots.loss_curves(paths.loss_plot_path(name, ".png"), f"{name}: loss per {x_label.split(' (')[0]}",
                               x_label, train_curve, (result.history.step, result.history.val_loss))
-            # the gradient check is float32 round-off itself, so its file copy keeps 6 decimals (0 = agree to 1e-6)
-            check = {k: round(v, 6) for k, v in summary.items() if k == "grad_check_max_abs_diff"}
-            files.write_metrics(paths.train_metrics_path(name), summary | check)
+            files.write_metrics(paths.train_metrics_path(name), summary)
 
             # log
             mlflow_run.log_curve("train_loss", *train_curve)

@@ -24,11 +24,13 @@ from pipeline import compare, tracking
 
 EXPERIMENT = "compare-test"
 DATA = "d" * 32
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _train_run(name: str, model: str, params: dict[str, Any], metrics: dict[str, float], digest: str, data: str = DATA) -> str:
     """A finished train run as the train stage leaves it (after evaluate copied its test metrics)."""
-    tags = {"model": model, "model.digest": digest, "data.digest": data, "device": "cpu"}
+    tags = {"model": model, "model.digest": digest, "data.digest": data, "device": "cpu",
+            "git.commit": COMMIT, "pipeline": f"repro@{COMMIT[:7]}"}  # as a `dvc repro` of a clean checkout
     with tracking.stage_run(f"train@{model}", EXPERIMENT, tags, name) as run:
         run.log_params({"seed": 42, "device": "auto", **{f"{model}.{k}": v for k, v in params.items()}})
         run.log_metrics(metrics)
@@ -80,6 +82,7 @@ def test_json_rows_sorted_by_test_mse_with_differing_params(store: dict[str, str
     assert [r["run"] for r in rows] == ORDER
     assert [r["run_id"] for r in rows] == [store[k] for k in ("mlp_good", "linear", "gd", "mlp_bad", "mlp_new")]
     best = rows[0]
+    assert best["source"] == COMMIT[:7]
     assert best["params"] == {"mlp.hidden": "[32]", "mlp.lr": "0.01"}  # seed, device, data: the same everywhere
     assert best["test_mse"] == pytest.approx(0.9)
     assert best["val_mse"] == pytest.approx(0.8)
@@ -93,14 +96,14 @@ def test_json_rows_sorted_by_test_mse_with_differing_params(store: dict[str, str
 def test_table_aligned_with_short_run_ids(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     lines = _main(capsys).splitlines()
     header = lines[0].split()
-    assert header == ["run", "model", "mlp.hidden", "mlp.lr", "val_mse", "test_mse", "vs_lstsq", "vs_floor",
+    assert header == ["run", "model", "source", "mlp.hidden", "mlp.lr", "val_mse", "test_mse", "vs_lstsq", "vs_floor",
                       "device", "train_s", "run_s", "run_id"]
     assert set(lines[1]) == {"-", " "}
     body = [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
     assert [cells[0] for cells in body] == ORDER
-    assert body[0][:9] == ["train@mlp [a]", "mlp", "[32]", "0.01", "0.8", "0.9", "1.125", "1.800", "cpu"]
+    assert body[0][:10] == ["train@mlp [a]", "mlp", COMMIT[:7], "[32]", "0.01", "0.8", "0.9", "1.125", "1.800", "cpu"]
     assert body[0][-1] == store["mlp_good"][:8]
-    assert body[-1][2:9] == ["[64, 64]", "0.001", "0.7", "-", "-", "-", "cpu"]  # not evaluated yet
+    assert body[-1][3:10] == ["[64, 64]", "0.001", "0.7", "-", "-", "-", "cpu"]  # not evaluated yet
     # Aligned: text columns start under their header, numbers end under theirs.
     assert lines[2].index(store["mlp_good"][:8]) == lines[0].index("run_id")
     end = lines[0].index("test_mse") + len("test_mse")
@@ -118,8 +121,8 @@ def test_csv_one_column_per_differing_param(store: dict[str, str], capsys: pytes
 
 def test_markdown_table(store: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     lines = _main(capsys, "--format", "markdown").splitlines()
-    assert lines[0].startswith("| run | model | mlp.hidden | mlp.lr | val_mse | test_mse |")
-    assert lines[1].startswith("| --- | --- | --- | --- | ---: | ---: |")
+    assert lines[0].startswith("| run | model | source | mlp.hidden | mlp.lr | val_mse | test_mse |")
+    assert lines[1].startswith("| --- | --- | --- | --- | --- | ---: | ---: |")
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == ORDER
     assert lines[2].endswith(f"| {store['mlp_good']} |")
 
@@ -128,7 +131,10 @@ def test_model_filter_and_limit(store: dict[str, str], capsys: pytest.CaptureFix
     rows = json.loads(_main(capsys, "--format", "json", "--model", "mlp"))
     assert [r["run"] for r in rows] == ["train@mlp [a]", "train@mlp [b]", "train@mlp [c]"]
     rows = json.loads(_main(capsys, "--format", "json", "--limit", "1"))
-    assert [r["run"] for r in rows] == ["train@linear", "train@linear_gd", "train@mlp [c]"]  # newest per model
+    assert [r["run"] for r in rows] == ["train@mlp [a]", "train@linear", "train@linear_gd"]  # the best per model
+    rows = json.loads(_main(capsys, "--format", "json", "--model", "mlp", "--limit", "2"))
+    # sorted first, limited after: the newest run (c, not yet scored) and b, the worst, are the ones left out
+    assert [r["run"] for r in rows] == ["train@mlp [a]", "train@mlp [b]"]
 
 
 def test_rows_on_different_data_show_the_digest() -> None:
@@ -140,6 +146,53 @@ def test_rows_on_different_data_show_the_digest() -> None:
     assert [r["run"] for r in rows] == ["y", "x"]
     assert compare.differing_params(rows) == ["data"]
     assert json.loads(compare.render(rows, "json"))[0]["params"] == {"data": "b" * 8}
+
+
+def _row(run_id: str, test: float, ratio: float) -> dict[str, Any]:
+    return {"run_id": run_id, "run_name": "train@mlp", "start_time": 1, "end_time": 2, "params": {"seed": "1"},
+            "metrics": {"test_mse": test, "ratio_to_least_squares": ratio}, "tags": {"model": "mlp", "model.digest": run_id}}
+
+
+def test_digits_break_ties() -> None:
+    """Values that 4 significant digits (3 decimals for ratios) would print alike get the digits that tell them apart."""
+    rows = compare.select([_row("x", 0.99871234, 1.00412), _row("y", 0.99874, 1.00438), _row("z", 1.5, 1.6)], limit=10)
+    lines = compare.render(rows, "table").splitlines()
+    cells = [re.split(r"\s{2,}", line.strip()) for line in lines]
+    test_col, ratio_col = cells[0].index("test_mse"), cells[0].index("vs_lstsq")
+    assert [c[test_col] for c in cells[2:]] == ["0.99871", "0.99874", "1.5"]
+    assert [c[ratio_col] for c in cells[2:]] == ["1.0041", "1.0044", "1.6000"]
+    markdown = compare.render(rows, "markdown")
+    assert "| 0.99871 |" in markdown and "| 0.99874 |" in markdown
+    # No tie, no extra digits: the least precision stays.
+    assert compare.precisions(rows[:1] + rows[2:]) == {"val_mse": "{:.4g}", "test_mse": "{:.4g}",
+                                                      "vs_lstsq": "{:.3f}", "vs_floor": "{:.3f}"}
+
+
+def test_runs_of_the_same_stage_are_told_apart(store: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three `train@mlp` runs: committed params, an uncommitted edit of them, a DVC experiment.
+    Each row names where it came from, and the param that differs is a column."""
+    monkeypatch.setenv("DVC_ROOT", str(Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent))
+    experiment = "compare-sources"
+    runs = {  # label: (tags, mlp.lr, test MSE)
+        "committed": ({"pipeline": f"repro@{COMMIT[:7]}"}, 0.01, 0.93),
+        "edited": ({"pipeline": f"repro@{COMMIT[:7]}+9f8e7d6c"}, 0.02, 0.91),
+        "exp": ({"pipeline": f"sural-hold@{COMMIT[:7]}", "dvc.exp_name": "sural-hold"}, 0.03, 0.92),
+    }
+    for label, (tags, lr, test) in runs.items():
+        tags = {"model": "mlp", "model.digest": label, "data.digest": DATA, "git.commit": COMMIT, **tags}
+        with tracking.stage_run("train@mlp", experiment, tags, "train@mlp") as run:
+            run.log_params({"seed": 42, "mlp.lr": lr, "mlp.hidden": [32]})
+            run.log_metrics(_scores(1.0, test))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", experiment], cwd=ROOT,
+                          env=run_env(MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"]), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cells = [re.split(r"\s{2,}", line.strip()) for line in proc.stdout.splitlines()]
+    assert cells[0][:5] == ["run", "model", "source", "mlp.lr", "val_mse"]
+    assert [c[:4] for c in cells[2:]] == [
+        ["train@mlp", "mlp", f"{COMMIT[:7]} (uncommitted)", "0.02"],
+        ["train@mlp", "mlp", "sural-hold", "0.03"],
+        ["train@mlp", "mlp", COMMIT[:7], "0.01"],
+    ]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -140,6 +140,22 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
     assert [a.path for a in client.list_artifacts(runs["generate"].info.run_id, "weights")] == ["weights/true_weights.json"]
 
 
+def test_train_metrics_files_hold_mlflow_values_to_5_significant_digits(repro: tuple[Path, str]) -> None:
+    """Every training metric in metrics/train/ is MLflow's value to 5 significant digits: no decimal
+    rounding (the gradient check, a float32 round-off near 1e-7, used to be written as 0.0)."""
+    repo, _ = repro
+    client = _client(repo)
+    exp = client.get_experiment_by_name("regression")
+    for name in ("linear_gd", "linear", "mlp"):
+        run = client.search_runs([exp.experiment_id], f"tags.stage = 'train@{name}'")[0]
+        written = json.loads((repo / "metrics" / "train" / f"{name}.json").read_text())
+        assert set(written) <= set(run.data.metrics), name
+        for key, value in written.items():
+            assert value == float(f"{run.data.metrics[key]:.5g}"), (name, key, value, run.data.metrics[key])
+    gd = json.loads((repo / "metrics" / "train" / "linear_gd.json").read_text())
+    assert "grad_check_max_abs_diff" in gd
+
+
 def test_a_cold_repro_prints_no_warning_and_no_traceback(reproduced: Reproduced) -> None:
     assert quiet(reproduced.stderr), reproduced.stderr
 

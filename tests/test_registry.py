@@ -136,6 +136,13 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
         )
         with urllib.request.urlopen(request, timeout=60) as resp:
             answer = json.loads(resp.read())
+        ready = f"serve: model server ready at http://127.0.0.1:{port} (POST rows to /invocations)"
+        for _ in range(100):  # the ready line comes from a poller that checks every 0.25 s
+            if ready in log.read_text(errors="replace").splitlines():
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no line {ready!r} in:\n{log.read_text(errors='replace')}")
     finally:
         stop_group(proc)
     assert not group_alive(proc.pid), "the model server's processes outlived it"

@@ -99,6 +99,19 @@ def test_round_sig_keeps_significant_digits_and_leaves_the_rest() -> None:
     assert files.round_sig(payload) == {"a": 1.2346, "b": [0.00012346, 123460.0], "n": 7, "inf": float("inf"), "s": "x"}
 
 
+def test_write_metrics_rounds_every_value_to_significant_digits(tmp_path: Path) -> None:
+    """Significant digits, not decimals: a float32 round-off of 2**-22 stays 2.3842e-07, not 0.0."""
+    path = tmp_path / "m.json"
+    files.write_metrics(path, {"grad_check_max_abs_diff": 2.0**-22, "best_val_loss": 1.234567891, "big": 98765.4321,
+                               "f32": np.float32(0.1234567), "f64": np.float64(1e-12 / 3), "steps": 30,
+                               "nested": {"curve": [0.333333333, 3333.33333]}})
+    written = json.loads(path.read_text())
+    assert written == {"grad_check_max_abs_diff": 2.3842e-07, "best_val_loss": 1.2346, "big": 98765.0,
+                       "f32": 0.12346, "f64": 3.3333e-13, "steps": 30, "nested": {"curve": [0.33333, 3333.3]}}
+    assert isinstance(written["steps"], int)
+    assert '"grad_check_max_abs_diff": 2.3842e-07' in path.read_text()
+
+
 def test_pngs_are_the_same_bytes_for_the_same_numbers(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     actual = rng.standard_normal(300)
