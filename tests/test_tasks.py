@@ -45,7 +45,7 @@ HELP_STARTS = {
     "server": "# A shared MLflow tracking server",
     "serve": "usage: python -m pipeline.serve ",
     "bench": "usage: python -m bench ",
-    "sync": "usage: python -m pipeline.sync ",
+    "sync": "usage: ./tasks.sh sync ",
 }
 
 

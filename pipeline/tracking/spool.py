@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`./tasks.sh sync [--upgrade-store]`; errors are one line and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n")[-1].rstrip())
+        print(f"usage: ./tasks.sh sync [--upgrade-store]\n\n{__doc__}".rstrip())
         return 0
     if args not in ([], ["--upgrade-store"]):
         print(f"sync: unknown arguments {' '.join(args)}; allowed: none, --upgrade-store, --help", file=sys.stderr)
