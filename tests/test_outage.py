@@ -366,7 +366,17 @@ def test_store_failing_at_each_evaluate_operation_loses_nothing_after_sync(
         assert "synced as FINISHED" in synced, synced
         assert "injected failure" in capsys.readouterr().err  # the one line naming where the run is kept
         assert outputs_of(repo) == outputs_of(reference), f"failing at call {fail_at} ({calls[fail_at - 1]})"
-        assert _store_content(repo) == expected, f"failing at call {fail_at} ({calls[fail_at - 1]})"
+        assert _differences(_store_content(repo), expected) == [], f"failing at call {fail_at} ({calls[fail_at - 1]})"
+
+
+def _differences(got: Any, want: Any, where: str = "") -> list[str]:
+    """Where two nested values differ: one line per differing leaf."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(got) | set(want), key=str)
+                for d in _differences(got.get(k, "<missing>"), want.get(k, "<missing>"), f"{where}.{k}")]
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _differences(g, w, f"{where}[{i}]")]
+    return [] if got == want else [f"{where}: {got!r} != {want!r}"]
 
 
 def outputs_of(repo: Path) -> dict[str, bytes]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import now_ms
-
 
 def latest_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
     """The newest finished run whose tags match all of `tags` (lineage look-ups)."""
@@ -42,17 +40,18 @@ def link_generate_run(client: MlflowClient, experiment_id: str, run_id: str, dat
 
 def score_training_run(
     client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str,
-    metrics: dict[str, float], picture: str,
+    metrics: dict[str, float], picture: str, timestamp: int,
 ) -> None:
     """Copy a model's test metrics and picture onto the training run that made its weights; tag the run with it.
 
     One MLflow table then shows params beside test MSE, and one run page the loss
-    curves beside the predictions.
+    curves beside the predictions. Safe to run again (sync does, when the store failed
+    half-way): the picture is overwritten, and metrics already logged at `timestamp` are not logged twice.
     """
     if (train_run := training_run(client, experiment_id, model, model_digest)) is None:
         return
-    ts = now_ms()
-    client.log_batch(train_run, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
     client.log_artifact(train_run, picture, "plots/predictions")
+    first = next(iter(metrics), None)
+    if first and not any(m.timestamp == timestamp for m in client.get_metric_history(train_run, first)):
+        client.log_batch(train_run, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
     client.log_batch(run_id, tags=[RunTag(f"scored.{model}.run_id", train_run)])
-

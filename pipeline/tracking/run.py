@@ -31,8 +31,8 @@ from pipeline.tracking import lineage, registry, torch_model
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import defer, open_spool, spooled_run_ids
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, preflight, sqlite_file,
-    tracking_uri, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, point_fluent_api_at, preflight,
+    sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -84,7 +84,7 @@ class StageRun:
         client, exp_id, run_id, folder = open_spool(
             self.experiment, self.run_name, self.tags, self.start_time, self.run_id, self.spool_reason
         )
-        mlflow.set_tracking_uri(client.tracking_uri)  # Model.log uses the active run: make that the spool's
+        point_fluent_api_at(client.tracking_uri)  # Model.log uses the active run: make that the spool's
         with suppress(Exception):
             mlflow.end_run()  # drops the store's run from the active stack (ending it there fails: it is not in the spool)
         mlflow.start_run(run_id=run_id)
@@ -130,7 +130,7 @@ class StageRun:
     def score_training_run(self, model: str, model_digest: str, metrics: dict[str, float], picture: Path) -> None:
         """Copy test metrics and the predicted-vs-actual picture onto the run that trained these weights."""
         self._across(lineage.score_training_run, model=model, model_digest=model_digest,
-                     metrics={k: float(v) for k, v in metrics.items()}, picture=str(picture))
+                     metrics={k: float(v) for k, v in metrics.items()}, picture=str(picture), timestamp=now_ms())
 
     def register_model(self, model: str, model_digest: str, test_mse: float, data_digest: str) -> str | None:
         """Register the training run's logged model and move `champion` to it when better; the report line."""

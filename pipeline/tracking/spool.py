@@ -30,6 +30,7 @@ import yaml
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline.errors import PipelineError
 from pipeline.tracking import lineage, registry
@@ -70,7 +71,8 @@ def open_spool(
     folder.mkdir(parents=True)
     client = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
     exp_id = client.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
-    run = client.create_run(exp_id, start_time=start_time, tags=tags, run_name=run_name)
+    # MLflow's context tags (user, source), as mlflow.start_run adds them: a run spooled from its start has them too
+    run = client.create_run(exp_id, start_time=start_time, tags=resolve_tags(tags), run_name=run_name)
     meta = {"run_id": store_run_id, "experiment": experiment, "stage": tags.get("stage"),
             "store": tracking_uri(), "reason": reason}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -83,8 +85,8 @@ def defer(folder: Path, operation: str, kwargs: dict[str, Any]) -> None:
     kwargs = dict(kwargs)
     for arg in FILE_ARGS:
         if arg in kwargs:  # a copy: the workspace's file may be rewritten before sync
-            copy = folder / "files" / f"{len(queued)}-{Path(kwargs[arg]).name}"
-            copy.parent.mkdir(exist_ok=True)
+            copy = folder / "files" / str(len(queued)) / Path(kwargs[arg]).name  # the name it is uploaded under
+            copy.parent.mkdir(parents=True)
             shutil.copy2(kwargs[arg], copy)
             kwargs[arg] = str(copy.relative_to(folder))
     queued.append({"operation": operation, "kwargs": kwargs})

@@ -233,13 +233,28 @@ def store_lock(root: Path) -> Iterator[None]:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+def point_fluent_api_at(uri: str) -> None:
+    """Make `uri` the store of MLflow's fluent API (the active run, Model.log), and nothing else.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which `tracking_uri` reads as
+    the user's choice: a spool's URI would then pass for the store itself for the rest of the
+    process. The variable is put back as it was.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def connect(experiment: str) -> tuple[MlflowClient, str]:
     """Open the store (creating it and the experiment once, safely); return (client, experiment id)."""
     root = workspace_root()
     uri = tracking_uri(root)
     if is_server(uri):
         use_server(uri)  # a no-op after the stage's pre-flight: one /health check per stage
-    mlflow.set_tracking_uri(uri)  # the process-wide store of MLflow's own log_model (and of the fluent run)
+    point_fluent_api_at(uri)
     if is_sqlite(uri):
         with store_lock(root):
             client = MlflowClient(uri)
