@@ -37,22 +37,28 @@ def champion_uri(model: str) -> str:
 
 
 def register_model(run: StageRun, model: str, train_run_id: str, test_mse: float, data_digest: str) -> str:
-    """Register a training run's logged model (once per run) and promote it if it is better; return a report line.
+    """Register a training run's logged model (once per run), elect the champion, and return a report line.
 
-    The alias `champion` moves to the new version only when its test MSE is lower
-    than the current champion's on the same data digest: ties and worse results
-    leave it, and a version trained on other data is reported, not compared. On the
-    embedded store the read-compare-move is serialised with the store's file lock
-    (queued experiments evaluate in parallel); a server offers no such lock.
+    `champion` points at the lowest test MSE among the versions scored on the same
+    data digest (ties: the lowest version number); a champion scored on other data
+    is reported, not compared, and left alone. The registry has no lock, so the
+    version is registered first (its scores as tags, in the same request) and then
+    elected by `_elect`, which repeats read-all / set / re-read until what it reads
+    is stable: however many evaluates race on one server, the last one to settle
+    sees every version and leaves the alias on the best. The report says what is
+    true when this evaluate ends. The embedded store keeps its file lock around it
+    (queued experiments evaluate in parallel on it), which makes the loop run once.
     """
     client, name, uri = run.client, registered_name(model), tracking_uri()
     if run.spool is not None:  # the store is down: the registry is the store's, so this waits for a rerun
         return f"{name}: not registered (the MLflow store failed; this run is spooled in {run.spool})"
     with store_lock(workspace_root()) if uri.startswith("sqlite:///") else nullcontext():
+        before = _champion(client, name)
         version = _version_for_run(client, name, train_run_id, run.experiment_id, test_mse, data_digest)
         if version is None:
             return f"{name}: training run {train_run_id} logged no model; nothing registered"
-        return f"{name} v{version.version}: {_promote(client, name, version, test_mse, data_digest)}"
+        after = _elect(client, name, data_digest)
+        return f"{name} v{version.version}: {_report(str(version.version), test_mse, data_digest, before, after)}"
 
 
 def _version_for_run(
@@ -78,25 +84,82 @@ def _version_for_run(
     )
 
 
-def _promote(client: MlflowClient, name: str, version: Any, test_mse: float, data_digest: str) -> str:
-    """Move `champion` to `version` when it beats the current champion on the same data; say what happened."""
+MAX_ROUNDS = 50  # each round that is not stable follows a write by a racing evaluate; a few settle any race
+
+
+def _score(version: Any) -> float | None:
+    """A version's test MSE tag as a number, or None when it has none (registered by hand)."""
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return float(version.tags["test_mse"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _champion(client: MlflowClient, name: str) -> Any:
+    """The version `champion` points at now, or None."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        champion = None
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"first {CHAMPION} (test_mse {test_mse:.6g})"
-    if str(champion.version) == str(version.version):
-        return f"already {CHAMPION} (test_mse {test_mse:.6g})"
-    theirs = champion.tags.get("data.digest", "none")
-    if theirs != data_digest or "test_mse" not in champion.tags:
+        return None
+
+
+def _same_data(client: MlflowClient, name: str, data_digest: str) -> list[Any]:
+    """Every scored version of `name` on `data_digest` (all pages)."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found += [v for v in page if v.tags.get("data.digest") == data_digest and _score(v) is not None]
+        token = page.token
+        if not token:
+            return found
+
+
+def _elect(client: MlflowClient, name: str, data_digest: str) -> Any:
+    """Point `champion` at the best version on `data_digest` and return the champion once a read shows it stable.
+
+    Each round reads every version, then the alias; it stops when the alias is the
+    best of what it read (or is on other data, which is not ours to move), and else
+    sets it and reads again. Why that suffices without a lock: an evaluate settles
+    only on a read of all versions taken after its own last write; the evaluate that
+    registered last reads every version, so whichever write lands last is checked by
+    its writer against a complete read, or is corrected by the one that registered last.
+    """
+    for _ in range(MAX_ROUNDS):
+        versions = _same_data(client, name, data_digest)
+        champion = _champion(client, name)
+        if not versions:
+            return champion
+        best = min(versions, key=lambda v: (_score(v), int(v.version)))
+        if champion is not None and (champion.tags.get("data.digest") != data_digest or _score(champion) is None):
+            return champion  # scored on other data (or not scored): reported, never replaced from here
+        if champion is not None and str(champion.version) == str(best.version):
+            return champion
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    raise TrackingError(
+        f"{name}: the {CHAMPION} alias was still moving after {MAX_ROUNDS} rounds of concurrent evaluates; "
+        "run evaluate again once they have finished"
+    )
+
+
+def _report(mine: str, test_mse: float, data_digest: str, before: Any, after: Any) -> str:
+    """What is true as this evaluate ends: whether `mine` is the champion, and against what."""
+    if after is not None and after.tags.get("data.digest") != data_digest:
+        theirs = after.tags.get("data.digest", "none")
         return (
-            f"not compared: {CHAMPION} v{champion.version} was scored on other data "
+            f"not compared: {CHAMPION} v{after.version} was scored on other data "
             f"(data.digest {theirs[:8]}, this one {data_digest[:8]}); {CHAMPION} unchanged"
         )
-    best = float(champion.tags["test_mse"])
-    if test_mse < best:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"new {CHAMPION} (test_mse {test_mse:.6g} < {best:.6g} of v{champion.version})"
-    return f"{CHAMPION} stays v{champion.version} (test_mse {best:.6g} <= {test_mse:.6g})"
+    if after is None or _score(after) is None:
+        return f"not compared: {CHAMPION} v{after.version if after else '?'} has no test_mse tag; {CHAMPION} unchanged"
+    best = _score(after)
+    if str(after.version) != mine:
+        moved = "stays" if before is not None and str(before.version) == str(after.version) else "is"
+        return f"{CHAMPION} {moved} v{after.version} (test_mse {best:.6g} <= {test_mse:.6g})"
+    if before is None:
+        return f"first {CHAMPION} (test_mse {test_mse:.6g})"
+    if str(before.version) == mine:
+        return f"already {CHAMPION} (test_mse {test_mse:.6g})"
+    previous = _score(before)
+    if before.tags.get("data.digest") != data_digest or previous is None:
+        return f"new {CHAMPION} (test_mse {test_mse:.6g}; v{before.version} was scored on other data)"
+    return f"new {CHAMPION} (test_mse {test_mse:.6g} < {previous:.6g} of v{before.version})"
