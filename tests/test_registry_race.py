@@ -38,7 +38,7 @@ def _evaluate(index: int, rounds: list[tuple[str, list[float], bool]], barrier: 
     from pipeline import tracking
     from pipeline.tracking import registry
 
-    faulthandler.dump_traceback_later(240, exit=True)  # a hung worker shows where, and ends
+    faulthandler.dump_traceback_later(900, exit=True)  # a hung worker shows where, and ends
 
     client = MlflowClient(tracking.tracking_uri())
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -47,10 +47,10 @@ def _evaluate(index: int, rounds: list[tuple[str, list[float], bool]], barrier: 
         logged = client.create_logged_model(experiment_id, name=model, source_run_id=train)
         client.finalize_logged_model(logged.model_id, "READY")
         client.set_terminated(train)
-        barrier.wait()
+        barrier.wait(timeout=300)
         if settled:
             registry._version_for_run(client, registry.registered_name(model), train, experiment_id, scores[index], DIGEST)
-            barrier.wait()
+            barrier.wait(timeout=300)
         with tracking.stage_run("evaluate", EXPERIMENT, "evaluate", {}) as run:
             report = tracking.register_model(run, model, train, scores[index], DIGEST)
         results.put((model, index, train, scores[index], report))

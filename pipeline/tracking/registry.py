@@ -76,7 +76,7 @@ def _version_for_run(
     try:
         client.create_registered_model(name, description="Trained by the regression pipeline; alias champion = lowest test MSE")
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") and not _lost_race(exc):
             raise
     tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
     return client.create_model_version(
@@ -85,6 +85,17 @@ def _version_for_run(
 
 
 MAX_ROUNDS = 50  # each round that is not stable follows a write by a racing evaluate; a few settle any race
+
+
+def _lost_race(exc: MlflowException) -> bool:
+    """Whether the server refused a write because a concurrent one made the same row first.
+
+    MLflow's SQL store reads, then inserts: two evaluates creating the registered
+    model or the `champion` alias at once make one of them fail on the unique key
+    (SQLite, PostgreSQL and MySQL word it differently). Rereading is the answer.
+    """
+    text = str(exc).lower()
+    return "unique constraint" in text or "duplicate" in text or "integrityerror" in text
 
 
 def _score(version: Any) -> float | None:
@@ -134,7 +145,11 @@ def _elect(client: MlflowClient, name: str, data_digest: str) -> Any:
             return champion  # scored on other data (or not scored): reported, never replaced from here
         if champion is not None and str(champion.version) == str(best.version):
             return champion
-        client.set_registered_model_alias(name, CHAMPION, best.version)
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+        except MlflowException as exc:
+            if not _lost_race(exc):
+                raise
     raise TrackingError(
         f"{name}: the {CHAMPION} alias was still moving after {MAX_ROUNDS} rounds of concurrent evaluates; "
         "run evaluate again once they have finished"
