@@ -28,6 +28,22 @@ from pipeline.config_errors import Bad, ConfigError, Verbatim
 MODEL_NAMES: tuple[str, ...] = ("linear_gd", "linear", "mlp")
 PARAMS_FILE = "params.yaml"
 
+# Upper bounds on everything that sizes work, so no value can exhaust the machine before a check
+# catches it (params.yaml's comments state them too). The data's disk and memory footprint is
+# checked against this machine by data.check_fits before generate draws a row.
+MAX_PARAMS_BYTES = 128 * 1024  # the committed file is ~4 KiB; 128 KiB of YAML parses in ~0.3 s on a busy CPU
+MAX_SAMPLES = 1_000_000_000
+MAX_FEATURES = 10_000
+MAX_STEPS = 1_000_000          # linear_gd.steps
+MAX_EPOCHS = 100_000           # linear.epochs, mlp.epochs, mlp.patience
+MAX_BATCH = 1_000_000          # linear.batch_size, mlp.batch_size (also at most the train rows)
+MAX_LAYERS = 32                # entries of mlp.hidden
+MAX_WIDTH = 16_384             # each entry of mlp.hidden
+MAX_MLP_WEIGHTS = 100_000_000  # weights and biases of the whole MLP (400 MB as float32, before optimizer state)
+MAX_PLOT_POINTS = 100_000      # evaluate.plot_points
+MAX_NPROC = 64                 # mlp.distributed.nproc
+MAX_NAME = 250                 # mlflow.experiment, characters
+
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step"]
@@ -65,8 +81,8 @@ class Split(_Strict):
 class DataConfig(_Strict):
     """The synthetic regression problem: y = X·w + b + nonlinearity·g(X) + noise."""
 
-    n_samples: int = Field(gt=0)
-    n_features: int = Field(gt=0)
+    n_samples: int = Field(gt=0, le=MAX_SAMPLES)
+    n_features: int = Field(gt=0, le=MAX_FEATURES)
     noise_std: float = Field(ge=0)
     nonlinearity: float = Field(ge=0)
     split: Split
@@ -84,7 +100,7 @@ class DataConfig(_Strict):
 class LinearGDConfig(_Strict):
     """Full-batch gradient descent written out by hand (the source notes' loop)."""
 
-    steps: int = Field(gt=0)
+    steps: int = Field(gt=0, le=MAX_STEPS)
     lr: float = Field(gt=0)
 
 
@@ -94,29 +110,29 @@ class LinearConfig(_Strict):
     optimizer: Optimizer
     lr: float = Field(gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(gt=0)
-    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, le=MAX_BATCH)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
 
 
 class DistributedConfig(_Strict):
     """Data-parallel training: nproc > 1 runs DistributedDataParallel over that many processes."""
 
-    nproc: int = Field(default=1, ge=1)
+    nproc: int = Field(default=1, ge=1, le=MAX_NPROC)
 
 
 class MLPConfig(_Strict):
     """A configurable MLP with early stopping on validation loss."""
 
-    hidden: tuple[int, ...] = Field(min_length=1)
+    hidden: tuple[int, ...] = Field(min_length=1, max_length=MAX_LAYERS)
     activation: Activation
     dropout: float = Field(ge=0, lt=1)
     optimizer: Optimizer
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     schedule: Schedule
-    batch_size: int = Field(gt=0)
-    epochs: int = Field(gt=0)
-    patience: int = Field(gt=0)
+    batch_size: int = Field(gt=0, le=MAX_BATCH)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
+    patience: int = Field(gt=0, le=MAX_EPOCHS)
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
@@ -140,19 +156,21 @@ class MLPConfig(_Strict):
     def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(w <= 0 for w in v):
             raise Bad(None, list(v), "every width must be greater than 0")
+        if any(w > MAX_WIDTH for w in v):
+            raise Bad(None, list(v), f"every width must be at most {MAX_WIDTH}")
         return v
 
 
 class EvaluateConfig(_Strict):
     """How the evaluation reports."""
 
-    plot_points: int = Field(gt=0)
+    plot_points: int = Field(gt=0, le=MAX_PLOT_POINTS)
 
 
 class TrackingConfig(_Strict):
     """Where runs go; not a DVC dependency, so renaming the experiment reruns nothing."""
 
-    experiment: str = Field(min_length=1)
+    experiment: str = Field(min_length=1, max_length=MAX_NAME)
 
 
 class Config(_Strict):
@@ -178,6 +196,13 @@ class Config(_Strict):
                     f"{name}.batch_size", batch,
                     f"must be at most {n_train}, the rows in the train split (or raise data.n_samples)",
                 )
+        widths = (self.data.n_features, *self.mlp.hidden, 1)
+        weights = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+        if weights > MAX_MLP_WEIGHTS:
+            raise Bad(
+                "mlp.hidden", list(self.mlp.hidden),
+                f"gives {weights} weights with data.n_features={self.data.n_features}; at most {MAX_MLP_WEIGHTS} are allowed",
+            )
         return self
 
     def model(self, name: str) -> LinearGDConfig | LinearConfig | MLPConfig:
@@ -203,8 +228,8 @@ def parse(raw: Any) -> Config:
         raise ConfigError(f"invalid {PARAMS_FILE} ({len(lines)} problems):\n  " + "\n  ".join(lines)) from None
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`), as DVC does."""
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """SafeLoader (libyaml's when present: 5x faster) that reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`), as DVC does."""
 
 
 _Loader.add_implicit_resolver(
@@ -221,19 +246,64 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _aliased(root: yaml.Node | None) -> yaml.Node | None:
+    """The first node the document reaches twice (an anchor used by an alias), found without expanding anything.
+
+    An alias is the composed graph pointing at one node again, so one pass with a `seen` set
+    finds it in time linear in the file, where expanding an alias bomb would take exponential time.
+    """
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            return node
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+    return None
+
+
+def _read_yaml(path: Path, text: str) -> Any:
+    """Parse params.yaml into plain values, refusing YAML aliases before they are expanded."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if (node := _aliased(root)) is not None:
+            raise ConfigError(
+                f"{path}: the value at line {node.start_mark.line + 1} is reused through a YAML anchor and alias "
+                "(&name, *name); aliases are not allowed in params.yaml (they can expand without bound), write the value out"
+            )
+        return loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()
+
+
 def load(path: str | Path = PARAMS_FILE) -> Config:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml; refuse, before parsing, a file too large to be a params file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            raw_bytes = fh.read(MAX_PARAMS_BYTES + 1)  # never more: a 50 MB file costs no time or memory
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw_bytes) > MAX_PARAMS_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KiB ({path.stat().st_size} bytes); "
+            "a params file is a few KiB, remove the long value"
+        )
     try:
-        raw = yaml.load(text, Loader=_Loader)
+        text = raw_bytes.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = _read_yaml(path, text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {config_errors.show(str(exc))}") from None
     return parse(raw)

@@ -22,7 +22,7 @@ class Bad(ValueError):
     """A cross-field problem pinned to the key the user should edit (relative to the section)."""
 
     def __init__(self, key: str | None, value: Any, allowed: str) -> None:
-        super().__init__(f"{key or '(section)'}: got {value!r}; {allowed}")
+        super().__init__(f"{key or '(section)'}: got {show(value)}; {allowed}")
         self.key, self.value, self.allowed = key, value, allowed
 
 
@@ -35,11 +35,19 @@ class Verbatim(str):
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
+_short.maxlevel = 2
+MAX_LINE = 300  # characters of one problem's line
+MAX_PROBLEMS = 10  # problems listed; the rest are counted
 
 
 def show(value: Any) -> str:
-    """The bad value as the user wrote it, kept short."""
-    return _short.repr(list(value) if isinstance(value, tuple) else value)
+    """The bad value as the user wrote it, kept short (a huge list or string shows its first items)."""
+    return _short.repr(list(value) if isinstance(value, tuple) else value)[:MAX_LINE]
+
+
+def clip(line: str) -> str:
+    """One problem's line cut to MAX_LINE characters, so no value can flood the terminal."""
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 def _section_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -67,6 +75,8 @@ def _allowed(error: dict[str, Any]) -> str:
         return "must be a list, e.g. [64, 64]"
     if kind == "too_short":
         return f"must have at least {ctx.get('min_length', 1)} item(s)"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} item(s)"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return "must be a section (a mapping of keys)"
     return error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
@@ -98,4 +108,7 @@ def describe(root: type[BaseModel], errors: list[Any]) -> list[str]:
     """
     extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
     meant = {loc[:-1] + (hint,) for loc in extra if (hint := _meant(root, loc))}
-    return [_describe(root, e) for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+    lines = [clip(_describe(root, e)) for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+    if len(lines) > MAX_PROBLEMS:
+        lines[MAX_PROBLEMS - 1:] = [f"... and {len(lines) - MAX_PROBLEMS + 1} more"]
+    return lines

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,6 +137,81 @@ def generate(
         w_true=w.tolist(), b_true=b, noise_std=noise_std, nonlinearity=nonlinearity,
         g=G_FORMULA, seed=seed, n_features=n_features, rows=dict(rows),
     )
+
+
+class DataTooLarge(PipelineError):
+    """The data the params ask for would not fit on the disk under data/ or in memory for training."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What generate's data will take, in bytes: on disk (all splits) and in memory (to train on it)."""
+
+    disk: int
+    memory: int
+
+
+PARQUET_OVERHEAD = 1.02  # snappy cannot shrink random float32; page and footer metadata add ~1% (measured: 1.004-1.01)
+TRAIN_MEMORY_FACTOR = 2  # training holds every row as float32 plus about as much again (a read block, a batch copy)
+
+
+def footprint(n_samples: int, n_features: int) -> Footprint:
+    """Estimate the bytes generate writes and the bytes a stage needs to hold the data, from the params alone.
+
+    Every row is n_features + 1 float32 values; the splits add up to n_samples rows. Pure
+    arithmetic, so it runs before a row is drawn.
+    """
+    raw = n_samples * (n_features + 1) * 4
+    return Footprint(disk=math.ceil(raw * PARQUET_OVERHEAD) + 64 * 1024, memory=raw * TRAIN_MEMORY_FACTOR)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _existing(folder: Path) -> Path:
+    """`folder`, or its nearest existing parent (data/ may not exist before the first generate)."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(n_samples: int, n_features: int, folder: str | Path) -> Footprint:
+    """Refuse, in one line, data that would not fit on the disk holding `folder` or in this machine's memory.
+
+    Called by generate before any work, so `data.n_samples: 1000000000` fails in a
+    second instead of filling the disk at 100 MB/s. Files being replaced are not
+    counted as free: atomic writes keep the old file until the new one is whole.
+    """
+    need = footprint(n_samples, n_features)
+    where = _existing(Path(folder))
+    free = shutil.disk_usage(where).free
+    size = f"data.n_samples={n_samples} x data.n_features={n_features}"
+    if need.disk > free:
+        raise DataTooLarge(
+            f"{size} needs about {_human(need.disk)} on disk, but {where} has {_human(free)} free; "
+            "lower data.n_samples or data.n_features, or free some space"
+        )
+    ram = physical_memory()
+    if ram is not None and need.memory > ram:
+        raise DataTooLarge(
+            f"{size} needs about {_human(need.memory)} of memory to train on, but this machine has {_human(ram)}; "
+            "lower data.n_samples or data.n_features"
+        )
+    return need
 
 
 def combined_digest(digests: dict[str, str]) -> str:

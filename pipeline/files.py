@@ -1,7 +1,9 @@
 """Small file helpers: atomic writes, rounded metrics and content digests.
 
 A stage writes every output through `atomic_path`, so a failed or killed stage
-leaves either the old file or none, never a half-written one for DVC to cache.
+leaves either the old file or none, never a half-written one for DVC to cache;
+a stage with several outputs writes them through `publish`, so they appear together
+or not at all, and a full or read-only disk is one line naming the file.
 Files get the mode a plain `open()` would give (0644 under the usual umask 022),
 like the files DVC itself writes, so teammates on a shared machine can read them.
 """
@@ -9,16 +11,20 @@ like the files DVC itself writes, so teammates on a shared machine can read them
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import math
 import numbers
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import PipelineError
 
 # Metrics files keep this many significant digits. Float noise between CPUs (a
 # different BLAS kernel in least squares, another summation order in a mean) moves
@@ -49,6 +55,120 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class PublishError(PipelineError):
+    """An output could not be written (no space, read-only, permission, quota); none of the set was published."""
+
+
+_ADVICE = {
+    errno.ENOSPC: "free some space on that disk",
+    errno.EDQUOT: "free some space within your quota",
+    errno.EROFS: "the file system is mounted read-only; write the outputs elsewhere or remount it",
+    errno.EACCES: "check the folder's owner and permissions",
+    errno.EPERM: "check the folder's owner and permissions",
+}
+
+
+def _errno(exc: OSError) -> int | None:
+    """The error number, also from libraries (pyarrow) that only put '[Errno 28]' in the message."""
+    if exc.errno is not None:
+        return exc.errno
+    found = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
+def describe_os_error(path: str | Path, exc: OSError, outcome: str = "nothing was published") -> str:
+    """One line: the file, the cause in words with its errno name, what was published, and what to do."""
+    number = _errno(exc)
+    if number is not None:
+        cause = f"{os.strerror(number).lower()} ({errno.errorcode.get(number, number)})"
+    else:
+        cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    advice = _ADVICE.get(number or -1, "fix the cause")
+    return f"{path}: {cause}; {outcome}, {advice} and run the stage again"
+
+
+class Outputs:
+    """The outputs of one `publish` block: each is written to a temp file beside its target."""
+
+    def __init__(self) -> None:
+        self._temps: dict[Path, Path] = {}  # target -> temp
+        self.current: Path | None = None  # the target last handed out: the one being written
+
+    def path(self, target: str | Path) -> Path:
+        """A temp path next to `target` for writers that take a path (parquet, safetensors, savefig with format=)."""
+        target = Path(target)
+        self.current = target
+        if target in self._temps:
+            return self._temps[target]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        self._temps[target] = Path(tmp)
+        return Path(tmp)
+
+    def write_bytes(self, target: str | Path, payload: bytes) -> None:
+        """Stage `payload` for `target`."""
+        self.path(target).write_bytes(payload)
+
+    def write_text(self, target: str | Path, text: str) -> None:
+        """Stage `text` for `target`."""
+        self.path(target).write_text(text)
+
+    def write_json(self, target: str | Path, payload: Any) -> None:
+        """Stage JSON for `target`, keys sorted (as write_json)."""
+        self.write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    def target_of(self, exc: OSError) -> Path | None:
+        """The output an OSError was about: its temp file's target if the error names one, else the current."""
+        named = {str(tmp): target for target, tmp in self._temps.items()}
+        for name in (exc.filename, exc.filename2):
+            if name is not None and str(name) in named:
+                return named[str(name)]
+        return self.current
+
+    def commit(self) -> None:
+        """Rename every temp onto its target: renames in the same folder take no new space."""
+        mode = _file_mode()
+        for target, tmp in self._temps.items():
+            os.chmod(tmp, mode)  # mkstemp makes 0600
+        done: list[str] = []
+        for target, tmp in self._temps.items():
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                outcome = f"already published: {', '.join(done)}" if done else "nothing was published"
+                raise PublishError(describe_os_error(target, exc, outcome)) from None
+            done.append(str(target))
+
+    def discard(self) -> None:
+        """Remove the temps not renamed (all of them when the block failed)."""
+        for tmp in self._temps.values():
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@contextmanager
+def publish() -> Iterator[Outputs]:
+    """Write a stage's outputs together: all appear when the block succeeds, none when anything fails.
+
+    Each output goes to a temp file next to its target; only when the block has
+    written all of them are they renamed into place. Any OSError (no space,
+    read-only file system, permission, quota) removes the temps and becomes a
+    PublishError whose one line names the file and the cause; other exceptions
+    also remove the temps and pass through unchanged.
+    """
+    out = Outputs()
+    try:
+        yield out
+        out.commit()
+    except OSError as exc:
+        raise PublishError(describe_os_error(out.target_of(exc) or "(outputs)", exc)) from None
+    finally:
+        out.discard()
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -5,6 +5,7 @@ Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,122 @@ def test_cuda_without_cuda_fails_before_store_and_data(baseline: Path, tmp_path:
     assert messages == ["train@mlp: device: got 'cuda', but this machine has no CUDA device; allowed here: auto, cpu"]
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported and "mlflow" not in imported
+
+
+# ---------------------------------------------------------------- params that would exhaust the machine
+
+
+ALIAS_BOMB = "[" + ", ".join(
+    f"&l{i} [" + ", ".join([f"*l{i - 1}" if i else "1"] * 9) + "]" for i in range(9)
+) + "]"  # 9**9 widths once expanded: hundreds of MB of repr, minutes of validation
+
+
+def _hostile(good: str) -> dict[str, tuple[str, str]]:
+    """name -> (params.yaml text, the start of the one line the stage prints after its name)."""
+    params = yaml.safe_load(good)
+
+    def edited(section: str, key: str, value: str) -> str:
+        """params.yaml with one key's value written out as `value` (YAML text)."""
+        copy = {name: dict(block) if isinstance(block, dict) else block for name, block in params.items()}
+        del copy[section][key]
+        text = yaml.safe_dump(copy, sort_keys=False)
+        return text.replace(f"{section}:\n", f"{section}:\n  {key}: {value}\n", 1)
+
+    return {
+        "50 MB file": (good + "junk: [" + "1, " * 16_000_000 + "1]\n", "params.yaml: larger than 128 KiB (48000"),
+        "alias bomb in mlp.hidden": (
+            edited("mlp", "hidden", ALIAS_BOMB),
+            "params.yaml: the value at line 25 is reused through a YAML anchor and alias (&name, *name)",
+        ),
+        "n_samples 1e12": (
+            edited("data", "n_samples", "1000000000000"),
+            "invalid params.yaml: data.n_samples: got 1000000000000; must be less than or equal to 1000000000",
+        ),
+        "huge list under an unknown key": (
+            good + "junk: [" + "123456, " * 14_000 + "1]\n",
+            "invalid params.yaml: junk: unknown key; allowed in the top level:",
+        ),
+        "huge mlp.hidden": (
+            edited("mlp", "hidden", "[" + "8, " * 20_000 + "8]"),
+            "invalid params.yaml: mlp.hidden: got [8, 8, 8, 8, 8, 8, ...]; must have at most 32 item(s)",
+        ),
+    }
+
+
+def _stage(repo: Path, *argv: str) -> tuple[subprocess.CompletedProcess[str], float, set[str]]:
+    """Run a stage entry point; return it, its wall time, and the top-level modules it imported."""
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=repo, env=run_env(PYTHONPROFILEIMPORTTIME="1"),
+        capture_output=True, text=True, timeout=120,
+    )
+    seconds = time.perf_counter() - start
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, seconds, imported
+
+
+def _files(repo: Path) -> set[str]:
+    return {str(p.relative_to(repo)) for p in repo.rglob("*") if ".git" not in p.relative_to(repo).parts}
+
+
+@pytest.mark.bad_input
+def test_hostile_params_stop_before_work_in_one_line(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Each case, through `python -m stages.generate` and `python -m stages.train mlp`: exit 2, one short
+    line, torch never imported, nothing written, and no slower than a one-typo params.yaml plus a second."""
+    from conftest import copy_project
+
+    repo = copy_project(tmp_path / "repo")
+    good = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(good + "typo: 1\n")
+    _, baseline, _ = _stage(repo, "stages.generate")  # start-up and the config check of an ordinary mistake
+    cases = _hostile(good)
+    request.node.user_properties.append(("bad_input_cases", 2 * len(cases)))
+    before = _files(repo)
+    for name, (text, expected) in cases.items():
+        (repo / "params.yaml").write_text(text)
+        for argv, stage in ((("stages.generate",), "generate"), (("stages.train", "mlp"), "train@mlp")):
+            proc, seconds, imported = _stage(repo, *argv)
+            lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+            assert proc.returncode == 2, f"{name}, {stage}: exit {proc.returncode}\n{lines[:5]}"
+            assert len(lines) == 1 and lines[0].startswith(f"{stage}: {expected}"), f"{name}, {stage}: {lines[:3]}"
+            assert len(lines[0]) < 400 and proc.stdout == "", f"{name}, {stage}: {len(lines[0])} characters"
+            assert "torch" not in imported and "mlflow" not in imported and "numpy" not in imported, name
+            assert seconds < baseline + 1.0, f"{name}, {stage}: {seconds:.2f} s (a plain typo: {baseline:.2f} s)"
+            assert _files(repo) == before, f"{name}, {stage}: wrote {sorted(_files(repo) - before)}"
+
+
+def test_data_that_does_not_fit_is_refused_with_the_estimate_and_the_free_space(tmp_path: Path) -> None:
+    """data.check_fits (generate calls it before drawing a row): disk first, then memory, in one line each."""
+    import shutil
+
+    from pipeline import config, data
+
+    assert data.check_fits(20_000, 10, tmp_path / "data") == data.footprint(20_000, 10)  # data/ need not exist
+    with pytest.raises(data.DataTooLarge) as caught:
+        data.check_fits(config.MAX_SAMPLES, config.MAX_FEATURES, tmp_path / "data")
+    free = shutil.disk_usage(tmp_path).free
+    message = str(caught.value)
+    assert message.startswith(f"data.n_samples={config.MAX_SAMPLES} x data.n_features={config.MAX_FEATURES} needs about 40.8 TB on disk, but {tmp_path} has ")
+    assert re.search(r" has [\d.]+ [KMGT]?B free; lower data.n_samples or data.n_features, or free some space$", message), message
+    assert "\n" not in message and len(message) < 250
+
+    ram = data.physical_memory()
+    assert ram is not None
+    n = int(ram * 0.75 / 44)  # 11 float32 columns per row: on disk 0.75x the RAM, in memory 1.5x
+    if data.footprint(n, 10).disk >= free:
+        pytest.skip("this disk has less free space than the machine has memory")
+    with pytest.raises(data.DataTooLarge, match=rf"needs about [\d.]+ GB of memory to train on, but this machine has [\d.]+ GB; lower data.n_samples"):
+        data.check_fits(n, 10, tmp_path)
+
+
+@pytest.mark.parametrize("rows,features", [(20_000, 10), (300_001, 3)])
+def test_the_disk_estimate_covers_what_generate_writes(tmp_path: Path, rows: int, features: int) -> None:
+    from pipeline import data
+
+    sizes = {"train": rows - 2 * (rows // 7), "val": rows // 7, "test": rows // 7}
+    data.generate(tmp_path, seed=0, n_samples=rows, n_features=features, noise_std=1.0, nonlinearity=0.0, rows=sizes)
+    written = sum((tmp_path / f"{s}.parquet").stat().st_size for s in data.SPLITS)
+    estimate = data.footprint(rows, features).disk
+    assert written <= estimate < written * 1.1, (written, estimate)

@@ -38,26 +38,31 @@ def register_model(
     client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str, test_mse: float,
     data_digest: str,
 ) -> str | None:
-    """Register the logged model of the run that trained these weights (once per run), promote it if better.
+    """Register the logged model of the run that trained these weights (once per run), elect the champion.
 
-    Returns the report line (also set as the tag `registry.<model>` on run `run_id`),
-    or None when no finished training run made these weights. The alias `champion`
-    moves to the new version only when its test MSE is lower than the current
-    champion's on the same data digest: ties and worse results leave it, and a
-    version trained on other data is reported, not compared. On the embedded store
-    the read-compare-move is serialised with the store's file lock (queued
-    experiments evaluate in parallel); a server offers no such lock.
+    Returns the report line (also set as the tag `registry.<model>` on run `run_id`), or
+    None when no finished training run made these weights. `champion` points at the
+    lowest test MSE among the versions scored on the same data digest (ties: the lowest
+    version number); a champion scored on other data is reported, not compared, and left
+    alone. The registry has no lock, so the version is registered first (its scores as
+    tags, in the same request) and then elected by `_elect`, which repeats read-all / set /
+    re-read until what it reads is stable: however many evaluates race on one server, the
+    last one to settle sees every version and leaves the alias on the best. The report says
+    what is true when this evaluate ends. The embedded store keeps its file lock around it
+    (queued experiments evaluate in parallel on it), which makes the loop run once.
     """
     train_run = training_run(client, experiment_id, model, model_digest)
     if train_run is None:
         return None
     name = registered_name(model)
     with store_lock(workspace_root()) if is_sqlite(tracking_uri()) else nullcontext():
+        before = _champion(client, name)
         version = _version_for_run(client, name, train_run, experiment_id, test_mse, data_digest)
         if version is None:
             report = f"{name}: training run {train_run} logged no model; nothing registered"
         else:
-            report = f"{name} v{version.version}: {_promote(client, name, version, test_mse, data_digest)}"
+            after = _elect(client, name, data_digest)
+            report = f"{name} v{version.version}: {_report(str(version.version), test_mse, data_digest, before, after)}"
     client.set_tag(run_id, f"registry.{model}", report)
     return report
 
@@ -77,7 +82,7 @@ def _version_for_run(
     try:
         client.create_registered_model(name, description="Trained by the regression pipeline; alias champion = lowest test MSE")
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") and not _lost_race(exc):
             raise
     tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
     return client.create_model_version(
@@ -85,25 +90,99 @@ def _version_for_run(
     )
 
 
-def _promote(client: MlflowClient, name: str, version: Any, test_mse: float, data_digest: str) -> str:
-    """Move `champion` to `version` when it beats the current champion on the same data; say what happened."""
+MAX_ROUNDS = 50  # each round that is not stable follows a write by a racing evaluate; a few settle any race
+
+
+def _lost_race(exc: MlflowException) -> bool:
+    """Whether the server refused a write because a concurrent one made the same row first.
+
+    MLflow's SQL store reads, then inserts: two evaluates creating the registered
+    model or the `champion` alias at once make one of them fail on the unique key
+    (SQLite, PostgreSQL and MySQL word it differently). Rereading is the answer.
+    """
+    text = str(exc).lower()
+    return "unique constraint" in text or "duplicate" in text or "integrityerror" in text
+
+
+def _score(version: Any) -> float | None:
+    """A version's test MSE tag as a number, or None when it has none (registered by hand)."""
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"first {CHAMPION} (test_mse {test_mse:.6g})"
-    if str(champion.version) == str(version.version):
-        return f"already {CHAMPION} (test_mse {test_mse:.6g})"
-    theirs = champion.tags.get("data.digest", "none")
-    if theirs != data_digest or "test_mse" not in champion.tags:
+        return float(version.tags["test_mse"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _champion(client: MlflowClient, name: str) -> Any:
+    """The version `champion` points at now, or None when there is none (any other failure is raised)."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in exc.message:
+            return None
+        raise
+
+
+def _same_data(client: MlflowClient, name: str, data_digest: str) -> list[Any]:
+    """Every scored version of `name` on `data_digest` (all pages)."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found += [v for v in page if v.tags.get("data.digest") == data_digest and _score(v) is not None]
+        token = page.token
+        if not token:
+            return found
+
+
+def _elect(client: MlflowClient, name: str, data_digest: str) -> Any:
+    """Point `champion` at the best version on `data_digest` and return the champion once a read shows it stable.
+
+    Each round reads every version, then the alias; it stops when the alias is the
+    best of what it read (or is on other data, which is not ours to move), and else
+    sets it and reads again. Why that suffices without a lock: an evaluate settles
+    only on a read of all versions taken after its own last write; the evaluate that
+    registered last reads every version, so whichever write lands last is checked by
+    its writer against a complete read, or is corrected by the one that registered last.
+    """
+    for _ in range(MAX_ROUNDS):
+        versions = _same_data(client, name, data_digest)
+        champion = _champion(client, name)
+        if not versions:
+            return champion
+        best = min(versions, key=lambda v: (_score(v), int(v.version)))
+        if champion is not None and (champion.tags.get("data.digest") != data_digest or _score(champion) is None):
+            return champion  # scored on other data (or not scored): reported, never replaced from here
+        if champion is not None and str(champion.version) == str(best.version):
+            return champion
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+        except MlflowException as exc:
+            if not _lost_race(exc):
+                raise
+    raise TrackingError(
+        f"{name}: the {CHAMPION} alias was still moving after {MAX_ROUNDS} rounds of concurrent evaluates; "
+        "run evaluate again once they have finished"
+    )
+
+
+def _report(mine: str, test_mse: float, data_digest: str, before: Any, after: Any) -> str:
+    """What is true as this evaluate ends: whether `mine` is the champion, and against what."""
+    if after is not None and after.tags.get("data.digest") != data_digest:
+        theirs = after.tags.get("data.digest", "none")
         return (
-            f"not compared: {CHAMPION} v{champion.version} was scored on other data "
+            f"not compared: {CHAMPION} v{after.version} was scored on other data "
             f"(data.digest {theirs[:8]}, this one {data_digest[:8]}); {CHAMPION} unchanged"
         )
-    best = float(champion.tags["test_mse"])
-    if test_mse < best:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"new {CHAMPION} (test_mse {test_mse:.6g} < {best:.6g} of v{champion.version})"
-    return f"{CHAMPION} stays v{champion.version} (test_mse {best:.6g} <= {test_mse:.6g})"
+    if after is None or _score(after) is None:
+        return f"not compared: {CHAMPION} v{after.version if after else '?'} has no test_mse tag; {CHAMPION} unchanged"
+    best = _score(after)
+    if str(after.version) != mine:
+        moved = "stays" if before is not None and str(before.version) == str(after.version) else "is"
+        return f"{CHAMPION} {moved} v{after.version} (test_mse {best:.6g} <= {test_mse:.6g})"
+    if before is None:
+        return f"first {CHAMPION} (test_mse {test_mse:.6g})"
+    if str(before.version) == mine:
+        return f"already {CHAMPION} (test_mse {test_mse:.6g})"
+    previous = _score(before)
+    if before.tags.get("data.digest") != data_digest or previous is None:
+        return f"new {CHAMPION} (test_mse {test_mse:.6g}; v{before.version} was scored on other data)"
+    return f"new {CHAMPION} (test_mse {test_mse:.6g} < {previous:.6g} of v{before.version})"

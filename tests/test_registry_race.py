@@ -1,0 +1,116 @@
+"""The champion under concurrency: many evaluates register and elect at once on one real `mlflow server`.
+
+Each worker is its own OS process (the registry code has no shared memory to lean on),
+runs the real `tracking.stage_run` + `StageRun.register_model` path, and releases from a
+barrier together with the others, round after round.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EXPERIMENT = "registry-race"
+DIGEST = "f" * 32
+WORKERS = int(os.environ.get("RACE_WORKERS", 8))
+ROUNDS = int(os.environ.get("RACE_ROUNDS", 6))
+CLAIM = re.compile(r"^regression-race\d+ v(\d+): (first|new|already) champion\b")
+
+
+def _evaluate(index: int, rounds: list[tuple[str, list[float], bool]], barrier: Any, results: Any) -> None:
+    """One evaluate per round: a training run with a real logged model, then the registry, racing the others.
+
+    In a `settled` round every worker registers its version before any elects
+    (so every claim must be the final champion); in the others registering and
+    electing race too.
+    """
+    import faulthandler
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.tracking import registry
+
+    faulthandler.dump_traceback_later(900, exit=True)  # a hung worker shows where, and ends
+
+    client = MlflowClient(tracking.tracking_uri())
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for model, scores, settled in rounds:
+        train = client.create_run(experiment_id, tags={"stage": f"train@{model}"}).info.run_id
+        client.set_tag(train, "model.digest", train)  # as the train stage tags its weights file's md5
+        logged = client.create_logged_model(experiment_id, name=model, source_run_id=train)
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.set_terminated(train)
+        barrier.wait(timeout=300)
+        if settled:
+            registry._version_for_run(client, registry.registered_name(model), train, experiment_id, scores[index], DIGEST)
+            barrier.wait(timeout=300)
+        with tracking.stage_run("evaluate", EXPERIMENT, {}, "evaluate") as run:
+            report = run.register_model(model, train, scores[index], DIGEST)
+        results.put((model, index, train, scores[index], report))
+
+
+@pytest.mark.slow
+def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start_server()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.url)
+    client.create_experiment(EXPERIMENT)
+    shuffle = random.Random(19)
+    rounds = []
+    for r in range(ROUNDS):
+        scores = [round(1 + 0.01 * k, 2) for k in range(WORKERS)]
+        shuffle.shuffle(scores)  # who holds the best score differs each round
+        rounds.append((f"race{r}", scores, r % 2 == 0))
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
+    workers = [ctx.Process(target=_evaluate, args=(i, rounds, barrier, results)) for i in range(WORKERS)]
+    for w in workers:
+        w.start()
+    reports = []
+    while len(reports) < WORKERS * ROUNDS:
+        try:
+            reports.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if not w.is_alive()]
+            assert not dead, f"workers ended early with {dead} after {len(reports)} reports"
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0, f"worker {w.pid} exited {w.exitcode}"
+
+    for model, scores, settled in rounds:
+        name = f"regression-{model}"
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+        assert len(versions) == WORKERS, f"{name}: {len(versions)} versions"
+        best = min(versions.values(), key=lambda v: float(v.tags["test_mse"]))
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert float(best.tags["test_mse"]) == min(scores)
+        assert champion.version == best.version, f"{name}: champion v{champion.version}, best v{best.version}"
+        claims = {}
+        for m, index, train, mse, report in reports:
+            if m != model:
+                continue
+            assert report.startswith(f"{name} v"), report
+            assert versions[report.split()[1][1:].rstrip(":")].run_id == train, report  # the line names this run's version
+            if found := CLAIM.match(report):
+                claims[found.group(1)] = report
+        # a claim must hold at the end of its evaluate; when all registered before anyone elected,
+        # nothing better can come after it, so every claim is the final champion
+        assert str(champion.version) in claims, f"{name}: the champion's evaluate did not say so"
+        if settled:
+            assert set(claims) == {str(champion.version)}, f"{name}: {sorted(claims.values())}"
+        for version, report in claims.items():
+            earlier = [v for v in versions.values() if int(v.version) < int(version)]
+            assert all(float(v.tags["test_mse"]) > float(versions[version].tags["test_mse"]) for v in earlier), report
+    print(f"{ROUNDS} rounds x {WORKERS} concurrent evaluates (pid {os.getpid()}): champion = best every round")
