@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,16 +119,20 @@ def split_blocks(rows: int) -> Iterator[int]:
         yield min(BLOCK_ROWS, rows - start)
 
 
+def split_files(folder: str | Path) -> dict[str, Path]:
+    """{split: folder/<split>.parquet}: where `generate` writes each split by default."""
+    return {split: Path(folder) / f"{split}.parquet" for split in SPLITS}
+
+
 def generate(
-    out_dir: str | Path, *, seed: int, n_samples: int, n_features: int,
+    files: Mapping[str, str | Path], *, seed: int, n_samples: int, n_features: int,
     noise_std: float, nonlinearity: float, rows: dict[str, int],
 ) -> Truth:
-    """Write data/{train,val,test}.parquet block by block; return the ground truth."""
-    out_dir = Path(out_dir)
+    """Write each split to its file in `files` (Parquet, block by block, atomically); return the ground truth."""
     w, b = true_linear(seed, n_features)
     sch = schema(n_features)
     for split_idx, split in enumerate(SPLITS):
-        with atomic_path(out_dir / f"{split}.parquet") as tmp:
+        with atomic_path(files[split]) as tmp:
             with pq.ParquetWriter(tmp, sch, compression="snappy", use_dictionary=False) as writer:
                 for block, size in enumerate(split_blocks(rows[split])):
                     X, y = draw_block(seed, split_idx, block, size, w, b, noise_std, nonlinearity)

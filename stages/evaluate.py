@@ -47,16 +47,19 @@ def run(cfg: config.Config) -> None:
             for name, model in trained.items()
         }
 
-        # write: a metrics file per row; per model the first plot_points test rows as CSV (6 digits) and PNG
-        for row_name, row in scores.items():
-            files.write_metrics(SCORES / f"{row_name}.json", row)
+        # write, published together: a metrics file per row; per model the first plot_points test rows as
+        # CSV (6 digits) and PNG
         points = cfg.evaluate.plot_points
-        for name in config.MODEL_NAMES:
-            rows = [(f"{a:.6g}", f"{p:.6g}") for a, p in zip(y_test[:points], predictions[name][:points])]
-            files.write_csv(PREDICTIONS / f"{name}.csv", ["actual", "predicted"], rows)
-            actual, predicted = np.array(rows, dtype=np.float64).T.reshape(2, -1)  # the picture shows the CSV's values
-            plots.predicted_vs_actual(PREDICTIONS / f"{name}.png", f"{name}: predicted vs actual (test split)",
-                                      actual, predicted, refs.noise_floor**0.5)
+        with files.publish() as out:
+            for row_name, row in scores.items():
+                files.write_metrics(out.path(SCORES / f"{row_name}.json"), row)
+            for name in config.MODEL_NAMES:
+                rows = [(f"{a:.6g}", f"{p:.6g}") for a, p in zip(y_test[:points], predictions[name][:points])]
+                files.write_csv(out.path(PREDICTIONS / f"{name}.csv"), ["actual", "predicted"], rows)
+                actual, predicted = np.array(rows, dtype=np.float64).T.reshape(2, -1)  # the picture shows the CSV's
+                plots.predicted_vs_actual(out.path(PREDICTIONS / f"{name}.png"),
+                                          f"{name}: predicted vs actual (test split)", actual, predicted,
+                                          refs.noise_floor**0.5)
 
         # log, then write beside each training run and register its model
         mlflow_run.log_params(dvc_params.stage_params(cfg, "evaluate"))

@@ -20,15 +20,18 @@ def outputs() -> list[Path]:
 def run(cfg: config.Config) -> None:
     """Open the run, generate and write the splits, then log params, datasets, speed and the true weights."""
     d = cfg.data
+    data.check_fits(d.n_samples, d.n_features, paths.DATA)  # refused in one line before any work when too big
     with tracking.stage_run("generate", cfg.mlflow.experiment, {"device": "cpu"}) as mlflow_run:
-        # compute and write: the splits block by block, then truth.json, each file atomically
+        # compute and write: the splits block by block, then truth.json, published together
         start = time.perf_counter()
-        truth = data.generate(
-            paths.DATA, seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
-            noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples),
-        )
+        with files.publish() as out:
+            truth = data.generate(
+                {split: out.path(paths.split_path(split)) for split in paths.SPLITS}, seed=cfg.seed,
+                n_samples=d.n_samples, n_features=d.n_features, noise_std=d.noise_std,
+                nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples),
+            )
+            out.write_json(paths.TRUTH, truth.to_dict())
         seconds = time.perf_counter() - start
-        files.write_json(paths.TRUTH, truth.to_dict())
         digests = paths.split_digests()
 
         # log

@@ -82,15 +82,19 @@ def run(cfg: config.Config, name: str) -> None:
                 **result.extra,
             }
 
-            # write: weights, loss curve (CSV and PNG), summary metrics (wall time stays out: same bytes on a rerun)
-            models.save_weights(result.model, spec, paths.weights_path(name))
-            files.write_csv(paths.loss_plot_path(name), ["step", "train_loss", "val_loss"], result.history.rows())
+            # write: weights, loss curve (CSV and PNG), summary metrics, published together
+            # (wall time stays out of the metrics file: a rerun writes the same bytes)
             steps = result.step_losses  # linear_gd: the loss of every step, not just the logged ones
             train_curve = (range(len(steps)), steps) if steps else (result.history.step, result.history.train_loss)
             x_label = "gradient step (full batch)" if name == "linear_gd" else "epoch"
-            plots.loss_curves(paths.loss_plot_path(name, ".png"), f"{name}: loss per {x_label.split(' (')[0]}",
-                              x_label, train_curve, (result.history.step, result.history.val_loss))
-            files.write_metrics(paths.train_metrics_path(name), summary)
+            with files.publish() as out:
+                models.save_weights(result.model, spec, out.path(paths.weights_path(name)))
+                files.write_csv(out.path(paths.loss_plot_path(name)), ["step", "train_loss", "val_loss"],
+                                result.history.rows())
+                plots.loss_curves(out.path(paths.loss_plot_path(name, ".png")),
+                                  f"{name}: loss per {x_label.split(' (')[0]}", x_label, train_curve,
+                                  (result.history.step, result.history.val_loss))
+                files.write_metrics(out.path(paths.train_metrics_path(name)), summary)
 
             # log
             mlflow_run.log_curve("train_loss", *train_curve)

@@ -20,7 +20,7 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
     mp.chdir(tmp_path_factory.mktemp("defaults"))
     try:
         d = cfg.data
-        truth = data.generate(paths.DATA, seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+        truth = data.generate(data.split_files(paths.DATA), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
                               noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
         cpu = device.prepare("cpu", cfg.seed)
         splits = train.read_splits(truth, cpu)

@@ -30,7 +30,7 @@ def _workspace(tmp: Path) -> config.Config:
     """Data at the committed default size, plus weights for the three models (least squares and an untrained MLP)."""
     cfg = config.parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
     d = cfg.data
-    truth = data.generate(tmp / "data", seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+    truth = data.generate(data.split_files(tmp / "data"), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
                           noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
     files.write_json(tmp / "data" / "truth.json", truth.to_dict())
     X, y = data.read_split(tmp / "data" / "train.parquet", d.n_features)

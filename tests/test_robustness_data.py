@@ -28,7 +28,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/{train,val,test}.parquet and truth.json as the generate stage writes them (in-process, tiny)."""
     folder = tmp_path_factory.mktemp("tiny") / "data"
     truth = data.generate(
-        folder, seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
+        data.split_files(folder), seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
         rows={"train": N_TRAIN, "val": 90, "test": 90},
     )
     (folder / "truth.json").write_text(json.dumps(truth.to_dict()))
