@@ -11,7 +11,7 @@ line saying why, for a file that is missing, damaged, from another version of th
 keyed to other params, data or code: the caller then trains from scratch.
 
 `Checkpoints` is what a loop calls once per epoch (or per logged step): it saves every
-`every` epochs, and, inside `deferring_interrupts()`, turns SIGINT/SIGTERM into "save at the
+`every` epochs (no sooner than `min_seconds` after the last save), and, inside `deferring_interrupts()`, turns SIGINT/SIGTERM into "save at the
 end of this epoch, then stop" so an interruption costs at most the epoch in progress.
 """
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -141,24 +142,33 @@ class Checkpoints:
     path: Path
     key: str
     every: int
+    min_seconds: float = 0.0
+    unit: str = "epoch"
     write: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
     saved_at: int = 0
     interrupted: str = ""
     failed: str = ""
+    last_save: float = field(default_factory=time.monotonic)
 
     def __call__(self, done: int, state: Callable[[], dict[str, Any]]) -> None:
-        """`done` epochs (or steps) are complete; `state()` builds the loop state, only when a save is due."""
-        due = self.every > 0 and done - self.saved_at >= self.every
+        """`done` epochs (or steps) are complete; `state()` builds the loop state, only when a save is due.
+
+        A periodic save is due `every` epochs, but not sooner than `min_seconds` after the last one:
+        that bounds the cost on short epochs (a save takes milliseconds) and the loss on long ones.
+        """
+        due = (self.every > 0 and done - self.saved_at >= self.every
+               and time.monotonic() - self.last_save >= self.min_seconds)
         if self.write and (due or self.interrupted) and not self.failed:
             try:
                 save(self.path, {"loop": state(), "meta": self.meta}, self.key)
-                self.saved_at = done
+                self.saved_at, self.last_save = done, time.monotonic()
             except OSError as exc:  # a full disk: go on training without checkpoints, say so once
                 self.failed = f"cannot write checkpoint {self.path} ({exc.strerror or exc}); training goes on without"
                 print(self.failed, file=sys.stderr)
         if self.interrupted:
-            kept = f"; checkpoint at {done} kept in {self.path}, the next run resumes from it" if self.write and not self.failed else ""
+            kept = (f"; checkpoint after {self.unit} {done} kept in {self.path}, the next run resumes from it"
+                    if self.write and not self.failed else "")
             raise KeyboardInterrupt(f"{self.interrupted}{kept}")
 
     @contextmanager

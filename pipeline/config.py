@@ -160,6 +160,7 @@ class CheckpointConfig(_Strict):
 
     every_epochs: int = Field(default=1, ge=0)
     every_steps: int = Field(default=100, ge=0)
+    min_seconds: float = Field(default=10.0, ge=0)
 
 
 class Config(_Strict):

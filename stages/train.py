@@ -126,15 +126,15 @@ def open_checkpoint(cfg: config.Config, name: str, lead: bool) -> tuple[checkpoi
     """
     stage = f"train@{name}"
     key = checkpoint.key(dvc_params.stage_params(cfg, stage), dvc_params.stage_deps(stage))
-    every = cfg.checkpoint.every_steps if name == "linear_gd" else cfg.checkpoint.every_epochs
-    hook = checkpoint.Checkpoints(checkpoint.path_for(stage), key, every, write=lead)
+    c = cfg.checkpoint
+    every, unit = (c.every_steps, "step") if name == "linear_gd" else (c.every_epochs, "epoch")
+    hook = checkpoint.Checkpoints(checkpoint.path_for(stage), key, every, c.min_seconds, unit, write=lead)
     saved, why_not = checkpoint.load(hook.path, key)
     if saved is not None:
         hook.saved_at = saved["loop"]["done"]  # epochs (linear_gd: steps) already done
     if lead and why_not:
         print(f"{stage}: checkpoint not used: {why_not}; training from scratch", file=sys.stderr)
     elif lead and saved is not None:
-        unit = "step" if name == "linear_gd" else "epoch"
         print(f"{stage}: resuming from {hook.path} after {unit} {hook.saved_at}", file=sys.stderr)
     return hook, saved
 
