@@ -1,7 +1,8 @@
 """python -m bench: every performance figure of the project against its baseline, in one run.
 
 Prints the machine, then one table: training throughput (CPU, and CUDA when present),
-tracking overhead, stage start-up, the user's DVC loop, and generation/training at scale.
+tracking overhead, stage start-up, the user's DVC loop, generation/training at scale, and the
+cost of training checkpoints.
 `--tiny` shrinks every size so the whole run takes about a minute (the smoke test uses it);
 its ratios measure mostly fixed costs and say little about the real targets.
 """
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("throughput", "workflow", "scale", "gpu")
+SECTIONS = ("throughput", "workflow", "scale", "gpu", "checkpoint")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -72,6 +73,10 @@ def main(argv: list[str]) -> int:
                 rows += loops.gpu(params, epochs=args.epochs, repeats=args.repeats, big_rows=big_rows)
             else:
                 rows.append(report.Row("GPU throughput", None, None, "", note="skipped: no CUDA device on this machine"))
+        if "checkpoint" in args.only:
+            ckpt_rows = 20_000 if args.tiny else 1_000_000
+            print(f"measuring the cost of training checkpoints at {ckpt_rows:,} rows ...", flush=True)
+            rows += loops.checkpoint_cost(params, rows=ckpt_rows, epochs=max(2, args.epochs // 3), repeats=args.repeats)
         if "workflow" in args.only:
             print("measuring the train stage, stage start-up, the DVC loop and the test suite ...", flush=True)
             rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not args.tiny)

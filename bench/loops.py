@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -241,4 +242,43 @@ def gpu(params: config.Config, *, epochs: int, repeats: int, big_rows: int = 1_0
             (">=", 2.0), size),
         Row(f"train@mlp loop at {big_rows:,} rows, CUDA", big_rate["graph"], big_rate["cpu"], "samples/s",
             "this machine's CPU", (">=", 10.0), f"batch {big_batch}, {big_epochs} epoch(s) of {big_n} rows"),
+    ]
+
+
+def checkpoint_cost(params: config.Config, *, rows: int, epochs: int, repeats: int) -> list[Row]:
+    """Train time of the mlp with checkpoints (as the stage saves them) against none, same data, same process.
+
+    Two intervals: params.yaml's default (every epoch, no sooner than `checkpoint.min_seconds` after the
+    last save) and the worst case (every epoch, no minimum). Ratios are time with / time without.
+    """
+    from pipeline import checkpoint
+
+    big = _with(params, **{"data.n_samples": rows})
+    t = problem(big, torch.device("cpu"))
+    p, c = big.mlp, big.checkpoint
+
+    def timed(hook: training.Hook) -> float:
+        model = _mlp(big, t[0].device)
+        settings = training.FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                        batch_size=p.batch_size, epochs=epochs, seed=big.seed, schedule=p.schedule,
+                                        patience=p.patience, progress=False, checkpoint=hook)
+        with _stopwatch(t[0].device) as took:
+            training.fit(model, training.Splits(*t), settings)
+        return took[0]
+
+    timed(training._no_checkpoints)  # first-call costs (allocator, threads) out of the timings
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+        path = checkpoint.path_for("train@mlp", Path(tmp))
+        best = best_of(repeats, {
+            "off": lambda: timed(training._no_checkpoints),
+            "default": lambda: timed(checkpoint.Checkpoints(path, "bench", c.every_epochs, c.min_seconds)),
+            "every": lambda: timed(checkpoint.Checkpoints(path, "bench", 1, 0.0)),
+        })
+    n = t[0].shape[0]
+    note = f"{epochs} epochs of {n:,} rows, batch {p.batch_size}, best of {repeats}"
+    return [
+        Row(f"checkpoints at {rows:,} rows (default interval)", best["default"], best["off"], "s", "no checkpoints",
+            ("<=", 1.02), f"every {c.every_epochs} epoch(s), >= {c.min_seconds:g} s apart; {note}"),
+        Row(f"checkpoints at {rows:,} rows (every epoch)", best["every"], best["off"], "s", "no checkpoints",
+            ("<=", 1.02), note),
     ]

@@ -173,6 +173,14 @@ class TrackingConfig(_Strict):
     experiment: str = Field(min_length=1, max_length=MAX_NAME)
 
 
+class CheckpointConfig(_Strict):
+    """How often training saves a checkpoint; not a DVC dependency: it changes no output, so editing it reruns nothing."""
+
+    every_epochs: int = Field(default=1, ge=0)
+    every_steps: int = Field(default=100, ge=0)
+    min_seconds: float = Field(default=10.0, ge=0)
+
+
 class Config(_Strict):
     """The whole of params.yaml."""
 
@@ -185,6 +193,7 @@ class Config(_Strict):
     linear: LinearConfig
     mlp: MLPConfig
     evaluate: EvaluateConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _batches_fit(self) -> Config:

@@ -29,6 +29,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def stage_param_keys(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
     """The `params:` keys dvc.yaml lists for a stage (`train@mlp` resolves the foreach item): one source."""
+    return _stage_list(stage, "params", dvc_file)
+
+
+def stage_deps(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
+    """The `deps:` paths dvc.yaml lists for a stage (code and data): what a checkpoint of it is keyed by."""
+    return _stage_list(stage, "deps", dvc_file)
+
+
+def _stage_list(stage: str, field: str, dvc_file: str | Path) -> list[str]:
     path = Path(dvc_file)
     try:
         stages = yaml.safe_load(path.read_text())["stages"]
@@ -40,9 +49,9 @@ def stage_param_keys(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
         block = block.get("do")
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: no stage {stage!r}; stages there: {', '.join(stages or [])}")
-    keys = block.get("params", [])
+    keys = block.get(field, [])
     if not all(isinstance(k, str) for k in keys):
-        raise ConfigError(f"{path}: stage {stage!r}: params must be keys of {PARAMS_FILE}, e.g. `- mlp`, got {keys!r}")
+        raise ConfigError(f"{path}: stage {stage!r}: {field} must be a list of names, got {keys!r}")
     return [k.replace("${item}", item) for k in keys]
 
 

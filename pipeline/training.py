@@ -4,15 +4,20 @@ Both loops keep data and model on one device, batch by slicing a shuffled copy
 of the data (no DataLoader, no per-sample Python), and read losses back to the
 host once per epoch (or once per `log_every` steps for gradient descent), which
 is also where divergence is detected and the progress bar moves.
+
+At those same points a loop calls its checkpoint hook (pipeline/checkpoint.py) with a
+function that builds its whole state: weights, optimizer and scheduler, RNG states, early
+stopping, histories. Given that state back as `resume`, a loop continues where it stopped
+and ends with the same bytes as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,14 @@ from pipeline.device import small_step_threads
 from pipeline.errors import PipelineError
 from pipeline.models import linear_from_weights
 from pipeline.optim import make_optimizer, make_schedule
+
+
+# The checkpoint hook: called with the epochs (or steps) done and a function that builds the loop's state.
+Hook = Callable[[int, Callable[[], dict[str, Any]]], None]
+
+
+def _no_checkpoints(_done: int, _state: Callable[[], dict[str, Any]]) -> None:
+    """The hook of a loop run without checkpoints."""
 
 
 class Diverged(PipelineError):
@@ -58,6 +71,11 @@ class History:
         self.step.append(step)
         self.train_loss.append(train_loss)
         self.val_loss.append(val_loss)
+
+    @classmethod
+    def restored(cls, saved: dict[str, list[Any]]) -> History:
+        """A history saved in a checkpoint (its fields as a dict)."""
+        return cls(list(saved["step"]), list(saved["train_loss"]), list(saved["val_loss"]))
 
     def rows(self) -> Iterator[tuple[int, float, float]]:
         """(step, train_loss, val_loss) tuples, for CSV plots."""
@@ -103,6 +121,7 @@ def _check_finite(values: list[float], first_step: int, history: History) -> Non
 
 def train_linear_gd(
     splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
+    checkpoint: Hook = _no_checkpoints, resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Linear regression by full-batch gradient descent, written out as in the source notes.
 
@@ -118,10 +137,22 @@ def train_linear_gd(
     losses = torch.empty(steps, device=X.device)  # read back in chunks, not every step
     history = History()
     extra: dict[str, float] = {}
-    bar = tqdm(total=steps, desc="linear_gd", unit="step", disable=None if progress else True, leave=False)
     done = 0
+    if resume is not None:  # where a checkpoint stopped: weights, the losses so far, the curves
+        done, history, extra = resume["done"], History.restored(resume["history"]), resume["extra"]
+        with torch.no_grad():
+            w.copy_(resume["w"])
+            b.copy_(resume["b"])
+            losses[:done] = resume["losses"]
+        start -= resume["seconds"]
+
+    def state() -> dict[str, Any]:
+        return {"done": done, "w": w, "b": b, "losses": losses[:done], "history": vars(history), "extra": extra,
+                "seconds": time.perf_counter() - start}
+
+    bar = tqdm(total=steps, initial=done, desc="linear_gd", unit="step", disable=None if progress else True, leave=False)
     with small_step_threads(X.device, X.shape[0] * (n_features + 1)):
-        for step in range(steps):
+        for step in range(done, steps):
             y_hat = X @ w + b                      # forward
             loss = F.mse_loss(y_hat, y)            # mean squared residual: ((y_hat - y) ** 2).mean()
             loss.backward()                        # autograd: d loss / d w, d loss / d b
@@ -147,6 +178,7 @@ def train_linear_gd(
                 bar.update(step + 1 - done)
                 bar.set_postfix(loss=f"{chunk[-1]:.4g}", val=f"{val:.4g}")
                 done = step + 1
+                checkpoint(done, state)            # saves every N steps, and on SIGTERM/Ctrl-C
     bar.close()
     model = linear_from_weights(w, b)
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
@@ -173,6 +205,8 @@ class FitSettings:
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
     desc: str = "train"
+    checkpoint: Hook = _no_checkpoints
+    resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
@@ -209,7 +243,21 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
-    bar = tqdm(range(epochs), desc=s.desc, unit="epoch", disable=None if s.progress else True, leave=False)
+    first = 0
+    if s.resume is not None:  # where a checkpoint stopped: the same weights, moments, schedule and random streams
+        r = s.resume
+        first, history, best_val, best_step, best_state, stale = (
+            r["done"], History.restored(r["history"]), r["best_val"], r["best_step"], r["best_state"], r["stale"])
+        _restore_loop(r, model, opt, sched, generator, in_place=why_eager is None)
+        start -= r["seconds"]
+
+    def state() -> dict[str, Any]:
+        return {"done": epoch + 1, "history": vars(history), "best_val": best_val, "best_step": best_step,
+                "best_state": best_state, "stale": stale, "seconds": time.perf_counter() - start,
+                **_loop_state(model, opt, sched, generator)}
+
+    bar = tqdm(range(first, epochs), initial=first, total=epochs, desc=s.desc, unit="epoch",
+               disable=None if s.progress else True, leave=False)
     with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
         for epoch in bar:
             perm = torch.randperm(X.shape[0], device=device, generator=generator)
@@ -256,6 +304,7 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 if patience is not None and stale >= patience:
                     stopped_early = True
                     break
+            s.checkpoint(epoch + 1, state)  # saves every N epochs, and on SIGTERM/Ctrl-C
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -264,3 +313,40 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     model.eval()
     loop = "cuda_graph" if why_eager is None else f"eager ({why_eager})"
     return TrainResult(model, history, best_step, stopped_early, time.perf_counter() - start, loop=loop)
+
+
+def _schedule(sched: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """The torch scheduler itself (under CUDA graphs it drives a float twin optimizer)."""
+    return sched.schedule if isinstance(sched, graphed.TensorLrSchedule) else sched
+
+
+def _loop_state(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, generator: torch.Generator) -> dict[str, Any]:
+    """What `fit` draws from and updates each epoch: weights, optimizer, schedule, every random stream it uses."""
+    rng = {"cpu": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if generator.device.type == "cuda":  # dropout on CUDA draws from the device's default generator
+        rng["cuda"] = torch.cuda.get_rng_state(generator.device)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": _schedule(sched).state_dict(),
+            "rng": rng}
+
+
+def _restore_loop(saved: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                  generator: torch.Generator, in_place: bool) -> None:
+    """Put `_loop_state` back. `in_place` (CUDA graphs): copy into the tensors the recorded graphs read."""
+    model.load_state_dict(saved["model"])
+    if in_place:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, values in saved["optimizer"]["state"].items():
+            for k, v in values.items():
+                opt.state[params[i]][k].copy_(v)
+        for group, kept in zip(opt.param_groups, saved["optimizer"]["param_groups"]):
+            group["lr"].copy_(kept["lr"])
+    else:
+        opt.load_state_dict(saved["optimizer"])
+    _schedule(sched).load_state_dict(saved["schedule"])
+    if isinstance(sched, graphed.TensorLrSchedule):  # the twin's float lr, which the schedule continues from
+        for group, lr in zip(sched.twin.param_groups, sched.schedule.get_last_lr()):
+            group["lr"] = lr
+    torch.set_rng_state(saved["rng"]["cpu"])
+    generator.set_state(saved["rng"]["shuffle"])
+    if "cuda" in saved["rng"]:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"], generator.device)

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline import config, data, device, dvc_params, files, models, plots, tracking, training
+from pipeline import checkpoint, config, data, device, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
 from stages import distributed, paths
 
@@ -41,11 +43,18 @@ def run(cfg: config.Config, name: str) -> None:
             f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages train {name}` directly"
         )
     with distributed.process_group(rank, where) as group:
+        checkpoints, resume = open_checkpoint(cfg, name, group.lead)
         if not group.lead:  # the other ranks train their shards; the lead writes and logs
-            fit(cfg, name, read_splits(data.read_truth(paths.TRUTH), group.device), group, progress=False)
+            with checkpoints.deferring_interrupts():
+                fit(cfg, name, read_splits(data.read_truth(paths.TRUTH), group.device), group, checkpoints, resume,
+                    progress=False)
             return
         tags = {"device": str(group.device), "model": name} | group.tags(name)
-        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags) as mlflow_run:
+        if resume is not None:
+            tags["resumed.from_epoch"] = str(resume["loop"]["done"])  # linear_gd: the step
+        run_id = resume["meta"]["run_id"] if resume is not None else None
+        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags, resume=run_id) as mlflow_run:
+            checkpoints.meta = {"run_id": mlflow_run.run_id}  # the run a resumed stage continues
             # read
             truth = data.read_truth(paths.TRUTH)
             splits = read_splits(truth, group.device)
@@ -63,7 +72,8 @@ def run(cfg: config.Config, name: str) -> None:
 
             # compute
             try:
-                result, spec = fit(cfg, name, splits, group)
+                with checkpoints.deferring_interrupts():  # SIGTERM/Ctrl-C: save at the end of the epoch, then stop
+                    result, spec = fit(cfg, name, splits, group, checkpoints, resume)
             except training.Diverged as exc:
                 mlflow_run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
                 mlflow_run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
@@ -107,6 +117,28 @@ def run(cfg: config.Config, name: str) -> None:
             mlflow_run.log_torch_model(result.model, example, [f"torch=={torch.__version__.split('+')[0]}"])
             mlflow_run.set_tags({"model.digest": files.md5_file(paths.weights_path(name)),
                                  "n_parameters": summary["n_parameters"]})
+            checkpoint.remove(checkpoints.path)  # finished: the outputs are what a rerun would give
+
+
+def open_checkpoint(cfg: config.Config, name: str, lead: bool) -> tuple[checkpoint.Checkpoints, dict[str, Any] | None]:
+    """The stage's checkpoint hook, and the state to resume from when a usable checkpoint is there (one line why not).
+
+    The key covers what the outputs depend on: the stage's params and its dvc.yaml deps (code and data).
+    Every rank reads the same file; only the lead writes.
+    """
+    stage = f"train@{name}"
+    key = checkpoint.key(dvc_params.stage_params(cfg, stage), dvc_params.stage_deps(stage))
+    c = cfg.checkpoint
+    every, unit = (c.every_steps, "step") if name == "linear_gd" else (c.every_epochs, "epoch")
+    hook = checkpoint.Checkpoints(checkpoint.path_for(stage), key, every, c.min_seconds, unit, write=lead)
+    saved, why_not = checkpoint.load(hook.path, key)
+    if saved is not None:
+        hook.saved_at = saved["loop"]["done"]  # epochs (linear_gd: steps) already done
+    if lead and why_not:
+        print(f"{stage}: checkpoint not used: {why_not}; training from scratch", file=sys.stderr)
+    elif lead and saved is not None:
+        print(f"{stage}: resuming from {hook.path} after {unit} {hook.saved_at}", file=sys.stderr)
+    return hook, saved
 
 
 def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
@@ -119,15 +151,21 @@ def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
 
 
 def fit(cfg: config.Config, name: str, splits: training.Splits, group: distributed.Group,
+        checkpoints: training.Hook, resume: dict[str, Any] | None,
         progress: bool = True) -> tuple[training.TrainResult, models.ModelSpec]:
-    """Train model `name` as params.yaml says (the mlp data-parallel in a group of several ranks)."""
+    """Train model `name` as params.yaml says (the mlp data-parallel in a group of several ranks),
+    from the checkpoint's state when `resume` holds one."""
     n_features = splits.X.shape[1]
     p = cfg.model(name)
+    state = resume["loop"] if resume is not None else None
     if isinstance(p, config.LinearGDConfig):
-        return training.train_linear_gd(splits, steps=p.steps, lr=p.lr, progress=progress), models.ModelSpec("linear", n_features)
+        result = training.train_linear_gd(splits, steps=p.steps, lr=p.lr, progress=progress, checkpoint=checkpoints,
+                                          resume=state)
+        return result, models.ModelSpec("linear", n_features)
     settings = training.FitSettings(
         optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs,
         seed=cfg.seed, cuda_graph=cfg.cuda_graph, shard=group.shard, progress=progress, desc=name,
+        checkpoint=checkpoints, resume=state,
     )
     if isinstance(p, config.LinearConfig):
         spec = models.ModelSpec("linear", n_features)

@@ -62,7 +62,8 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     by_hand.send_signal(signal.SIGINT)
     out, err = by_hand.communicate(timeout=120)
     assert by_hand.returncode == 130
-    assert "train@linear_gd: interrupted (Ctrl-C); no output was written" in err and "Traceback" not in err
+    assert "train@linear_gd: interrupted (Ctrl-C; checkpoint after step " in err and "Traceback" not in err
+    assert "the next run resumes from it); no output was written" in err
     assert statuses(repo) == {"train@linear_gd": ["KILLED"]}
     assert_untouched(repo, before, lock)
 
@@ -73,9 +74,10 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     os.kill(pid, signal.SIGTERM)
     out, err = repro.communicate(timeout=120)
     assert repro.returncode != 0
-    assert "train@linear_gd: interrupted (stopped by signal SIGTERM); no output was written" in out + err
+    assert "train@linear_gd: resuming from .checkpoints/train@linear_gd.safetensors after step " in out + err
+    assert "train@linear_gd: interrupted (stopped by signal SIGTERM; checkpoint after step " in out + err
     assert "exited with 130" in out + err
-    assert statuses(repo) == {"train@linear_gd": ["KILLED", "KILLED"]}
+    assert statuses(repo) == {"train@linear_gd": ["KILLED"]}  # the by-hand run, resumed, killed again
     assert not (repo / "models" / "linear_gd.safetensors").exists()  # DVC removed it; nothing half-written replaced it
     assert_untouched(repo, before, lock)
 
@@ -83,7 +85,7 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     dvc(repo, "repro")
     assert "up to date" in dvc(repo, "status").stdout
     final = statuses(repo)
-    assert final["train@linear_gd"] == ["KILLED", "KILLED", "FINISHED"]
+    assert final["train@linear_gd"] == ["KILLED", "FINISHED"]  # other params: the checkpoint was not used
     assert final["evaluate"] == ["FINISHED"]
     assert not stray_temp_files(repo)
 

@@ -25,6 +25,7 @@ import mlflow
 import numpy as np
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import lineage, registry, torch_model
@@ -211,13 +212,18 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, tags: dict[str, str], name: str | None = None) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, experiment: str, tags: dict[str, str], name: str | None = None, resume: str | None = None,
+) -> Iterator[StageRun]:
     """Check the store, start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
 
     A store that is down or unusable fails here, before the stage works. Runs of
     this host left RUNNING by a process that died are closed first. A store that
     fails from here on does not fail the stage: the run is spooled. The run's name is
     the stage's, plus the DVC experiment's when there is one, unless `name` is given.
+    `resume`, the id of an interrupted run (from a checkpoint), continues that run when
+    the store still has it, ended, in this experiment; else a new run is tagged
+    `resumed.from_run_id`.
     """
     preflight()
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
@@ -226,8 +232,10 @@ def stage_run(stage: str, experiment: str, tags: dict[str, str], name: str | Non
     try:
         client, exp_id = connect(experiment)
         close_orphaned_runs(client, [exp_id], stage)
+        if resume and not _resumable(client, exp_id, resume):
+            all_tags["resumed.from_run_id"], resume = resume, None
         # the fluent run: MLflow's context tags and Model.log's experiment (see the module docstring)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
+        run = mlflow.start_run(run_id=resume, experiment_id=exp_id, run_name=None if resume else name, tags=all_tags)
         tracked.client, tracked.run_id, tracked.experiment_id = client, run.info.run_id, exp_id
         tracked.start_time = run.info.start_time
     except OUTAGE as exc:
@@ -246,6 +254,20 @@ def stage_run(stage: str, experiment: str, tags: dict[str, str], name: str | Non
         if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
             print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
                   f"experiment {experiment!r} at {tracking_uri()}", file=sys.stderr)
+
+
+def _resumable(client: MlflowClient, experiment_id: str, run_id: str) -> bool:
+    """Whether `run_id` is an interrupted run (KILLED, FAILED) of this experiment, not deleted; it loses `closed.reason`."""
+    try:
+        old = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if (old.info.experiment_id != experiment_id or old.info.lifecycle_stage != "active"
+            or old.info.status in ("RUNNING", "FINISHED")):
+        return False
+    if "closed.reason" in old.data.tags:
+        client.delete_tag(run_id, "closed.reason")
+    return True
 
 
 def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str], found_by: str) -> int:

@@ -1,0 +1,143 @@
+"""Killed training resumes: real `dvc repro` killed mid-training, then rerun; outputs and MLflow run as if never killed.
+
+Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import dvc, set_params
+from robustness import clone, output_of, runs
+
+# Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
+LONG = {"mlp.epochs": 60, "mlp.patience": 60, "mlp.batch_size": 8,
+        "checkpoint.every_epochs": 1, "checkpoint.min_seconds": 0.0}
+CHECKPOINT = Path(".checkpoints") / "train@mlp.safetensors"
+
+
+def mlp_outs(repo: Path) -> list[dict[str, Any]]:
+    """train@mlp's outs in dvc.lock (paths and md5s)."""
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train@mlp"]["outs"]
+
+
+@pytest.fixture(scope="module")
+def reference(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    """train@mlp's outs of uninterrupted runs with LONG params, single process and data-parallel, by nproc."""
+    outs = {}
+    for nproc in (1, 2):
+        repo = clone(baseline, tmp_path_factory.mktemp("reference") / "repo")
+        set_params(repo, LONG | {"mlp.distributed.nproc": nproc})
+        dvc(repo, "repro", "train@mlp")
+        assert not (repo / CHECKPOINT).exists()  # a finished stage removes its checkpoint
+        outs[nproc] = mlp_outs(repo)
+    return outs
+
+
+def stage_pids(repo: Path) -> list[int]:
+    """Every `python -m stages train mlp` process in `repo` (torchrun's launcher and its ranks)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"stages\0train\0mlp" in (proc / "cmdline").read_bytes() \
+                    and (proc / "cwd").resolve() == repo.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def kill_mid_training(repo: Path, spawn: Any, sig: signal.Signals) -> str:
+    """`dvc repro train@mlp`, killed by `sig` once a periodic checkpoint exists; what it printed."""
+    repro = spawn([sys.executable, "-m", "dvc", "repro", "train@mlp"], repo)
+    deadline = time.monotonic() + 120
+    while not (repo / CHECKPOINT).exists():
+        assert repro.poll() is None, f"ended before a checkpoint: {repro.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint in 120 s"
+        time.sleep(0.1)
+    pids = stage_pids(repo)
+    for pid in pids if sig == signal.SIGKILL else pids[:1]:  # SIGKILL: every process, as a preemption does
+        os.kill(pid, sig)
+    out, err = repro.communicate(timeout=120)
+    assert repro.returncode != 0
+    return out + err
+
+
+def resumed_from(text: str) -> int:
+    """The epoch in the stage's 'resuming from … after epoch N' line."""
+    line = next(line for line in text.splitlines() if line.startswith("train@mlp: resuming from "))
+    assert str(CHECKPOINT) in line
+    return int(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "data-parallel"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_training_resumes_to_the_same_outputs_and_the_same_run(
+    baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]],
+    sig: signal.Signals, nproc: int,
+) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    set_params(repo, LONG | {"mlp.distributed.nproc": nproc})
+    killed = kill_mid_training(repo, spawn, sig)
+    if sig == signal.SIGTERM:
+        assert "train@mlp: interrupted (stopped by signal SIGTERM" in killed and "the next run resumes from it" in killed
+    assert (repo / CHECKPOINT).exists()
+
+    text = output_of(dvc(repo, "repro", "train@mlp"))
+    epoch = resumed_from(text)
+    assert 1 <= epoch < LONG["mlp.epochs"]
+    assert mlp_outs(repo) == reference[nproc]
+    assert not (repo / CHECKPOINT).exists()
+
+    from mlflow.tracking import MlflowClient
+
+    (run,) = [r for r in runs(repo) if r.data.tags.get("stage") == "train@mlp"]  # the same run, continued
+    assert run.info.status == "FINISHED" and run.data.tags["resumed.from_epoch"] == str(epoch)
+    assert "closed.reason" not in run.data.tags
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for key in ("train_loss", "val_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(LONG["mlp.epochs"]))  # one point per epoch
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_a_checkpoint_of_other_params_or_a_damaged_one_is_not_used(
+    baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]],
+) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    set_params(repo, LONG | {"mlp.lr": 0.01})
+    kill_mid_training(repo, spawn, signal.SIGTERM)
+    set_params(repo, {"mlp.lr": 0.003})  # the committed lr: the reference's params
+    path = repo / CHECKPOINT
+    kept = path.read_bytes()
+    text = output_of(dvc(repo, "repro", "train@mlp"))
+    assert "train@mlp: checkpoint not used: .checkpoints/train@mlp.safetensors belongs to other params, data or code" in text
+    assert "resuming from" not in text and mlp_outs(repo) == reference[1]
+
+    path.parent.mkdir(exist_ok=True)  # the stage finished and removed it: put back a damaged copy
+    path.write_bytes(kept[: len(kept) // 2])
+    set_params(repo, {"mlp.epochs": LONG["mlp.epochs"] + 1})  # the stage must run again
+    text = output_of(dvc(repo, "repro", "train@mlp"))
+    lines = [line for line in text.splitlines() if "checkpoint not used" in line]
+    assert len(lines) == 1 and "is damaged or truncated" in lines[0] and "training from scratch" in lines[0]
+    assert "resuming from" not in text and "Traceback" not in text
+    statuses = sorted(r.info.status for r in runs(repo) if r.data.tags.get("stage") == "train@mlp")
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"]  # no resumed run: each rerun opened its own
+
+
+@pytest.mark.slow
+def test_editing_the_checkpoint_settings_reruns_nothing(baseline: Path, tmp_path: Path) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    set_params(repo, {"checkpoint.every_epochs": 7, "checkpoint.every_steps": 3, "checkpoint.min_seconds": 0.5})
+    assert "up to date" in dvc(repo, "status").stdout
+    assert "Data and pipelines are up to date." in output_of(dvc(repo, "repro"))
