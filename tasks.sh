@@ -3,6 +3,7 @@
 #   ./tasks.sh repro     install into .venv, then `dvc repro` (the whole pipeline)
 #   ./tasks.sh test      install into .venv, then run the test suite
 #   ./tasks.sh ui        open the MLflow UI on the embedded store (127.0.0.1:5000)
+#   ./tasks.sh search    Optuna search over params.yaml's search: space, each trial a DVC experiment (--trials, --jobs)
 #   ./tasks.sh compare   table of the latest trained models, best test MSE first (--format csv|json|markdown)
 #   ./tasks.sh server    a shared MLflow tracking server (scripts/mlflow-server.sh --help)
 #   ./tasks.sh serve     serve models:/regression-<model>@champion (default mlp) on 127.0.0.1:${PORT:-5000}
@@ -49,8 +50,9 @@ case "${1:-}" in
   ui)      install; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
   bench)   install; shift; python -m bench "$@" ;;
   compare) install; shift; python -m pipeline.compare "$@" ;;
+  search)  install; shift; python -m pipeline.search "$@" ;;
   server)  install; shift; exec scripts/mlflow-server.sh "$@" ;;
   sync)    install; shift; python -m pipeline.sync "$@" ;;
   serve)   install; shift; exec python -m pipeline.serve "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac

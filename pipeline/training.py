@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -157,6 +157,7 @@ def fit(
     *, optimizer: str, lr: float, weight_decay: float, batch_size: int, epochs: int,
     seed: int, schedule: str = "constant", patience: int | None = None, progress: bool = True,
     desc: str = "train", shard: tuple[int, int] = (0, 1), cuda_graph: bool = False,
+    on_epoch: Callable[[int, float], bool] | None = None,
 ) -> TrainResult:
     """Mini-batch training; with `patience`, stop when val loss stalls and keep the best weights.
 
@@ -171,6 +172,9 @@ def fit(
     is exactly the whole batch's mean-loss gradient: single-process steps, up to the
     order of float additions. Epoch losses are averaged across ranks, so every rank
     sees the same numbers and makes the same early-stopping decision.
+
+    `on_epoch(epoch, val_loss)` is called after every epoch; True stops training there,
+    as early stopping does (best weights kept): how a search prunes a trial.
     """
     rank, world = shard
     start = time.perf_counter()
@@ -235,6 +239,9 @@ def fit(
                 if patience is not None and stale >= patience:
                     stopped_early = True
                     break
+            if on_epoch is not None and on_epoch(epoch, val_loss):
+                stopped_early = True
+                break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

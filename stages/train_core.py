@@ -12,6 +12,7 @@ import torch
 
 from pipeline import config, data, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
+from pipeline.tracking import trial  # under a search: val loss per epoch to the trial, stop when pruned
 from stages import common, distributed
 
 SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
@@ -61,6 +62,7 @@ def train(
         model, *splits, optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
         batch_size=p.batch_size, epochs=p.epochs, seed=cfg.seed, schedule=p.schedule, patience=p.patience,
         progress=progress, desc=name, shard=shard, cuda_graph=cfg.cuda_graph,
+        on_epoch=trial.epoch_reporter() if shard[1] == 1 else None,
     )
     if shard[1] > 1:
         result.model = result.model.module  # the plain MLP inside DDP, for saving and logging
