@@ -120,7 +120,7 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     assert set(exps) == {f"t-t{k}" for k in range(4)}, exps.keys()
     for k, trial in trials.items():
         exp = exps[f"t-t{k}"]
-        assert exp["params"]["mlp"]["lr"] == trial.params["mlp.lr"]
+        assert exp["params"]["mlp"]["lr"] == json.loads(trial.params["mlp.lr"])  # choices go through Optuna as JSON
         assert exp["params"]["mlp"]["hidden"] == json.loads(trial.params["mlp.hidden"])
         val = exp["metrics"]["metrics/train/mlp.json"]["best_val_loss"]
         assert (trial.value if trial.state.name == "COMPLETE" else trial.user_attrs["best_val_loss"]) == val
