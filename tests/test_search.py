@@ -154,7 +154,7 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     for k, trial in trials.items():
         mine = {r.data.tags["stage"]: r for r in children if r.data.tags.get("search.trial") == str(k)}
-        assert set(mine) == {"train@mlp", "evaluate"}, (k, mine.keys())
+        assert {"train@mlp", "evaluate"} <= set(mine), (k, mine.keys())  # the first trials also run the rest
         assert mine["train@mlp"].data.tags["search.state"] == trial.state.name.lower()
     assert not client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
 
