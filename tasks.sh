@@ -14,7 +14,8 @@ usage: ./tasks.sh <command> [arguments]
   repro     install, then `dvc repro` (the whole pipeline); arguments go to dvc repro
   test      install, then run the test suite; arguments go to pytest (e.g. -m "not slow")
   ui        the MLflow UI on the workspace's mlflow.db at http://127.0.0.1:5000 (PORT to change)
-  compare   table of the trained models, best test MSE first (--format csv|json|markdown, --limit N)
+  compare   table of the trained models, best test MSE first (--format csv|json|markdown, --limit N, --study S)
+  search    an Optuna search over params.yaml's search: space, each trial a DVC experiment (--trials, --jobs)
   server    a shared MLflow tracking server at http://127.0.0.1:5001 (PORT, HOST; see server --help)
   serve     serve models:/regression-<model>@champion (default mlp) at http://127.0.0.1:5002 (PORT to change)
   bench     run the benchmark; figures and their meaning in bench/RESULTS.md
@@ -94,6 +95,7 @@ case "$cmd" in
       --host 127.0.0.1 --port "$port" --workers 1 ;;
   bench)   install; python -m bench "$@" ;;
   compare) install; python -m pipeline.compare "$@" ;;
+  search)  install; python -m pipeline.search "$@" ;;
   server)  (( help )) || check_port server --host "${HOST:-127.0.0.1}" >/dev/null; install; exec scripts/mlflow-server.sh "$@" ;;
   sync)    install; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
   serve)   (( help )) || check_port serve >/dev/null; install; exec python -m pipeline.serve "$@" ;;

@@ -13,6 +13,7 @@ queried by pipeline/tracking/reading.py, this module only shapes and prints the 
     python -m pipeline.compare                      # aligned table
     python -m pipeline.compare --format markdown    # or csv, json
     python -m pipeline.compare --model mlp --limit 20
+    python -m pipeline.compare --study search       # the trials of a search, best validation loss first
 """
 
 from __future__ import annotations
@@ -205,6 +206,38 @@ def render_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def study_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A study's train@mlp runs as trial rows, best validation loss first; pruned after complete, unfinished last."""
+    rows = []
+    for run in runs:
+        tags = run["tags"]
+        rows.append({
+            "trial": int(tags["search.trial"]) if tags.get("search.trial", "").isdigit() else None,
+            "state": tags.get("search.state", run["status"].lower()),
+            "val_mse": _number(run["metrics"].get("best_val_loss")),
+            "epochs": _number(run["metrics"].get("steps_run")),
+            "dvc_exp": tags.get("dvc.exp_name", ""),
+            "params": {k: v for k, v in run["params"].items() if k.startswith("mlp.")},
+            "run_id": run["run_id"],
+        })
+    rank = {"complete": 0, "pruned": 1}
+    rows.sort(key=lambda r: (rank.get(r["state"], 2), r["val_mse"] is None, r["val_mse"] or 0.0, r["trial"] or 0))
+    return rows
+
+
+def render_study(rows: Sequence[dict[str, Any]]) -> str:
+    """The trials as an aligned table: only the params that differ between them."""
+    keys = differing_params(rows)
+    header = ["trial", "state", "val_mse", "epochs", *keys, "dvc_exp", "run_id"]
+    body = [[
+        "-" if r["trial"] is None else str(r["trial"]), r["state"],
+        "-" if r["val_mse"] is None else f"{r['val_mse']:.4g}", "-" if r["epochs"] is None else f"{r['epochs']:.0f}",
+        *(str(r["params"].get(k, "-")) for k in keys), r["dvc_exp"], r["run_id"][:8],
+    ] for r in rows]
+    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, *body)) + "\n"
+
+
 RENDERERS = {"table": render_table, "csv": render_csv, "json": render_json, "markdown": render_markdown}
 
 
@@ -222,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=10, help="the best N distinct models per kind by test MSE (default 10)")
     parser.add_argument("--model", action="append", choices=config.MODEL_NAMES, help="only this model (repeatable)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    parser.add_argument("--study", help="the trials of this search study (python -m pipeline.search), best val loss first")
     return parser
 
 
@@ -235,6 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment = args.experiment or config.load().mlflow.experiment
         from pipeline import tracking
 
+        if args.study:
+            from pipeline.tracking.study import study_trials
+
+            trials = study_rows(study_trials(experiment, args.study))
+            if not trials:
+                print(f"compare: no trials of study {args.study!r} in MLflow experiment {experiment!r}", file=sys.stderr)
+                return 1
+            sys.stdout.write(render_study(trials))
+            return 0
         closed, running = tracking.running_after_cleanup(experiment, "compare")
         runs = tracking.stage_runs(experiment, "train@")
     except PipelineError as exc:

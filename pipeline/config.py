@@ -7,6 +7,7 @@ user a fraction of a second and one readable line instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from pathlib import Path
@@ -181,6 +182,82 @@ class CheckpointConfig(_Strict):
     min_seconds: float = Field(default=10.0, ge=0)
 
 
+SEARCH_KINDS = ("int", "float", "log", "choice")
+SEARCHABLE = ("mlp", "linear")  # the model blocks a search may change
+PRUNERS = ("median", "halving", "none")
+
+
+class SearchRange(_Strict):
+    """One searched key: exactly one of int/float/log ([low, high], log-uniform for `log`) or choice (a list)."""
+
+    int_: tuple[int, int] | None = Field(default=None, alias="int")
+    float_: tuple[float, float] | None = Field(default=None, alias="float")
+    log: tuple[float, float] | None = None
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_kinds(cls, v: Any) -> Any:
+        unknown = [k for k in v if k not in SEARCH_KINDS] if isinstance(v, dict) else []
+        if unknown:
+            hint = difflib.get_close_matches(str(unknown[0]), SEARCH_KINDS, n=1)
+            guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise Bad(None, Verbatim(str(unknown[0])), f"unknown kind of range{guess}; allowed: {', '.join(SEARCH_KINDS)}")
+        return v
+
+    @field_validator("float_", "log", mode="before")
+    @classmethod
+    def _pair(cls, v: Any) -> Any:
+        if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return tuple(float(x) for x in v)  # `[0, 0.3]`: an int end of a float range is fine
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("int_", mode="before")
+    @classmethod
+    def _int_pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        given = [k for k in SEARCH_KINDS if self.bounds(k) is not None]
+        if len(given) != 1:
+            shown = Verbatim(", ".join(given) or "none of them")
+            raise Bad(None, shown, f"give exactly one of {', '.join(SEARCH_KINDS)}, e.g. {{log: [1.0e-4, 1.0e-2]}}")
+        kind = given[0]
+        if kind != "choice":
+            low, high = self.bounds(kind)  # type: ignore[misc]
+            if not low < high:
+                raise Bad(kind, [low, high], "an empty or inverted range: must be [low, high] with low < high")
+            if kind == "log" and low <= 0:
+                raise Bad(kind, [low, high], "a log range must be above 0 (use float for a range that starts at 0)")
+        return self
+
+    def bounds(self, kind: str) -> Any:
+        """The value given for `kind` (int/float/log/choice), None when absent."""
+        return getattr(self, {"int": "int_", "float": "float_"}.get(kind, kind))
+
+    @property
+    def kind(self) -> str:
+        """Which of int/float/log/choice this range is."""
+        return next(k for k in SEARCH_KINDS if self.bounds(k) is not None)
+
+
+class PrunerConfig(_Strict):
+    """Stops trials that cannot win, from the per-epoch validation loss train@mlp reports."""
+
+    kind: Literal["median", "halving", "none"]
+    startup_trials: int = Field(default=3, ge=0)   # median: trials finished before any is pruned
+    warmup_epochs: int = Field(default=5, ge=0)    # median: epochs of a trial before it can be pruned
+    min_epochs: int = Field(default=1, ge=1)       # halving: epochs before the first rung
+
+
+class SearchConfig(_Strict):
+    """`./tasks.sh search`: the space an Optuna study draws from. No stage depends on it (editing it reruns nothing)."""
+
+    space: dict[str, SearchRange] = Field(min_length=1)
+    pruner: PrunerConfig = PrunerConfig(kind="median")
+
+
 class Config(_Strict):
     """The whole of params.yaml."""
 
@@ -194,6 +271,14 @@ class Config(_Strict):
     mlp: MLPConfig
     evaluate: EvaluateConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
+    search: SearchConfig | None = None
+
+    @model_validator(mode="after")
+    def _search_keys(self) -> Config:
+        """Every searched key is a key of mlp/linear, and every value its range can give is a valid value there."""
+        for key, rng in (self.search.space.items() if self.search else ()):
+            check_search_value(self, key, rng)
+        return self
 
     @model_validator(mode="after")
     def _batches_fit(self) -> Config:
@@ -219,6 +304,39 @@ class Config(_Strict):
         if name not in MODEL_NAMES:
             raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
         return getattr(self, name)
+
+
+def searchable_keys(cfg: Config) -> list[str]:
+    """Every dotted key a search may set: the leaves of the mlp and linear blocks."""
+    from pipeline.dvc_params import flatten
+
+    return [k for block in SEARCHABLE for k in flatten({block: getattr(cfg, block).model_dump()})]
+
+
+def check_search_value(cfg: Config, key: str, rng: SearchRange) -> None:
+    """Raise Bad (pinned to search.space.<key>) unless `key` is searchable and each end/choice is valid for it."""
+    where = f"search.space.{key}"
+    allowed = searchable_keys(cfg)
+    if key not in allowed:
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise Bad(where, Verbatim("an unknown key"), f"not a key of mlp or linear{guess}; allowed: {', '.join(allowed)}")
+    block, _, leaf = key.partition(".")
+    model = type(getattr(cfg, block))
+    values = rng.choice if rng.kind == "choice" else list(rng.bounds(rng.kind))
+    for value in values:
+        tree = getattr(cfg, block).model_dump()
+        node = tree
+        *parents, last = leaf.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        try:
+            model.model_validate(tree)
+        except ValidationError as exc:
+            line = config_errors.describe(model, exc.errors())[0]
+            what = "choice" if rng.kind == "choice" else f"{rng.kind} range end"
+            raise Bad(where, value, f"this {what} is not a valid {key} ({line.split('; ', 1)[-1]})") from None
 
 
 def parse(raw: Any) -> Config:

@@ -207,6 +207,7 @@ class FitSettings:
     desc: str = "train"
     checkpoint: Hook = _no_checkpoints
     resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
+    on_epoch: Callable[[int, float], bool] | None = None  # (epoch, val loss) -> stop now (a search's pruning)
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
@@ -222,6 +223,9 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     is exactly the whole batch's mean-loss gradient: single-process steps, up to the
     order of float additions. Epoch losses are averaged across ranks, so every rank
     sees the same numbers and makes the same early-stopping decision.
+
+    `on_epoch(epoch, val_loss)`, when set, is called after every epoch; True stops training
+    there, as early stopping does (best weights kept): how a search prunes a trial.
     """
     X, y, X_val, y_val = splits
     s = settings
@@ -304,6 +308,9 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 if patience is not None and stale >= patience:
                     stopped_early = True
                     break
+            if s.on_epoch is not None and s.on_epoch(epoch, val_loss):
+                stopped_early = True
+                break
             s.checkpoint(epoch + 1, state)  # saves every N epochs, and on SIGTERM/Ctrl-C
     bar.close()
     if best_state is not None:

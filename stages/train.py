@@ -16,6 +16,7 @@ import torch
 
 from pipeline import checkpoint, config, data, device, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
+from pipeline.tracking import study
 from stages import distributed, paths
 
 SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
@@ -171,7 +172,9 @@ def fit(cfg: config.Config, name: str, splits: training.Splits, group: distribut
         spec = models.ModelSpec("linear", n_features)
         return training.fit(models.build(spec), splits, settings), spec
     spec = models.ModelSpec("mlp", n_features, p.hidden, p.activation, p.dropout)
-    settings = dataclasses.replace(settings, schedule=p.schedule, patience=p.patience)
+    # under a search (pipeline/search.py), each epoch's val loss goes to the trial, which may prune it
+    pruning = study.epoch_reporter() if group.shard[1] == 1 else None
+    settings = dataclasses.replace(settings, schedule=p.schedule, patience=p.patience, on_epoch=pruning)
     result = training.fit(group.wrap(models.build(spec)), splits, settings)
     result.model = group.unwrap(result.model)  # the plain MLP inside DDP, for saving and logging
     return result, spec

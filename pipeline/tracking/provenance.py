@@ -65,12 +65,13 @@ def run_name(stage: str) -> str:
 
 
 def context_tags() -> dict[str, str]:
-    """Tags every run carries: git commit, pipeline execution and, under `dvc exp`, name and baseline."""
+    """Tags every run carries: git commit, pipeline execution; under `dvc exp`, name and baseline; in a search, study and parent run."""
     tags = {"git.commit": _git_commit()}
     tags["mlflow.source.git.commit"] = tags["git.commit"]
     tags["pipeline"] = pipeline_id(tags["git.commit"])
     tags["started_by"] = "hand" if started_by_hand() else "dvc"
-    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
+                     ("PIPELINE_SEARCH_STUDY", "search.study"), ("PIPELINE_SEARCH_PARENT_RUN", "mlflow.parentRunId")):
         if value := os.environ.get(env):
             tags[tag] = value
     return tags

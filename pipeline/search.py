@@ -1,0 +1,383 @@
+"""Search the params.yaml `search:` space with Optuna; every trial is a DVC experiment: `python -m pipeline.search`.
+
+    python -m pipeline.search --trials 20                 # TPE, seeded; a study in optuna.db
+    python -m pipeline.search --trials 20 --jobs 2        # two trials at a time (dvc queue, -j 2)
+    python -m pipeline.search --study lr-width --timeout 3600
+    python -m pipeline.search --storage postgresql+psycopg://user@db/optuna   # a team's shared study
+
+Each trial is `dvc exp run -S key=value ... --name <study>-t<k>` (queued with --jobs > 1),
+so `dvc exp show` lists it and `dvc exp apply <study>-t<k>` restores it. The objective is
+train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
+split stays for reporting the chosen model. train@mlp reports its validation loss per
+epoch to the trial (pipeline/tracking/study.py) and stops when the pruner says so.
+
+The study is a database (default: optuna.db at the workspace root, beside mlflow.db),
+so running the same command again continues it: `--trials` is the number of finished
+trials the study should reach. Trials this host left RUNNING (the search was killed)
+are marked FAILED first; a DVC experiment of such a trial may remain (`dvc exp remove`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+STORE_FILE = "optuna.db"
+DEFAULT_STUDY = "search"
+STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is not given
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
+METRICS = "metrics/train/mlp.json"
+OBJECTIVE = "best_val_loss"
+MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
+
+
+class SearchError(PipelineError):
+    """A search that cannot start or go on; one line says why."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
+    parser.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (default 1; >1 queues them)")
+    parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default {DEFAULT_STUDY!r}); trials are <study>-t<k>")
+    parser.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
+    parser.add_argument("--storage", default=None,
+                        help=f"Optuna storage URL (default ${STORAGE_VAR}, else sqlite:///<workspace>/{STORE_FILE})")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One line per bad option, before any work."""
+    if args.trials < 1:
+        raise SearchError(f"--trials must be at least 1, got {args.trials}")
+    if args.jobs < 1:
+        raise SearchError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise SearchError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
+    if not NAME.match(args.study):
+        raise SearchError(f"--study {args.study!r}: a name of letters, digits, - and _ (starting with a letter, at most 50), "
+                          "since trials become DVC experiments <study>-t<k>")
+
+
+def storage_url(given: str | None, root: Path) -> str:
+    """--storage, else $OPTUNA_STORAGE (a team's PostgreSQL), else optuna.db beside the workspace's mlflow.db."""
+    return given or os.environ.get(STORAGE_VAR) or f"sqlite:///{root / STORE_FILE}"
+
+
+def describe_space(space: dict[str, config.SearchRange]) -> dict[str, str]:
+    """The space as one text per key (`log [0.0003, 0.03]`): what the study and the MLflow parent record."""
+    return {k: f"{r.kind} {json.dumps(r.bounds(r.kind))}" for k, r in space.items()}
+
+
+def suggest(trial: Any, space: dict[str, config.SearchRange]) -> dict[str, Any]:
+    """Draw one point; choices that are lists (widths) go through Optuna as JSON text and come back as lists."""
+    point: dict[str, Any] = {}
+    for key, rng in space.items():
+        kind = rng.kind
+        if kind == "int":
+            point[key] = trial.suggest_int(key, *rng.bounds(kind))
+        elif kind in ("float", "log"):
+            point[key] = trial.suggest_float(key, *rng.bounds(kind), log=kind == "log")
+        else:
+            texts = [json.dumps(c) for c in rng.choice]
+            point[key] = json.loads(trial.suggest_categorical(key, texts))
+    return point
+
+
+def set_args(point: dict[str, Any]) -> list[str]:
+    """`-S key=value` for each drawn value, in the YAML DVC parses (lists as [a, b])."""
+    return [a for k, v in point.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+
+
+def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def _tail(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else f"exit {proc.returncode}"
+
+
+def _process_started() -> str:
+    from pipeline.tracking.provenance import process_started
+
+    return process_started(os.getpid()) or "unknown"
+
+
+class Search:
+    """One search process: the study, its MLflow parent, and how trials run."""
+
+    def __init__(self, args: argparse.Namespace, cfg: config.Config, root: Path) -> None:
+        import optuna
+
+        from pipeline.tracking import study as trial_env
+        from pipeline.tracking.study import open_study_run
+
+        assert cfg.search is not None
+        self.args, self.cfg, self.root = args, cfg, root
+        self.space = cfg.search.space
+        self.url = storage_url(args.storage, root)
+        storage = trial_env.open_storage(self.url)
+        described = describe_space(self.space)
+        try:
+            existing = optuna.load_study(study_name=args.study, storage=storage)
+        except KeyError:
+            existing = None
+        if existing is not None and existing.user_attrs.get("space") != described:
+            raise SearchError(
+                f"study {args.study!r} exists with another space ({_show(existing.user_attrs.get('space'))}; "
+                f"params.yaml now: {_show(described)}); pick a new --study or restore that space"
+            )
+        done_before = len(existing.trials) if existing else 0
+        # Seeded, and reseeded by how far the study is, so a resume does not redraw the first points.
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed + done_before)
+        pruner_cfg = cfg.search.pruner.model_dump()
+        self.study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler, direction="minimize",
+                                         pruner=trial_env.make_pruner(pruner_cfg), load_if_exists=True)
+        if existing is None:
+            self.study.set_user_attr("space", described)
+            self.study.set_user_attr("pruner", pruner_cfg)
+        self.failed_stale = self._fail_stale()
+        self.parent = open_study_run(cfg.mlflow.experiment, args.study, described, self.url)
+        self.env = {**os.environ, trial_env.STORAGE_ENV: self.url, trial_env.STUDY_ENV: args.study,
+                    trial_env.PARENT_ENV: self.parent.run_id}
+        self.trial_env = trial_env
+
+    def _fail_stale(self) -> int:
+        """Mark FAILED the RUNNING trials this host started from a process that is gone (a killed search)."""
+        from optuna.trial import TrialState
+
+        from pipeline.tracking.provenance import process_started
+
+        host, failed = socket.gethostname(), 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = t.user_attrs
+            if attrs.get("host") != host or process_started(int(attrs.get("pid", 0)) or -1) == attrs.get("started"):
+                continue  # another machine's trial, or a search still running here
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            failed += 1
+        return failed
+
+    def finished(self) -> int:
+        """Trials that count towards --trials: COMPLETE and PRUNED."""
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def running(self) -> int:
+        """Trials RUNNING now (here or on another machine sharing the study)."""
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def ask(self) -> tuple[Any, str, dict[str, Any]]:
+        """A new trial: its point, and the DVC experiment name it runs as (recorded on the trial)."""
+        trial = self.study.ask()
+        point = suggest(trial, self.space)
+        name = f"{self.args.study}-t{trial.number}"
+        for key, value in ((self.trial_env.EXP_ATTR, name), ("host", socket.gethostname()),
+                           ("pid", os.getpid()), ("started", _process_started())):
+            trial.set_user_attr(key, value)
+        return trial, name, point
+
+    def run_workspace(self, name: str, point: dict[str, Any]) -> tuple[float | None, str]:
+        """One trial in the workspace (`dvc exp run`); (objective or None, error line)."""
+        proc = _dvc(self.root, "exp", "run", *set_args(point), "--name", name, env=self.env)
+        if proc.returncode != 0:
+            return None, _tail(proc)
+        return float(json.loads((self.root / METRICS).read_text())[OBJECTIVE]), ""
+
+    def run_queued(self, batch: list[tuple[Any, str, dict[str, Any]]]) -> list[tuple[float | None, str]]:
+        """A batch of trials through the DVC queue, `dvc queue start -j J`; wait for all, read `dvc exp show`."""
+        for _, name, point in batch:
+            proc = _dvc(self.root, "exp", "run", "--queue", *set_args(point), "--name", name, env=self.env)
+            if proc.returncode != 0:
+                raise SearchError(f"cannot queue trial {name}: {_tail(proc)}")
+        proc = _dvc(self.root, "queue", "start", "-j", str(self.args.jobs), env=self.env)
+        if proc.returncode != 0:
+            raise SearchError(f"dvc queue start failed: {_tail(proc)}")
+        names = {name for _, name, _ in batch}
+        while True:
+            status = _dvc(self.root, "queue", "status").stdout
+            busy = [ln for ln in status.splitlines() if any(s in ln for s in ("Queued", "Running"))
+                    and any(re.search(rf"\b{re.escape(n)}\b", ln) for n in names)]
+            if not busy:
+                break
+            time.sleep(2)
+        found = _exp_metrics(self.root)
+        out = []
+        for _, name, _ in batch:
+            if name in found and found[name] is not None:
+                out.append((found[name], ""))
+            else:
+                logs = _dvc(self.root, "queue", "logs", name)
+                out.append((None, _tail(logs) if logs.returncode == 0 else "the queued experiment failed"))
+        return out
+
+    def tell(self, trial: Any, name: str, point: dict[str, Any], value: float | None, error: str) -> str:
+        """Finish a trial in Optuna (COMPLETE, PRUNED or FAIL) and in MLflow; return its state."""
+        from optuna.trial import TrialState
+
+        attrs = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number).user_attrs
+        if value is None:
+            state = TrialState.FAIL
+            self.study.tell(trial, state=state)
+        elif self.trial_env.PRUNED_ATTR in attrs:
+            state = TrialState.PRUNED
+            trial.set_user_attr(OBJECTIVE, value)
+            self.study.tell(trial, state=state)
+        else:
+            state = TrialState.COMPLETE
+            self.study.tell(trial, value)
+        best = self.best()
+        self.parent.record_trial(trial.number, name, state.name.lower(), value,
+                                 (best.number, best.value, best.params) if best else None)
+        return state.name.lower()
+
+    def best(self) -> Any:
+        """The best COMPLETE trial, or None."""
+        try:
+            return self.study.best_trial
+        except ValueError:
+            return None
+
+
+def _exp_metrics(root: Path) -> dict[str, float | None]:
+    """{experiment name: its train@mlp best_val_loss} from `dvc exp show --json` (the experiments' own metrics)."""
+    proc = _dvc(root, "exp", "show", "--json")
+    if proc.returncode != 0:
+        raise SearchError(f"dvc exp show failed: {_tail(proc)}")
+    out: dict[str, float | None] = {}
+    for baseline in json.loads(proc.stdout):
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            data = ((rev.get("data") or {}).get("metrics") or {}).get(METRICS, {}).get("data") or {}
+            if rev.get("name"):
+                out[rev["name"]] = data.get(OBJECTIVE)
+    return out
+
+
+def _show(space: Any) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in space.items()) if isinstance(space, dict) else repr(space)
+
+
+def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
+    """The search loop: ask, run as DVC experiments, tell, print; until --trials are finished or --timeout."""
+    search = Search(args, cfg, root)
+    start = time.monotonic()
+    print(f"search: study {args.study!r} in {_hide(search.url)}: "
+          f"{search.finished()} of {args.trials} trials finished"
+          + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else ""),
+          flush=True)
+    failures, complete = 0, False
+    try:
+        while True:
+            left = args.trials - search.finished() - search.running()
+            if search.finished() >= args.trials:
+                complete = True
+                break
+            if left <= 0:
+                time.sleep(5)  # the last trials run on another machine sharing the study
+                continue
+            if args.timeout is not None and time.monotonic() - start > args.timeout:
+                print(f"search: --timeout {args.timeout:g} s reached; run the same command again to continue", flush=True)
+                break
+            batch = [search.ask() for _ in range(min(args.jobs, left))]
+            try:
+                if args.jobs == 1:
+                    results = [search.run_workspace(batch[0][1], batch[0][2])]
+                else:
+                    results = search.run_queued(batch)
+            except BaseException:  # Ctrl-C, SIGTERM or an error: these trials end FAILED, not RUNNING
+                from optuna.trial import TrialState
+
+                for trial, _, _ in batch:
+                    search.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            for (trial, name, point), (value, error) in zip(batch, results):
+                state = search.tell(trial, name, point, value, error)
+                best = search.best()
+                shown = "-" if value is None else f"{value:.4g}"
+                best_text = f"best {best.value:.4g} (trial {best.number})" if best else "no best yet"
+                why = f": {error}" if error else ""
+                print(f"trial {trial.number} [{name}] {state} val_loss={shown}  {_point(point)}  {best_text}{why}", flush=True)
+                failures = failures + 1 if state == "fail" else 0
+            if failures >= MAX_FAILURES:
+                raise SearchError(f"{failures} trials failed in a row; the last: {error}")
+    finally:
+        search.parent.close(complete)
+    best = search.best()
+    if best is None:
+        print("search: no trial finished yet", flush=True)
+        return 1 if complete else 0
+    print(f"best: trial {best.number} [{args.study}-t{best.number}] val_loss={best.value:.6g}  "
+          f"{_point({k: _decode(v) for k, v in best.params.items()})}")
+    print(f"restore it: dvc exp apply {args.study}-t{best.number}")
+    return 0
+
+
+def _decode(value: Any) -> Any:
+    """A categorical stored as JSON text back to its value."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _point(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v) if not isinstance(v, float) else f'{v:.4g}'}" for k, v in point.items())
+
+
+def _hide(url: str) -> str:
+    from pipeline.tracking.study import _without_password
+
+    return _without_password(url)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check options and params.yaml (one line each, exit 2), then search; a failure is one line, exit 1."""
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: the running trial ends FAILED, the parent run KILLED
+    try:
+        check_args(args)
+        cfg = config.load()
+    except PipelineError as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
+    if cfg.search is None:
+        print(f"search: {config.PARAMS_FILE} has no search: block (the space to search); "
+              "see docs/experiments.md for an example", file=sys.stderr)
+        return 2
+    from pipeline.tracking.store import workspace_root
+
+    try:
+        return run(args, cfg, workspace_root())
+    except PipelineError as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("search: interrupted; finished trials are kept, run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`python -m pipeline.search`: an Optuna study whose trials are DVC experiments and MLflow runs.
+
+The bad-input cases run in-process or stop before any trial (seconds). The two slow
+tests run real searches on tiny data: one with --jobs 2 through the DVC queue (a few
+minutes on 2 cores), one killed with SIGKILL in the middle of a trial and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import copy_project, dvc, run_env, sh, tiny_params
+from test_experiments import _experiments
+
+from pipeline import config
+
+# An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
+# the median of one finished trial decides from the first epoch on.
+SEARCH = {
+    "space": {"mlp.lr": {"choice": [0.03, 0.00001]}, "mlp.hidden": {"choice": [[4], [8]]}},
+    "pruner": {"kind": "median", "startup_trials": 1, "warmup_epochs": 0},
+}
+TRIAL_PARAMS = {"mlp.epochs": 4, "mlp.patience": 4, "search": SEARCH}
+
+
+def _search(repo: Path, *args: str, check: bool = True, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    return sh(repo, sys.executable, "-m", "pipeline.search", *args, check=check, timeout=timeout)
+
+
+def _trials(repo: Path, study: str) -> list[Any]:
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{repo / 'optuna.db'}").get_trials()
+
+
+# (edit of the search block, fragments of the one line it must give)
+BAD_SPACES: list[tuple[dict[str, Any], tuple[str, ...]]] = [
+    ({"mlp.lrr": {"log": [0.001, 0.1]}}, ("search.space.mlp.lrr", "unknown key", "did you mean 'mlp.lr'")),
+    ({"data.n_samples": {"int": [10, 20]}}, ("search.space.data.n_samples", "not a key of mlp or linear")),
+    ({"mlp.lr": {"log": [0.1, 0.001]}}, ("search.space.mlp.lr.log: got [0.1, 0.001]", "empty or inverted range")),
+    ({"mlp.epochs": {"int": [5, 5]}}, ("search.space.mlp.epochs.int: got [5, 5]", "empty or inverted range")),
+    ({"mlp.lr": {"log": [0, 0.1]}}, ("search.space.mlp.lr.log", "above 0")),
+    ({"mlp.hidden": {"choice": [[32], "wide"]}}, ("search.space.mlp.hidden: got 'wide'", "not a valid mlp.hidden")),
+    ({"mlp.activation": {"choice": ["relu", 3]}}, ("search.space.mlp.activation: got 3", "'relu', 'gelu'")),
+    ({"mlp.epochs": {"float": [2, 5]}}, ("search.space.mlp.epochs: got 2.0", "valid integer")),
+    ({"mlp.dropout": {"float": [0, 1.5]}}, ("search.space.mlp.dropout: got 1.5", "less than 1")),
+    ({"mlp.lr": {"lg": [0.1, 1]}}, ("search.space.mlp.lr: got lg", "did you mean 'log'")),
+    ({"mlp.lr": {"log": [0.001, 0.1], "int": [1, 2]}}, ("search.space.mlp.lr", "exactly one of int, float, log, choice")),
+    ({"mlp.lr": {"choice": []}}, ("search.space.mlp.lr.choice", "at least 1")),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("space", "expected"), BAD_SPACES)
+def test_bad_search_space_is_one_line(space: dict[str, Any], expected: tuple[str, ...]) -> None:
+    raw = tiny_params() | {"search": {"space": space}}
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(raw)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_committed_space_is_valid(defaults_file: Path) -> None:
+    cfg = config.load(defaults_file)
+    assert cfg.search is not None and {"mlp.lr", "mlp.hidden", "mlp.weight_decay"} <= set(cfg.search.space)
+
+
+@pytest.mark.bad_input
+def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", {"search": SEARCH})
+    for args, fragment in (
+        (["--trials", "0"], "--trials must be at least 1, got 0"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--study", "a b"], "--study 'a b': a name of letters"),
+        (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
+    ):
+        proc = _search(repo, *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+
+    import optuna
+
+    study = optuna.create_study(study_name="old", storage=f"sqlite:///{repo / 'optuna.db'}")
+    study.set_user_attr("space", {"mlp.lr": "log [0.001, 0.1]"})
+    proc = _search(repo, "--study", "old", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "study 'old' exists with another space (mlp.lr: log [0.001, 0.1]" in proc.stderr
+    assert not (repo / "mlflow.db").exists(), "nothing ran before the line"
+    assert _experiments(repo) == {}
+
+
+@pytest.mark.slow
+def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+    proc = _search(repo, "--trials", "4", "--jobs", "2", "--study", "t")
+    out = proc.stdout
+    for k in range(4):
+        assert f"trial {k} [t-t{k}]" in out, out
+
+    # Optuna: every trial finished, none RUNNING, at least one pruned; the best is named with its restore command.
+    trials = {t.number: t for t in _trials(repo, "t")}
+    states = {n: t.state.name for n, t in trials.items()}
+    assert sorted(trials) == [0, 1, 2, 3] and set(states.values()) <= {"COMPLETE", "PRUNED"}, states
+    assert "PRUNED" in states.values(), states
+    best = min((t for t in trials.values() if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert f"restore it: dvc exp apply t-t{best.number}" in out
+
+    # DVC: every trial is an experiment with its params; the objective is its validation loss, never a test metric.
+    exps = _experiments(repo)
+    assert set(exps) == {f"t-t{k}" for k in range(4)}, exps.keys()
+    for k, trial in trials.items():
+        exp = exps[f"t-t{k}"]
+        assert exp["params"]["mlp"]["lr"] == json.loads(trial.params["mlp.lr"])  # choices go through Optuna as JSON
+        assert exp["params"]["mlp"]["hidden"] == json.loads(trial.params["mlp.hidden"])
+        val = exp["metrics"]["metrics/train/mlp.json"]["best_val_loss"]
+        assert (trial.value if trial.state.name == "COMPLETE" else trial.user_attrs["best_val_loss"]) == val
+        pruned = trial.state.name == "PRUNED"
+        assert (exp["metrics"]["metrics/train/mlp.json"]["steps_run"] < 4) == pruned, (k, exp["metrics"])
+
+    # `dvc exp apply` of the best restores its outputs; training again from them gives the same metrics file.
+    name = f"t-t{best.number}"
+    dvc(repo, "exp", "apply", name)
+    applied = (repo / "metrics/train/mlp.json").read_text()
+    assert json.loads(applied) == exps[name]["metrics"]["metrics/train/mlp.json"]
+    assert "up to date" in dvc(repo, "status").stdout
+    dvc(repo, "repro", "--force", "--single-item", "train@mlp")
+    assert (repo / "metrics/train/mlp.json").read_text() == applied
+
+    # The search block is no DVC param: editing it reruns nothing.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["search"]["space"]["mlp.lr"] = {"log": [0.001, 0.1]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "up to date" in dvc(repo, "status").stdout
+
+    # MLflow: one parent for the study, each trial's two stage runs under it, tagged with trial and state.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("regression").experiment_id
+    (parent,) = client.search_runs([exp_id], filter_string="tags.`search.role` = 'study'")
+    assert parent.data.tags["search.study"] == "t" and parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.params["space.mlp.lr"] == "choice [0.03, 1e-05]"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "best_val_loss")] == [0, 1, 2, 3]
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    for k, trial in trials.items():
+        mine = {r.data.tags["stage"]: r for r in children if r.data.tags.get("search.trial") == str(k)}
+        assert {"train@mlp", "evaluate"} <= set(mine), (k, mine.keys())  # the first trials also run the rest
+        assert mine["train@mlp"].data.tags["search.state"] == trial.state.name.lower()
+    assert not client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+
+    table = sh(repo, sys.executable, "-m", "pipeline.compare", "--study", "t").stdout.splitlines()
+    assert table[1].split()[:2] == [str(best.number), "complete"], table
+
+
+@pytest.mark.slow
+def test_killed_search_resumes(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+    cmd = [sys.executable, "-m", "pipeline.search", "--trials", "3", "--study", "k"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        seen = ""
+        while "trial 0 [k-t0]" not in seen:
+            line = proc.stdout.readline()
+            assert line, f"the search ended before its first trial:\n{seen}"
+            seen += line
+        time.sleep(15)  # trial 1's `dvc exp run` is under way
+        assert proc.poll() is None, seen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the search, dvc and the stage: nothing cleans up
+        proc.communicate()
+    before = {t.number: t for t in _trials(repo, "k")}
+    assert before[1].state.name == "RUNNING" and before[0].state.name in ("COMPLETE", "PRUNED"), before
+
+    again = _search(repo, "--trials", "3", "--study", "k")
+    assert "1 trial(s) left RUNNING by a killed search marked FAILED" in again.stdout, again.stdout
+    after = {t.number: t for t in _trials(repo, "k")}
+    assert after[0].state == before[0].state and after[0].values == before[0].values, "the finished trial is kept"
+    assert after[1].state.name == "FAIL"
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 3
+    assert not [t for t in after.values() if t.state.name == "RUNNING"]
+    # the resumed sampler does not redraw the points of the first run
+    assert after[2].params != after[0].params or after[3].params != after[1].params
+
+
+def test_on_epoch_stops_fit_and_keeps_the_best_weights() -> None:
+    import torch
+
+    from pipeline import models, training
+
+    gen = torch.Generator().manual_seed(0)
+    X, X_val = torch.randn(200, 3, generator=gen), torch.randn(50, 3, generator=gen)
+    y, y_val = X.sum(1, keepdim=True), X_val.sum(1, keepdim=True)
+    spec = models.ModelSpec("mlp", 3, (4,), "relu", 0.0)
+    kwargs = dict(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=32, epochs=6, seed=0, patience=6, progress=False)
+    torch.manual_seed(0)
+    full = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs)
+    torch.manual_seed(0)
+    seen: list[tuple[int, float]] = []
+    never = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs,
+                         on_epoch=lambda e, v: seen.append((e, v)) is not None)
+    assert never.history == full.history and not never.stopped_early  # a hook that never stops changes nothing
+    assert seen == list(zip(full.history.step, full.history.val_loss))
+    torch.manual_seed(0)
+    cut = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs, on_epoch=lambda e, v: e == 2)
+    assert cut.history.step == [0, 1, 2] and cut.stopped_early
+    assert cut.history.val_loss == full.history.val_loss[:3]
+    assert training.mse(cut.model, X_val, y_val).item() == pytest.approx(min(cut.history.val_loss))
