@@ -266,11 +266,11 @@ def checkpoint_cost(params: config.Config, *, rows: int, epochs: int, repeats: i
             training.fit(model, training.Splits(*t), settings)
         return took[0]
 
-    timed(training._no_checkpoints)  # first-call costs (allocator, threads) out of the timings
+    timed(training.no_checkpoints)  # first-call costs (allocator, threads) out of the timings
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         path = checkpoint.path_for("train@mlp", Path(tmp))
         best = best_of(repeats, {
-            "off": lambda: timed(training._no_checkpoints),
+            "off": lambda: timed(training.no_checkpoints),
             "default": lambda: timed(checkpoint.Checkpoints(path, "bench", c.every_epochs, c.min_seconds)),
             "every": lambda: timed(checkpoint.Checkpoints(path, "bench", 1, 0.0)),
         })

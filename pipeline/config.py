@@ -190,6 +190,9 @@ PRUNERS = ("median", "halving", "none")
 class SearchRange(_Strict):
     """One searched key: exactly one of int/float/log ([low, high], log-uniform for `log`) or choice (a list)."""
 
+    # dumped as written (`int`, `float`): a dumped config parses back (the benchmark and tests edit dumps)
+    model_config = ConfigDict(_Strict.model_config, serialize_by_alias=True)
+
     int_: tuple[int, int] | None = Field(default=None, alias="int")
     float_: tuple[float, float] | None = Field(default=None, alias="float")
     log: tuple[float, float] | None = None

@@ -35,7 +35,7 @@ from pipeline.optim import make_optimizer, make_schedule
 Hook = Callable[[int, Callable[[], dict[str, Any]]], None]
 
 
-def _no_checkpoints(_done: int, _state: Callable[[], dict[str, Any]]) -> None:
+def no_checkpoints(_done: int, _state: Callable[[], dict[str, Any]]) -> None:
     """The hook of a loop run without checkpoints."""
 
 
@@ -121,7 +121,7 @@ def _check_finite(values: list[float], first_step: int, history: History) -> Non
 
 def train_linear_gd(
     splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
-    checkpoint: Hook = _no_checkpoints, resume: dict[str, Any] | None = None,
+    checkpoint: Hook = no_checkpoints, resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Linear regression by full-batch gradient descent, written out as in the source notes.
 
@@ -205,7 +205,7 @@ class FitSettings:
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
     desc: str = "train"
-    checkpoint: Hook = _no_checkpoints
+    checkpoint: Hook = no_checkpoints
     resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
     on_epoch: Callable[[int, float], bool] | None = None  # (epoch, val loss) -> stop now (a search's pruning)
 

@@ -152,7 +152,7 @@ def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
 
 
 def fit(cfg: config.Config, name: str, splits: training.Splits, group: distributed.Group,
-        checkpoints: training.Hook, resume: dict[str, Any] | None,
+        checkpoints: training.Hook = training.no_checkpoints, resume: dict[str, Any] | None = None,
         progress: bool = True) -> tuple[training.TrainResult, models.ModelSpec]:
     """Train model `name` as params.yaml says (the mlp data-parallel in a group of several ranks),
     from the checkpoint's state when `resume` holds one."""

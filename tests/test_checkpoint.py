@@ -23,7 +23,7 @@ def splits() -> training.Splits:
     return training.Splits(X[:320], y[:320], X[320:], y[320:])
 
 
-def fit_mlp(hook: training.Hook = training._no_checkpoints, resume: dict[str, Any] | None = None) -> training.TrainResult:
+def fit_mlp(hook: training.Hook = training.no_checkpoints, resume: dict[str, Any] | None = None) -> training.TrainResult:
     """Dropout (CPU RNG), shuffling (its own generator), Adam moments, a cosine schedule, early stopping: all in the state."""
     torch.manual_seed(1)
     model = models.build(models.ModelSpec("mlp", 4, (8,), "relu", 0.2))

@@ -76,11 +76,13 @@ def test_two_gloo_processes_match_one(project: Path) -> None:
 @pytest.mark.parametrize(
     ("nproc", "expected"),
     [(0, "mlp.distributed.nproc: got 0; must be greater than or equal to 1"),
-     (65, "distributed.nproc=65 is larger than batch_size=64")],
+     (65, "mlp.distributed.nproc: got 65; must be less than or equal to 64"),
+     (40, "distributed.nproc=40 is larger than batch_size=32")],
 )
 def test_nproc_is_validated(nproc: int, expected: str) -> None:
     """A process count that cannot work is refused with the key and the bound."""
     raw = tiny_params()
+    raw["mlp"]["batch_size"] = 32
     raw["mlp"]["distributed"]["nproc"] = nproc
     with pytest.raises(config.ConfigError, match=expected):
         config.parse(raw)

@@ -161,20 +161,20 @@ def _files(repo: Path) -> set[str]:
 
 @pytest.mark.bad_input
 def test_hostile_params_stop_before_work_in_one_line(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Each case, through `python -m stages.generate` and `python -m stages.train mlp`: exit 2, one short
+    """Each case, through `python -m stages generate` and `python -m stages train mlp`: exit 2, one short
     line, torch never imported, nothing written, and no slower than a one-typo params.yaml plus a second."""
     from conftest import copy_project
 
     repo = copy_project(tmp_path / "repo")
     good = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(good + "typo: 1\n")
-    _, baseline, _ = _stage(repo, "stages.generate")  # start-up and the config check of an ordinary mistake
+    _, baseline, _ = _stage(repo, "stages", "generate")  # start-up and the config check of an ordinary mistake
     cases = _hostile(good)
     request.node.user_properties.append(("bad_input_cases", 2 * len(cases)))
     before = _files(repo)
     for name, (text, expected) in cases.items():
         (repo / "params.yaml").write_text(text)
-        for argv, stage in ((("stages.generate",), "generate"), (("stages.train", "mlp"), "train@mlp")):
+        for argv, stage in ((("stages", "generate"), "generate"), (("stages", "train", "mlp"), "train@mlp")):
             proc, seconds, imported = _stage(repo, *argv)
             lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
             assert proc.returncode == 2, f"{name}, {stage}: exit {proc.returncode}\n{lines[:5]}"

@@ -203,17 +203,18 @@ def test_on_epoch_stops_fit_and_keeps_the_best_weights() -> None:
     X, X_val = torch.randn(200, 3, generator=gen), torch.randn(50, 3, generator=gen)
     y, y_val = X.sum(1, keepdim=True), X_val.sum(1, keepdim=True)
     spec = models.ModelSpec("mlp", 3, (4,), "relu", 0.0)
+    splits = training.Splits(X, y, X_val, y_val)
     kwargs = dict(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=32, epochs=6, seed=0, patience=6, progress=False)
     torch.manual_seed(0)
-    full = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs)
+    full = training.fit(models.build(spec), splits, training.FitSettings(**kwargs))
     torch.manual_seed(0)
     seen: list[tuple[int, float]] = []
-    never = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs,
-                         on_epoch=lambda e, v: seen.append((e, v)) is not None)
+    never = training.fit(models.build(spec), splits, training.FitSettings(
+        **kwargs, on_epoch=lambda e, v: seen.append((e, v)) is not None))
     assert never.history == full.history and not never.stopped_early  # a hook that never stops changes nothing
     assert seen == list(zip(full.history.step, full.history.val_loss))
     torch.manual_seed(0)
-    cut = training.fit(models.build(spec), X, y, X_val, y_val, **kwargs, on_epoch=lambda e, v: e == 2)
+    cut = training.fit(models.build(spec), splits, training.FitSettings(**kwargs, on_epoch=lambda e, v: e == 2))
     assert cut.history.step == [0, 1, 2] and cut.stopped_early
     assert cut.history.val_loss == full.history.val_loss[:3]
     assert training.mse(cut.model, X_val, y_val).item() == pytest.approx(min(cut.history.val_loss))

@@ -42,6 +42,7 @@ HELP_STARTS = {
     "repro": "usage: dvc repro ",
     "test": "usage: python -m pytest ",
     "compare": "usage: python -m pipeline.compare ",
+    "search": "usage: python -m pipeline.search ",
     "server": "# A shared MLflow tracking server",
     "serve": "usage: python -m pipeline.serve ",
     "bench": "usage: python -m bench ",
