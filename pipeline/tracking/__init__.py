@@ -6,10 +6,11 @@
     spool.py       runs kept under .mlflow-spool/ while the store is down, and `./tasks.sh sync`, which replays them
     lineage.py     the run that made an input; test results copied onto the run that trained the model
     registry.py    registered models and their `champion` alias
+    study.py       a search in MLflow (a parent run per study) and a trial's pruning reports
     torch_model.py a PyTorch model as an MLflow logged model
     reading.py     the read side of `python -m pipeline.compare`
 
-Imports go one way: store <- provenance, lineage <- registry <- spool <- run <- reading.
+Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance and study stand alone.
 Callers use the names below; none is a stage dependency in dvc.yaml (logging changes no output).
 """
 
