@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_env
+from tests.helpers import ROOT, run_env
+
 
 ROWS = (
     "mlp loop, tracking on",

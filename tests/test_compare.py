@@ -7,20 +7,16 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_env
-from processes import free_port
 
 from pipeline import compare, tracking
+from tests.helpers import ROOT, background, free_port, run_env
 
 EXPERIMENT = "compare-test"
 DATA = "d" * 32
@@ -221,26 +217,11 @@ def test_cli_against_tracking_server(store: dict[str, str]) -> None:
     port = free_port()
     tracking_root = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
     server_env = run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=server_env, cwd=tracking_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server did not answer /health"
-                time.sleep(0.5)
+    with background(cmd, f"{url}/health", tracking_root / "server.log", tracking_root, server_env):
         proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "--experiment", EXPERIMENT, "--format", "json"],
                               cwd=ROOT, env=run_env(MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert [r["run"] for r in json.loads(proc.stdout)] == ORDER
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, run_env, tiny_params
 
 from pipeline import config, dvc_params
+from tests.helpers import ROOT, run_env, tiny_params
 
 DELETE = object()  # marks a key to remove
 

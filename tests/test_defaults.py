@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import config, data, device, dvc_params, evaluation, models
 from stages import distributed, paths, train
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DVC_FILE = ROOT / "dvc.yaml"
 

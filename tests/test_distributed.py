@@ -10,8 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import dvc, set_params, sh, tiny_params
 from pipeline import config
+from tests.helpers import dvc, set_params, sh, tiny_params
 
 # Stated tolerance: DDP with per-rank slices and averaged gradients takes the same steps as one
 # process, up to the order of float additions (measured ~3e-8 on these params).

@@ -15,9 +15,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
-from conftest import dvc, sh
 
 from pipeline.files import round_sig
+from tests.helpers import dvc, sh
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import models, training
 from pipeline.device import resolve_device
-from tests.conftest import requires_cuda
+from tests.helpers import requires_cuda
 
 
 @requires_cuda
@@ -32,8 +32,7 @@ def test_pipeline_on_cuda_is_quiet_graphed_and_its_models_serve_here(tmp_path: P
     and the logged models load through pyfunc (which prefers CUDA here) and serve."""
     from mlflow import MlflowClient
 
-    from tests.conftest import copy_project, dvc
-    from tests.test_pipeline_e2e import check_logged_models, quiet
+    from tests.helpers import check_logged_models, copy_project, dvc, quiet
 
     repo = copy_project(tmp_path / "repo", {"device": "auto", "cuda_graph": True})
     proc = dvc(repo, "repro")

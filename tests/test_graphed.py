@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import graphed, models, optim, training
-from tests.conftest import requires_cuda
+from tests.helpers import requires_cuda
 
 
 def _problem(device: str = "cpu", n: int = 1000, d: int = 6) -> tuple[torch.Tensor, ...]:

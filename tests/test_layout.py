@@ -6,9 +6,9 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
 # What the pipeline writes (DVC outputs, MLflow's store, scratch): named in the docs, absent from a clean clone.

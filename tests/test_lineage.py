@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import sh
 
 from pipeline import tracking
+from tests.helpers import sh
 
 
 @pytest.fixture

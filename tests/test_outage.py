@@ -13,39 +13,28 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from conftest import ROOT, copy_project, dvc, run_env, set_params, sh
 from pipeline import tracking
 from pipeline.files import round_sig
-from processes import free_port, group_alive, stop_group
-from robustness import statuses, wait_for_running
 from stages import __main__ as entry
 from stages import paths
+from tests.helpers import (
+    copy_project, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh, start_background, statuses,
+    stop_group, wait_for_running,
+)
 
 TRAIN_OUTS = ("models/mlp.safetensors", "plots/loss/mlp.csv", "metrics/train/mlp.json")
 
 
 def _server(folder: Path, port: int) -> subprocess.Popen[bytes]:
     """scripts/mlflow-server.sh on `port` with its store in `folder`, in its own process group, once healthy."""
-    proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "mlflow-server.sh")],
-        env=run_env(SERVER_DIR=str(folder), PORT=str(port), WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    for _ in range(1200):
-        assert proc.poll() is None, f"mlflow server exited {proc.returncode}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("mlflow server never answered /health")
+    cmd, env = mlflow_server_command(folder, port)
+    return start_background(cmd, f"http://127.0.0.1:{port}/health", folder.parent / f"{folder.name}.log", env=env)
 
 
 def _server_runs(uri: str) -> list[Any]:
@@ -116,22 +105,14 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
     assert not group_alive(server.pid)
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project reproduced once into its embedded store; tests work on copies."""
-    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
-    dvc(repo, "repro")
-    return repo
-
-
 def _copy(repo: Path, dest: Path) -> Path:
     sh(repo, "cp", "-a", str(repo), str(dest))
     return dest
 
 
 @pytest.mark.slow
-def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compare(reproduced: Path, tmp_path: Path, spawn: Any) -> None:
-    repo = _copy(reproduced, tmp_path / "repo")
+def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compare(baseline: Path, tmp_path: Path, spawn: Any) -> None:
+    repo = _copy(baseline, tmp_path / "repo")
     set_params(repo, {"linear_gd.steps": 5_000_000})
 
     def kill_training() -> None:
@@ -179,8 +160,8 @@ BROKEN = [
 @pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "damage", "cause", "todo"), BROKEN, ids=[b[0] for b in BROKEN])
-def test_broken_store_fails_in_one_line_before_any_output(reproduced: Path, tmp_path: Path, name: str, damage: Any, cause: str, todo: str) -> None:
-    repo = _copy(reproduced, tmp_path / "repo")
+def test_broken_store_fails_in_one_line_before_any_output(baseline: Path, tmp_path: Path, name: str, damage: Any, cause: str, todo: str) -> None:
+    repo = _copy(baseline, tmp_path / "repo")
     db = repo / "mlflow.db"
     damage(db)
     data = {p: p.stat().st_mtime_ns for p in (repo / "data").iterdir()}
@@ -196,8 +177,8 @@ def test_broken_store_fails_in_one_line_before_any_output(reproduced: Path, tmp_
 
 @pytest.mark.slow
 @pytest.mark.bad_input
-def test_unwritable_and_locked_store_fail_in_one_line(reproduced: Path, tmp_path: Path) -> None:
-    repo = _copy(reproduced, tmp_path / "repo")
+def test_unwritable_and_locked_store_fail_in_one_line(baseline: Path, tmp_path: Path) -> None:
+    repo = _copy(baseline, tmp_path / "repo")
     db = repo / "mlflow.db"
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")  # another process writing for a long time
@@ -332,9 +313,9 @@ def _store_content(repo: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def unscored(reproduced: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def unscored(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reproduced project with its registry emptied: the next evaluate registers and promotes afresh."""
-    repo = _copy(reproduced, tmp_path_factory.mktemp("unscored") / "repo")
+    repo = _copy(baseline, tmp_path_factory.mktemp("unscored") / "repo")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import Reproduced, dvc
+from tests.helpers import Reproduced, check_logged_models, dvc, quiet, set_params, sh
+
 
 pytestmark = pytest.mark.slow
 
@@ -26,48 +25,6 @@ def _ran(output: str) -> list[str]:
 def repro(reproduced: Reproduced) -> tuple[Path, str]:
     """One cold `dvc repro` shared by the tests below (they only read, except the last, which leaves it up to date)."""
     return reproduced.repo, reproduced.output
-
-
-def quiet(stderr: str) -> bool:
-    """A normal run's stderr: no warning, no traceback, no error (progress bars are off without a terminal)."""
-    return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
-
-
-def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
-    """Every logged model loads through pytorch and pyfunc (pinned to the CPU), predicting what the stage's
-    weights predict on test rows; the `serve` one also answers the same over `mlflow models serve`'s REST API."""
-    import mlflow
-    import torch
-
-    from pipeline import data, models
-    from tests.conftest import run_env
-    from tests.processes import predict_rest, served_model
-
-    uri = f"sqlite:///{repo / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
-    exp = client.get_experiment_by_name("regression")
-    logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-    by_stage = {client.get_run(m.source_run_id).data.tags["stage"]: m for m in logged}
-    assert sorted(by_stage) == ["train@linear", "train@linear_gd", "train@mlp"]
-    X, _ = data.read_split(repo / "data" / "test.parquet")
-    X = X[:25]
-    for stage, info in by_stage.items():
-        name = stage.removeprefix("train@")
-        assert info.name == name  # logged models carry the model's name
-        weights, _ = models.load_weights(repo / "models" / f"{name}.safetensors")
-        with torch.no_grad():
-            expected = weights(torch.from_numpy(X)).numpy().ravel()
-        pyfunc = mlflow.pyfunc.load_model(info.model_uri)  # no model_config: what `mlflow models serve` does
-        assert pyfunc.model_config == {"device": "cpu"}, stage
-        np.testing.assert_allclose(np.asarray(pyfunc.predict(X)).ravel(), expected, rtol=1e-5, atol=1e-6)
-        torch_model = mlflow.pytorch.load_model(info.model_uri)
-        with torch.no_grad():
-            np.testing.assert_allclose(torch_model(torch.from_numpy(X)).numpy().ravel(), expected, rtol=1e-5, atol=1e-6)
-        if name == serve:
-            env = run_env(MLFLOW_TRACKING_URI=uri)
-            with served_model(info.model_uri, repo, env, log_dir / f"serve-{name}.log") as url:
-                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-5, atol=1e-6)
 
 
 def _client(repo: Path):  # noqa: ANN202 - MlflowClient, imported lazily
@@ -165,10 +122,10 @@ def test_logged_models_load_and_serve_the_stage_predictions(repro: tuple[Path, s
     check_logged_models(repo, tmp_path)
 
 
-def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(repro: tuple[Path, str]) -> None:
-    from tests.conftest import set_params
+def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(repro: tuple[Path, str], tmp_path: Path) -> None:
 
-    repo, _ = repro
+    repo = tmp_path / "repo"
+    sh(repro[0], "cp", "-a", str(repro[0]), str(repo))  # the shared project stays as the cold repro left it
     assert _ran(dvc(repo, "repro").stdout) == []
     set_params(repo, {"mlp.lr": 0.01})
     assert _ran(dvc(repo, "repro").stdout) == ["train@mlp", "evaluate"]
@@ -179,7 +136,6 @@ def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(r
 
 
 def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[Path, str]) -> None:
-    from tests.conftest import sh
 
     repo, _ = repro
     proc = sh(repo, sys.executable, "-m", "stages", "train", "linear_gd")  # no DVC: its environment has no DVC_ROOT

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_env
 
 from pipeline import ports
+from tests.helpers import ROOT, run_env
 
 # Every way a user starts a server; the name is the command the error line starts with.
 ENTRY_POINTS = {

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import dvc, run_env, sh
 from test_experiments import _experiments, run_queue
 from pipeline.files import round_sig
-from tests.processes import free_port
+from tests.helpers import dvc, free_port, run_env, sh
 
 pytestmark = pytest.mark.slow
 

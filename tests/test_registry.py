@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 import time
 import urllib.request
@@ -14,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dvc, run_env, set_params
-from tests.processes import free_port, group_alive, stop_group
 
 from pipeline import serve, tracking
 from pipeline.errors import PipelineError
+from tests.helpers import background, dvc, free_port, run_env, set_params
 
 EXPERIMENT = "registry-test"
 DATA, OTHER_DATA = "d" * 32, "e" * 32
@@ -117,19 +115,8 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
     """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group."""
     port = str(free_port())
     log = project / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.serve", model], cwd=project, env=run_env(PORT=port),
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        for _ in range(1200):
-            assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.1)
+    cmd = [sys.executable, "-m", "pipeline.serve", model]
+    with background(cmd, f"http://127.0.0.1:{port}/health", log, project, run_env(PORT=port)):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": rows}).encode(),
             headers={"Content-Type": "application/json"},
@@ -143,9 +130,6 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
             time.sleep(0.1)
         else:
             raise AssertionError(f"no line {ready!r} in:\n{log.read_text(errors='replace')}")
-    finally:
-        stop_group(proc)
-    assert not group_alive(proc.pid), "the model server's processes outlived it"
     return [p[0] for p in answer["predictions"]]
 
 

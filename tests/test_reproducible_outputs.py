@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import config, data, evaluation, files, models, plots
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 FLOAT64_ULP = 2.0**-52
 PERTURBATIONS = 12

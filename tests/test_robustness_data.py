@@ -15,9 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import dvc
 from pipeline import data
-from robustness import N_TRAIN, assert_untouched, clone, output_of, outputs, runs
+from tests.helpers import N_TRAIN, assert_untouched, clone, dvc, output_of, outputs, runs
 
 
 # ---------------------------------------------------------------- bad data

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from conftest import TINY, dvc, set_params
 from pipeline.files import atomic_path
-from robustness import (
-    assert_untouched, clone, output_of, outputs, runs, stage_pid, statuses, stray_temp_files, wait_for_running,
+from tests.helpers import (
+    TINY, assert_untouched, clone, dvc, output_of, outputs, runs, set_params, stage_pid, statuses, stray_temp_files, wait_for_running,
 )
 
 

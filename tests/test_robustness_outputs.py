@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import dvc
 from pipeline import data
 from pipeline.files import md5_file
-from robustness import clone, statuses
+from tests.helpers import clone, dvc, statuses
 
 
 # ---------------------------------------------------------------- bit-for-bit reruns

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import dvc, run_env, set_params
-from processes import free_port
-from robustness import N_TRAIN, assert_untouched, clone, output_of, outputs, runs
+from tests.helpers import (
+    N_TRAIN, assert_untouched, clone, dvc, free_port, output_of, outputs, run_env, runs, set_params,
+)
 
 
 # ---------------------------------------------------------------- bad params through the real `dvc repro`
@@ -163,7 +163,7 @@ def _files(repo: Path) -> set[str]:
 def test_hostile_params_stop_before_work_in_one_line(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Each case, through `python -m stages generate` and `python -m stages train mlp`: exit 2, one short
     line, torch never imported, nothing written, and no slower than a one-typo params.yaml plus a second."""
-    from conftest import copy_project
+    from tests.helpers import copy_project
 
     repo = copy_project(tmp_path / "repo")
     good = (repo / "params.yaml").read_text()
@@ -205,7 +205,7 @@ def test_data_that_does_not_fit_is_refused_with_the_estimate_and_the_free_space(
     n = int(ram * 0.75 / 44)  # 11 float32 columns per row: on disk 0.75x the RAM, in memory 1.5x
     if data.footprint(n, 10).disk >= free:
         pytest.skip("this disk has less free space than the machine has memory")
-    with pytest.raises(data.DataTooLarge, match=rf"needs about [\d.]+ GB of memory to train on, but this machine has [\d.]+ GB; lower data.n_samples"):
+    with pytest.raises(data.DataTooLarge, match=r"needs about [\d.]+ GB of memory to train on, but this machine has [\d.]+ GB; lower data.n_samples"):
         data.check_fits(n, 10, tmp_path)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import dvc, set_params
-from robustness import clone, output_of, runs
+from tests.helpers import clone, dvc, output_of, runs, set_params
+
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
 LONG = {"mlp.epochs": 60, "mlp.patience": 60, "mlp.batch_size": 8,

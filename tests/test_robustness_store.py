@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from conftest import dvc, run_env, set_params
-from processes import free_port
-from robustness import REMOTE_TOKEN, SECRETS, assert_untouched, clone, output_of, outputs, runs
+from tests.helpers import (
+    REMOTE_TOKEN, SECRETS, assert_untouched, clone, dvc, free_port, output_of, outputs, run_env, runs, set_params,
+)
 
 
 # ---------------------------------------------------------------- a tracking server that is down

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import copy_project, dvc, run_env, sh, tiny_params
 from test_experiments import _experiments
 
 from pipeline import config
+from tests.helpers import copy_project, dvc, run_env, sh, tiny_params
 
 # An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
 # the median of one finished trial decides from the first epoch on.

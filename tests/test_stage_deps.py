@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 from dvc.repo import Repo
+from tests.helpers import ROOT, Reproduced
 
-from tests.conftest import ROOT, Reproduced
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from dvc.utils.hydra import (
     apply_overrides,  # what `dvc exp run -S` / `--queue -S` call on params.yaml
 )
 
 from pipeline import config, dvc_params
+from tests.helpers import ROOT
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT, run_env
+
+from tests.helpers import ROOT, run_env
 
 TASKS = ROOT / "tasks.sh"
 # The subcommands are the labels of tasks.sh's `case "$cmd"`: a new one without a usage row fails here.

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from conftest import dvc, run_env, sh
+from tests.helpers import dvc, run_env, sh
+
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import device, evaluation, models, training
-from tests.conftest import ROOT, run_env
+from tests.helpers import ROOT, run_env
 
 
 def _problem(n: int = 512, d: int = 4, seed: int = 0, nonlinear: bool = False) -> tuple[torch.Tensor, ...]:

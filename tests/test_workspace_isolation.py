@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 import bench.workspace
-from tests.conftest import run_env, set_params
+from tests.helpers import run_env, set_params
 
 # A user mid-experiment: a tweaked model, and what a failed `dvc exp run` can leave behind.
 EDITS = {"mlp.hidden": [3], "mlp.distributed.nproc": 2, "data.n_samples": 40}

@@ -1,0 +1,344 @@
+"""Every helper the tests share, in one module: throwaway projects, commands, processes and servers, outputs and runs.
+
+Tests import from here (`from tests.helpers import ...`); tests/conftest.py holds only fixtures and hooks.
+The slow tests run the real thing: `dvc repro` in a throwaway git+DVC copy of this repository, the
+stage entry points as subprocesses, a real MLflow SQLite store or `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import bench.workspace
+
+# One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
+from bench.workspace import ROOT, TINY, committed_params, free_port, set_params, update_params  # noqa: F401
+from bench.workspace import env as run_env
+from pipeline.files import md5_file
+
+
+def tiny_params() -> dict[str, Any]:
+    """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
+    return update_params(yaml.safe_load(committed_params()), TINY)
+
+
+def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a command in `repo`, capturing output; on failure show it."""
+    proc = subprocess.run(cmd, cwd=repo, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run the real DVC CLI of this environment."""
+    return sh(repo, sys.executable, "-m", "dvc", *args, **kwargs)
+
+
+def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
+    """The project's source as a fresh git repo at `dest`, params shrunk to TINY (plus `updates`)."""
+    return bench.workspace.copy_project(dest, {**TINY, **(updates or {})})
+
+
+@dataclass
+class Reproduced:
+    """A tiny project after one cold `dvc repro`: its path, DVC's output, and the project modules each stage ran."""
+
+    repo: Path
+    output: str
+    modules: dict[str, set[str]]
+    stderr: str
+
+
+def stage_name(argv: list[str]) -> str:
+    """`python -m stages train mlp` (argv: [.../stages/__main__.py, train, mlp]) -> 'train@mlp', as dvc.yaml names it."""
+    return "@".join(argv[1:])
+
+
+def requires_cuda(test: Any) -> Any:
+    """Mark a test `gpu` (scripts/gpu-check.sh runs those) and skip it where CUDA is absent."""
+    skip = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
+
+
+SERVER_SCRIPT = ROOT / "scripts" / "mlflow-server.sh"
+
+
+@dataclass
+class Server:
+    """A running `scripts/mlflow-server.sh` and where it keeps its data."""
+
+    url: str
+    folder: Path
+    auth: tuple[str, str] | None = None
+
+    def request(self, path: str, body: dict[str, Any] | None = None, auth: tuple[str, str] | None = None) -> bytes:
+        """GET (or POST a JSON body) against the server; return the raw response body."""
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode() if body is not None else None)
+        req.add_header("Content-Type", "application/json")
+        if creds := auth or self.auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(creds).encode()).decode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def api(self, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> dict[str, Any]:
+        """Call the REST API (/api/2.0/mlflow/...) and decode its JSON answer."""
+        qs = f"?{urllib.parse.urlencode(query)}" if query else ""
+        return json.loads(self.request(f"/api/2.0/mlflow/{endpoint}{qs}", body))
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a process started with start_new_session=True and its whole group; SIGKILL what lingers."""
+    pgid = proc.pid  # the session leader's pid is the group id
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        for _ in range(600):
+            proc.poll()  # reap the leader, or it stays in the group as a zombie
+            if not group_alive(pgid):
+                break
+            time.sleep(0.1)
+
+
+def wait_for_http(proc: subprocess.Popen[Any], url: str, log: Path, tries: int = 1200) -> None:
+    """Poll `url` (every 0.1 s, `tries` times) until it answers HTTP 200; fail with the log if `proc` exits first."""
+    for _ in range(tries):
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered:\n{log.read_text()}")
+
+
+def start_background(cmd: list[str], health_url: str, log: Path, cwd: Path | None = None,
+                     env: dict[str, str] | None = None, tries: int = 1800) -> subprocess.Popen[bytes]:
+    """Start a server in its own process group (output to `log`) and return once `health_url` answers 200.
+
+    The one way the tests start a server (the tracking server, `mlflow models serve`,
+    `./tasks.sh serve`); stop it with stop_group, which stops its workers too.
+    """
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for_http(proc, health_url, log, tries)  # up to three minutes on a busy machine
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
+
+
+@contextmanager
+def background(cmd: list[str], health_url: str, log: Path, cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """start_background for the length of a block; the whole process group is stopped after, and checked gone."""
+    proc = start_background(cmd, health_url, log, cwd, env)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+        assert not group_alive(proc.pid), f"processes of group {proc.pid} ({cmd[0]}) outlived it"
+
+
+def mlflow_server_command(folder: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """scripts/mlflow-server.sh on 127.0.0.1:`port` with its store in `folder`: the command and its environment."""
+    return [str(SERVER_SCRIPT)], run_env(SERVER_DIR=str(folder), PORT=str(port), WORKERS="1",
+                                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+
+
+@contextmanager
+def served_model(model_uri: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`mlflow models serve --env-manager local` on a free 127.0.0.1 port; yields its URL, stops its group after."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    with background(cmd, f"{url}/ping", log, cwd, env):
+        yield url
+
+
+def predict_rest(url: str, rows: list[list[float]]) -> list[float]:
+    """POST rows to a model server's /invocations; its predictions, one per row."""
+    body = json.dumps({"inputs": rows}).encode()
+    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        answer = json.loads(resp.read())["predictions"]
+    return [float(p[0]) if isinstance(p, list) else float(p) for p in answer]
+
+
+SECRETS = {"API_TOKEN": "tok-5ecret-never-logged", "DB_PASSWORD": "pw-5ecret-never-logged"}
+
+
+REMOTE_TOKEN = "ghp-5ecret-in-the-remote-url"
+
+
+N_TRAIN = 420  # train rows under TINY's data.n_samples = 600
+
+
+def clone(baseline: Path, dest: Path) -> Path:
+    """A copy of the baseline (git, DVC cache, outputs) with no MLflow store yet."""
+    shutil.copytree(
+        baseline, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlflow.db.lock", "mlartifacts")
+    )
+    return dest
+
+
+def outputs(repo: Path) -> dict[str, str]:
+    """md5 of every file under every output dvc.lock lists (folders walked); absent files are left out."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    found: dict[str, str] = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / out["path"]
+            files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+            found |= {str(f.relative_to(repo)): md5_file(f) for f in files}
+    return found
+
+
+def stray_temp_files(repo: Path) -> list[Path]:
+    """Half-written outputs (atomic_path's temp files) anywhere outside .git and .dvc."""
+    return [p for p in repo.rglob(".*.tmp") if not {".git", ".dvc"} & set(p.relative_to(repo).parts)]
+
+
+def assert_untouched(repo: Path, before: dict[str, str], lock: bytes, changed: tuple[str, ...] = ()) -> None:
+    """dvc.lock is byte-identical; every output is either gone (DVC removed it) or has its old bytes."""
+    assert (repo / "dvc.lock").read_bytes() == lock, "dvc.lock changed"
+    now = outputs(repo)
+    new = {k: v for k, v in now.items() if k not in changed and before.get(k) != v}
+    assert not new, f"outputs with new content: {sorted(new)}"
+    assert not stray_temp_files(repo)
+
+
+def runs(repo: Path) -> list[Any]:
+    """Every run in the repository's MLflow store (none when the store was never created)."""
+    db = repo / "mlflow.db"
+    if not db.exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def statuses(repo: Path) -> dict[str, list[str]]:
+    """{stage tag: [statuses, oldest first]}."""
+    out: dict[str, list[str]] = {}
+    for run in sorted(runs(repo), key=lambda r: r.info.start_time):
+        out.setdefault(run.data.tags.get("stage", "?"), []).append(run.info.status)
+    return out
+
+
+def output_of(proc: subprocess.CompletedProcess[str]) -> str:
+    """What a finished command printed, stdout then stderr."""
+    return proc.stdout + proc.stderr
+
+
+def stage_pid(repo: Path, model: str) -> int | None:
+    """The pid of `python -m stages train <model>` running in `repo`, if any."""
+    wanted = f"stages\0train\0{model}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if wanted in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == repo.resolve():
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def running(repo: Path, stage: str) -> bool:
+    """Whether `stage` has a RUNNING run, read-only (the poller must not create the store the stage is creating)."""
+    db = repo / "mlflow.db"
+    if not db.exists():
+        return False
+    query = "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'stage' AND t.value = ?"
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
+            return ("RUNNING",) in con.execute(query, (stage,)).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or busy
+        return False
+
+
+def wait_for_running(repo: Path, stage: str, proc: subprocess.Popen[str], limit: float = 300) -> None:
+    """Poll the store until `stage` has a RUNNING run (the stage is past set-up, into training)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ended early with {proc.returncode}: {proc.communicate()}"
+        if running(repo, stage):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{stage} never reached a RUNNING MLflow run")
+
+
+def quiet(stderr: str) -> bool:
+    """A normal run's stderr: no warning, no traceback, no error (progress bars are off without a terminal)."""
+    return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
+
+
+def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
+    """Every logged model loads through pytorch and pyfunc (pinned to the CPU), predicting what the stage's
+    weights predict on test rows; the `serve` one also answers the same over `mlflow models serve`'s REST API."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline import data, models
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    exp = client.get_experiment_by_name("regression")
+    logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    by_stage = {client.get_run(m.source_run_id).data.tags["stage"]: m for m in logged}
+    assert sorted(by_stage) == ["train@linear", "train@linear_gd", "train@mlp"]
+    X, _ = data.read_split(repo / "data" / "test.parquet")
+    X = X[:25]
+    for stage, info in by_stage.items():
+        name = stage.removeprefix("train@")
+        assert info.name == name  # logged models carry the model's name
+        weights, _ = models.load_weights(repo / "models" / f"{name}.safetensors")
+        with torch.no_grad():
+            expected = weights(torch.from_numpy(X)).numpy().ravel()
+        pyfunc = mlflow.pyfunc.load_model(info.model_uri)  # no model_config: what `mlflow models serve` does
+        assert pyfunc.model_config == {"device": "cpu"}, stage
+        np.testing.assert_allclose(np.asarray(pyfunc.predict(X)).ravel(), expected, rtol=1e-5, atol=1e-6)
+        torch_model = mlflow.pytorch.load_model(info.model_uri)
+        with torch.no_grad():
+            np.testing.assert_allclose(torch_model(torch.from_numpy(X)).numpy().ravel(), expected, rtol=1e-5, atol=1e-6)
+        if name == serve:
+            env = run_env(MLFLOW_TRACKING_URI=uri)
+            with served_model(info.model_uri, repo, env, log_dir / f"serve-{name}.log") as url:
+                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-5, atol=1e-6)
