@@ -140,5 +140,5 @@ def log_trained(run: tracking.StageRun, name: str, trained: Trained, example: to
     run.set_tags({"training.loop": result.loop})
     run.log_artifact(common.weights_path(name), "weights")
     run.log_artifact(common.loss_plot_path(name, ".png"), "plots/loss")
-    run.log_torch_model(result.model, example.cpu().numpy(), [f"torch=={torch.__version__.split('+')[0]}"])
+    run.log_torch_model(common.weights_path(name), example.cpu().numpy())
     run.set_tags({"model.digest": files.md5_file(common.weights_path(name)), "n_parameters": trained.summary["n_parameters"]})

@@ -175,9 +175,9 @@ class StageRun:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
 
     @_spooling
-    def log_torch_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
-        """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI."""
-        return torch_model.log_torch_model(self.run_id, self.model, model, input_example, requirements)
+    def log_torch_model(self, weights: str | Path, input_example: np.ndarray) -> str:
+        """Log a weights file (pipeline.models.save_weights) as the run's MLflow model (pyfunc from code); its URI."""
+        return torch_model.log_torch_model(self.run_id, self.model, weights, input_example)
 
 
 @contextmanager

@@ -1,59 +1,124 @@
-"""A PyTorch model as an MLflow logged model: pt2 export (no pickle), signature, input example, CPU pyfunc."""
+"""A trained PyTorch model as an MLflow logged model: its safetensors weights plus the code that rebuilds it.
+
+The logged model is an MLflow "models from code" pyfunc: pyfunc_model.py (the model's
+code), the stage's models/<name>.safetensors (artifact `weights`) and the few project
+modules that rebuild the nn.Module from them (code/pipeline/). Nothing is pickled, and
+logging imports neither torch nor a compiler: the pt2 flavor (torch.export) cost every
+train stage about 2-3 s of imports, export and a load-back check, for a format that
+rebuilding from the spec does not need. `load_torch_module` gives a PyTorch user the
+nn.Module back in one call.
+"""
 
 from __future__ import annotations
 
-import warnings
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def log_torch_model(run_id: str, name: str, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
-    """Log `model` to run `run_id` as logged model `name`; return its URI.
+PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+# What pipeline.models.load_weights needs, shipped in the model as code/pipeline/ (tests/test_models.py loads a
+# model with no checkout on the path, so a new import in models.py that is missing here fails there).
+REBUILD_CODE = ("__init__.py", "files.py", "models.py")
+REQUIREMENTS = ("torch", "safetensors", "numpy")
 
-    The export holds CPU weights, and its pyfunc flavor is pinned to the CPU
-    (`model_config: {device: cpu}` in MLmodel), so `mlflow.pyfunc.load_model`
-    and `mlflow models serve` work on hosts with and without CUDA; left
-    unset, pyfunc picks CUDA wherever it exists and cannot move a pt2 export.
-    The run must be MLflow's active run (see run.py): `Model.log` files the
-    logged model under the active run's experiment, and has no argument for it.
+
+def log_torch_model(run_id: str, name: str, weights: str | Path, input_example: np.ndarray) -> str:
+    """Log the weights file written by `pipeline.models.save_weights` to run `run_id` as logged model `name`.
+
+    The signature is a float32 tensor [-1, d] -> [-1, 1] built from the example's width, so
+    nothing is run; MLflow's input-example check (which loads the model back) is skipped.
+    The run must be MLflow's active run (see run.py): `Model.log` files the logged model
+    under the active run's experiment, and has no argument for it. Returns the model URI.
     """
-    import torch  # only train@ logs a model: the other stages skip these imports
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    model = model.to("cpu").eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
-    with warnings.catch_warnings():
-        # torch.export.load reads the archive through a read-only buffer and says so, harmlessly,
-        # when MLflow loads the model back to check the input example.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    example = np.asarray(input_example, dtype=np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp, _quietly():
+        code = Path(tmp) / "pipeline"
+        code.mkdir()
+        for file in REBUILD_CODE:
+            shutil.copy2(PACKAGE / file, code / file)
         info = Model.log(
             artifact_path=None,
             name=name,
-            flavor=_PytorchOnCpu,
-            flavor_name="mlflow.pytorch",
+            flavor=_PyfuncWithoutReload,
+            flavor_name="pyfunc.ModelFromCode",
             run_id=run_id,
-            pytorch_model=model,
-            signature=infer_signature(input_example, output),
-            input_example=input_example,
-            pip_requirements=requirements,
-            serialization_format="pt2",
+            python_model=str(MODEL_CODE),
+            artifacts={"weights": str(weights)},
+            code_paths=[str(code)],
+            model_config={"device": "cpu"},
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"{p}=={version(p).split('+')[0]}" for p in REQUIREMENTS],
+            validate_serving_input=False,
         )
     return info.model_uri
 
 
-class _PytorchOnCpu:
-    """mlflow.pytorch's flavor, saved with its pyfunc device pinned to the CPU (see log_torch_model)."""
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """Keep the stage's stderr to its own lines: no "Downloading artifacts" bar while MLflow copies the weights
+    into the model, no INFO line for the example's check against the signature."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BARS
+
+    before, logger = os.environ.get(BARS.name), logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    os.environ[BARS.name] = "false"
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if before is None:
+            del os.environ[BARS.name]
+        else:
+            os.environ[BARS.name] = before
+
+
+class _PyfuncWithoutReload:
+    """mlflow.pyfunc as a flavor for `Model.log`, which takes `validate_serving_input` and pyfunc does not."""
 
     @staticmethod
-    def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
-        """mlflow.pytorch.save_model, then `device: cpu` in the MLmodel's python_function model_config."""
-        import mlflow.pytorch
-        from mlflow.models.model import MLMODEL_FILE_NAME
-        from mlflow.pyfunc import FLAVOR_NAME, MODEL_CONFIG
+    def save_model(path: str, mlflow_model: Any, validate_serving_input: bool = True, **kwargs: Any) -> None:
+        """mlflow.pyfunc.save_model; `validate_serving_input` is Model.log's switch for the load-back check."""
+        import mlflow.pyfunc
 
-        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-        mlflow_model.flavors[FLAVOR_NAME][MODEL_CONFIG] = {"device": "cpu"}
-        mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
+        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+
+
+def load_torch_module(model_uri: str, device: str = "cpu") -> nn.Module:
+    """The trained nn.Module (eval mode, on `device`) behind a logged model's URI, in one call.
+
+    `model_uri` is what MLflow names a model by: `models:/regression-mlp@champion`,
+    `models:/regression-mlp/3`, `models:/m-<id>` (a run's logged model) or
+    `runs:/<run id>/<name>`, resolved in the pipeline's store (MLFLOW_TRACKING_URI, else
+    the workspace's mlflow.db). It goes through `mlflow.pyfunc.load_model`, the same
+    rebuild that `mlflow models serve` runs.
+    """
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    from pipeline.tracking.store import tracking_uri
+
+    uri = tracking_uri()
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri, registry_uri=uri)
+    pyfunc = mlflow.pyfunc.load_model(local, model_config={"device": device})
+    return pyfunc.unwrap_python_model().module
