@@ -65,6 +65,7 @@ class Reproduced:
     output: str
     modules: dict[str, set[str]]
     stderr: str
+    compiler: dict[str, set[str]]  # the torch._dynamo, torch._inductor, torch.export modules each stage loaded
 
 
 def _stage_name(argv: list[str]) -> str:
@@ -78,15 +79,17 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     """One cold `dvc repro` shared by the tests that read it (the e2e tests, the stage-deps tests).
 
     tests/import_probe is a sitecustomize on PYTHONPATH: every stage's process records,
-    at exit, which modules under pipeline/ and stages/ it loaded.
+    at exit, which modules under pipeline/ and stages/ it loaded, and which torch compiler modules.
     """
     repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
     out = tmp_path_factory.mktemp("imports")
     proc = dvc(repo, "repro", env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
     modules: dict[str, set[str]] = {}
+    compiler: dict[str, set[str]] = {}
     for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
         modules.setdefault(_stage_name(record["argv"]), set()).update(record["modules"])
-    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr)
+        compiler.setdefault(_stage_name(record["argv"]), set()).update(record["compiler"])
+    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr, compiler)
 
 
 @pytest.fixture

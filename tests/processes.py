@@ -77,3 +77,54 @@ def predict_rest(url: str, rows: list[list[float]]) -> list[float]:
     with urllib.request.urlopen(request, timeout=60) as resp:
         answer = json.loads(resp.read())["predictions"]
     return [float(p[0]) if isinstance(p, list) else float(p) for p in answer]
+
+
+def post(url: str, body: bytes, content_type: str) -> tuple[int, str]:
+    """POST a raw body to a model server's /invocations; the HTTP status and the body, errors included."""
+    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def bad_requests(n_features: int) -> dict[str, tuple[bytes, str, str]]:
+    """Requests a model server must refuse: name -> (body, content type, what its one-line answer contains)."""
+    good = [0.5] * n_features
+
+    def rows(*bad: tuple[int, object]) -> bytes:  # two good rows with a value replaced: (column, value) per row
+        table = [good.copy(), good.copy()]
+        for r, (column, value) in enumerate(bad):
+            table[r][column] = value
+        return json.dumps({"inputs": table}).encode()  # NaN and Infinity as Python's json writes them
+
+    row = json.dumps(good)
+    header = ",".join(f"x{i}" for i in range(n_features))
+    csv_row = ",".join(map(str, good))
+    json_cases = {
+        "null": (rows((0, 0.5), (1, None)), "row 1, column 1: the value is missing"),
+        "NaN": (rows((0, float("nan"))), "row 0, column 0: the value is missing"),
+        "inf": (rows((0, 0.5), (2, float("inf"))), "row 1, column 2: the value is infinite"),
+        "beyond float32": (rows((3, 1e300)), "row 0, column 3"),
+        "too few features": (json.dumps({"inputs": [good[1:]]}).encode(), f"has {n_features - 1} values, the model takes {n_features}"),
+        "too many features": (json.dumps({"inputs": [good + [0.5]]}).encode(), f"has {n_features + 1} values"),
+        "ragged rows": (json.dumps({"inputs": [good, good[1:]]}).encode(), "Invalid input"),
+        "a string": (rows((0, "abc")), "could not convert string to float"),
+        "malformed JSON": (b'{"inputs": [[0.5, ', "valid JSON"),
+        "empty body": (b"", "valid JSON"),
+        "empty rows": (b'{"inputs": []}', ""),
+        "no inputs key": (b'{"rows": [[0.5]]}', "exactly one of the input fields"),
+        "a JSON list": (f"[{row}]".encode(), "Received a list"),
+        "malformed 20 MB": (('{"inputs": [' + f"{row}," * (20_000_000 // (len(row) + 1)) + "[").encode(), "valid JSON"),
+    }
+    csv_cases = {
+        "CSV missing value": (f"{header}\n{csv_row[:csv_row.rindex(',')]},\n", f"row 0, column {n_features - 1}: the value is missing"),
+        "CSV string": (f"{header}\nabc{csv_row[csv_row.index(','):]}\n", "could not convert"),
+        "CSV too few columns": (f"{header[:header.rindex(',')]}\n{csv_row[:csv_row.rindex(',')]}\n", f"has {n_features - 1} values"),
+        "CSV empty": ("", "No columns to parse"),
+        "CSV malformed": (f'{header}\n{csv_row},1,2,3\n"', "Failed to parse"),
+    }
+    return {name: (body, "application/json", expect) for name, (body, expect) in json_cases.items()} | {
+        name: (body.encode(), "text/csv", expect) for name, (body, expect) in csv_cases.items()
+    }

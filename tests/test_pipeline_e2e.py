@@ -34,14 +34,20 @@ def quiet(stderr: str) -> bool:
 
 
 def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
-    """Every logged model loads through pytorch and pyfunc (pinned to the CPU), predicting what the stage's
-    weights predict on test rows; the `serve` one also answers the same over `mlflow models serve`'s REST API."""
+    """Every logged model loads through pyfunc (pinned to the CPU) and as an nn.Module in one call
+    (`tracking.load_torch_module`), predicting what the stage's safetensors weights predict on test rows;
+    the `serve` one answers the same over `mlflow models serve`'s REST API (JSON and CSV) and refuses
+    bad requests with a 4xx and one line, never a stack trace."""
+    import json
+    import os
+    from unittest import mock
+
     import mlflow
     import torch
 
-    from pipeline import data, models
+    from pipeline import data, models, tracking
     from tests.conftest import run_env
-    from tests.processes import predict_rest, served_model
+    from tests.processes import bad_requests, post, predict_rest, served_model
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -60,14 +66,27 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
             expected = weights(torch.from_numpy(X)).numpy().ravel()
         pyfunc = mlflow.pyfunc.load_model(info.model_uri)  # no model_config: what `mlflow models serve` does
         assert pyfunc.model_config == {"device": "cpu"}, stage
-        np.testing.assert_allclose(np.asarray(pyfunc.predict(X)).ravel(), expected, rtol=1e-5, atol=1e-6)
-        torch_model = mlflow.pytorch.load_model(info.model_uri)
+        assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, X.shape[1]), stage
+        np.testing.assert_array_equal(np.asarray(pyfunc.predict(X)).ravel(), expected)
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+            module = tracking.load_torch_module(info.model_uri)
+        assert isinstance(module, torch.nn.Module) and not module.training, stage
         with torch.no_grad():
-            np.testing.assert_allclose(torch_model(torch.from_numpy(X)).numpy().ravel(), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(module(torch.from_numpy(X)).numpy().ravel(), expected)
         if name == serve:
             env = run_env(MLFLOW_TRACKING_URI=uri)
             with served_model(info.model_uri, repo, env, log_dir / f"serve-{name}.log") as url:
-                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-6, atol=1e-6)
+                csv = "\n".join([",".join(f"x{i}" for i in range(X.shape[1]))] + [",".join(map(repr, r)) for r in X.tolist()])
+                status, body = post(url, csv.encode(), "text/csv")
+                assert status == 200, body
+                np.testing.assert_allclose(np.ravel(json.loads(body)["predictions"]), expected, rtol=1e-6, atol=1e-6)
+                for case, (request, content_type, says) in bad_requests(X.shape[1]).items():
+                    status, body = post(url, request, content_type)
+                    answer = json.loads(body)
+                    assert 400 <= status < 500 and "stack_trace" not in answer, (case, status, body[:2000])
+                    assert says in answer["message"] and "\n" not in answer["message"], (case, answer)
+                    assert len(body) < 1000, (case, body[:2000])  # no echo of the request
 
 
 def _client(repo: Path):  # noqa: ANN202 - MlflowClient, imported lazily

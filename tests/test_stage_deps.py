@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from dvc.repo import Repo
@@ -61,3 +64,14 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
         path.write_text(before)
     changed = {stage for stage, entries in status.items() for e in entries if module in e.get("changed deps", {})}
     assert changed == {stage for stage, mods in ran.items() if module in _deps(mods)}
+
+
+def test_no_stage_imports_a_compiler(reproduced: Reproduced) -> None:
+    """Logging the model needs no compiler: no stage loads torch._dynamo or torch._inductor, and of torch.export
+    only the modules that `import torch` itself loads (torch 2.13 imports the package's light part at start-up)."""
+    probe = "import sys, torch; print('\\n'.join(m for m in sys.modules if m.startswith('torch.export')))"
+    with_torch = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
+    assert set(reproduced.compiler) == set(reproduced.modules), "every stage process was probed"
+    for stage, loaded in reproduced.compiler.items():
+        assert not {m for m in loaded if m.startswith(("torch._dynamo", "torch._inductor"))}, stage
+        assert loaded <= with_torch, f"{stage} loaded {sorted(loaded - with_torch)} beyond `import torch`"

@@ -17,7 +17,7 @@ Callers use the names below; none is a stage dependency in dvc.yaml (logging cha
 from pipeline.tracking.lineage import latest_run, link_generate_run, log_artifact_to, log_metrics_to
 from pipeline.tracking.provenance import context_tags, pipeline_id
 from pipeline.tracking.reading import close_stale_runs, stage_runs
-from pipeline.tracking.registry import CHAMPION, champion_uri, register_model, registered_name
+from pipeline.tracking.registry import CHAMPION, champion, register_model, registered_name
 from pipeline.tracking.replay import sync_spool
 from pipeline.tracking.run import StageRun, stage_run
 from pipeline.tracking.spool import SPOOL_DIR
@@ -25,7 +25,7 @@ from pipeline.tracking.store import backup_path, backup_store, preflight, tracki
 from pipeline.tracking.torch_model import load_torch_module
 
 __all__ = [
-    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_path", "backup_store", "champion_uri", "close_stale_runs",
+    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_path", "backup_store", "champion", "close_stale_runs",
     "context_tags", "latest_run", "link_generate_run", "load_torch_module", "log_artifact_to", "log_metrics_to",
     "pipeline_id", "preflight", "register_model", "registered_name", "stage_run", "stage_runs", "sync_spool", "tracking_uri",
 ]

@@ -22,18 +22,18 @@ def registered_name(model: str) -> str:
     return f"{REGISTERED_PREFIX}{model}"
 
 
-def champion_uri(model: str) -> str:
-    """`models:/regression-<model>@champion`, checked to exist in the store, so serving fails in one line."""
+def champion(model: str) -> tuple[str, str]:
+    """`models:/regression-<model>@champion` and the version it names, checked to exist, so serving fails in one line."""
     uri = tracking_uri()
     client = open_existing(uri)
     name = registered_name(model)
     try:
-        client.get_model_version_by_alias(name, CHAMPION)
+        version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         raise TrackingError(
             f"no {name}@{CHAMPION} in the model registry at {uri}; run `dvc repro` (evaluate registers the models)"
         ) from None
-    return f"models:/{name}@{CHAMPION}"
+    return f"models:/{name}@{CHAMPION}", str(version.version)
 
 
 def register_model(run: StageRun, model: str, train_run_id: str, test_mse: float, data_digest: str) -> str:
