@@ -5,8 +5,8 @@ loaded (`mlflow.pyfunc.load_model`, `mlflow models serve`); `set_model` at the e
 names the model it serves. Loading reads the model's `weights` artifact (the stage's
 models/<name>.safetensors) with `pipeline.models.load_weights`, shipped with the
 model under code/pipeline/, so nothing is unpickled and no checkout is needed.
-It predicts on the CPU unless the model config says otherwise
-(`model_config={"device": "cuda"}`).
+It predicts on the CPU unless told otherwise at load
+(`mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})`).
 
 Rows are checked before the model sees them: a missing or non-finite value, or a row
 of the wrong width, is refused with one line naming the row and column, which the

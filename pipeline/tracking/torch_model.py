@@ -64,7 +64,7 @@ def log_torch_model(run_id: str, name: str, weights: str | Path, input_example: 
             python_model=str(MODEL_CODE),
             artifacts={"weights": str(weights)},
             code_paths=[str(code)],
-            model_config={"device": "cpu"},
+            # no model_config: MLflow would copy it into the run's params, where `device` is the stage's own param
             signature=signature,
             input_example=example,
             pip_requirements=[f"{p}=={version(p).split('+')[0]}" for p in REQUIREMENTS],
