@@ -108,17 +108,29 @@ def load_torch_module(model_uri: str, device: str = "cpu") -> nn.Module:
     """The trained nn.Module (eval mode, on `device`) behind a logged model's URI, in one call.
 
     `model_uri` is what MLflow names a model by: `models:/regression-mlp@champion`,
-    `models:/regression-mlp/3`, `models:/m-<id>` (a run's logged model) or
-    `runs:/<run id>/<name>`, resolved in the pipeline's store (MLFLOW_TRACKING_URI, else
-    the workspace's mlflow.db). It goes through `mlflow.pyfunc.load_model`, the same
-    rebuild that `mlflow models serve` runs.
+    `models:/regression-mlp/3` or `models:/m-<id>` (a run's logged model), resolved in the
+    pipeline's store (MLFLOW_TRACKING_URI, else the workspace's mlflow.db), or a local
+    model folder. It goes through `mlflow.pyfunc.load_model`, the same rebuild that
+    `mlflow models serve` runs.
     """
     import mlflow.artifacts
     import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
 
     from pipeline.tracking.store import tracking_uri
 
+    # MLflow resolves `models:/` names through the process-wide registry URI, whatever download_artifacts
+    # is told: resolve them here with a client of the pipeline's store, and download what they name.
     uri = tracking_uri()
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri, registry_uri=uri)
+    location = model_uri
+    if model_uri.startswith("models:/"):
+        client = MlflowClient(uri, registry_uri=uri)
+        path = model_uri.removeprefix("models:/").strip("/")
+        if "@" in path or "/" in path:
+            name, alias = path.split("@", 1) if "@" in path else (path, "")
+            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(*path.split("/", 1))
+            path = version.model_id or version.source.removeprefix("models:/")
+        location = client.get_logged_model(path).artifact_location
+    local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri)
     pyfunc = mlflow.pyfunc.load_model(local, model_config={"device": device})
     return pyfunc.unwrap_python_model().module
