@@ -25,17 +25,22 @@ from pipeline.errors import PipelineError
 DEFAULT_MODEL = "mlp"
 
 
-def command(model: str, port: str) -> list[str]:
-    """The `mlflow models serve` command line for `model`'s champion; raises PipelineError on bad input."""
+def command(model: str, port: str) -> tuple[list[str], str]:
+    """The `mlflow models serve` command line for `model`'s champion, and a line saying what it serves.
+
+    Raises PipelineError on bad input.
+    """
     if model not in config.MODEL_NAMES:
         raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(config.MODEL_NAMES)}")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise PipelineError(f"PORT must be a TCP port number (1-65535), got {port!r}")
     from pipeline import tracking
 
-    uri = tracking.champion_uri(model)
+    uri, version = tracking.champion(model)
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    return [mlflow, "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", port]
+    cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", port]
+    name = tracking.registered_name(model)
+    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.tracking_uri()}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,13 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        cmd = command(args[0] if args else DEFAULT_MODEL, str(port))
+        cmd, serving = command(args[0] if args else DEFAULT_MODEL, str(port))
         from pipeline import tracking
 
         os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     except PipelineError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
+    print(serving, file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "pipeline.ports", "announce", "serve", "--port", str(port),
                     "--pid", str(os.getpid())], check=False)  # detaches; prints the URL once the server answers
     return os.execv(cmd[0], cmd)  # replaces this process: returns only by raising OSError

@@ -7,7 +7,7 @@
 #   tests    the GPU tests: python -m pytest -m "gpu and not slow" (CUDA graphs against the eager loop)
 #   repro    one cold `dvc repro`, default params with device auto and cuda_graph on, in a throwaway copy:
 #            stderr must be quiet
-#   models   every model that repro logged, through mlflow.pyfunc (which prefers CUDA), mlflow.pytorch
+#   models   every model that repro logged, through mlflow.pyfunc, pipeline.tracking.load_torch_module
 #            and `mlflow models serve`, against the stage's own weights on test rows
 #   bench    python -m bench --only gpu: CUDA loop vs bare eager CUDA loop, vs this CPU, and at 1M rows
 # Exit status: 0 when every step passed. GPU_CHECK_ALLOW_CPU=1 runs it without CUDA (to try the script itself).
@@ -83,7 +83,7 @@ from pathlib import Path
 from tests.test_pipeline_e2e import check_logged_models
 
 check_logged_models(Path(sys.argv[1]), Path(sys.argv[2]))
-print("every logged model loads through pyfunc and pytorch; train@mlp's serves the same predictions over REST")
+print("every logged model loads through pyfunc and as an nn.Module; train@mlp's serves the same predictions over REST")
 PY
 }
 

@@ -114,8 +114,7 @@ def run(cfg: config.Config, name: str) -> None:
             mlflow_run.set_tags({"training.loop": result.loop})
             mlflow_run.log_artifact(paths.weights_path(name), "weights")
             mlflow_run.log_artifact(paths.loss_plot_path(name, ".png"), "plots/loss")
-            example = splits.X_val[:5].cpu().numpy()
-            mlflow_run.log_torch_model(result.model, example, [f"torch=={torch.__version__.split('+')[0]}"])
+            mlflow_run.log_torch_model(paths.weights_path(name), splits.X_val[:5].cpu().numpy())
             mlflow_run.set_tags({"model.digest": files.md5_file(paths.weights_path(name)),
                                  "n_parameters": summary["n_parameters"]})
             checkpoint.remove(checkpoints.path)  # finished: the outputs are what a rerun would give

@@ -34,7 +34,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     Secrets are in every stage's environment and a token in the git remote's URL (the
     secrets tests look for them in the store). tests/import_probe is a sitecustomize on
     PYTHONPATH: every stage's process records, at exit, which modules under pipeline/
-    and stages/ it loaded (the stage-deps test reads them).
+    and stages/ it loaded, and which torch compiler modules (the stage-deps tests read them).
     """
     repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
     sh(repo, "git", "remote", "add", "origin", f"https://ci:{REMOTE_TOKEN}@example.invalid/team/pipeline.git")
@@ -44,9 +44,11 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline run")
     modules: dict[str, set[str]] = {}
+    compiler: dict[str, set[str]] = {}
     for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
         modules.setdefault(stage_name(record["argv"]), set()).update(record["modules"])
-    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr)
+        compiler.setdefault(stage_name(record["argv"]), set()).update(record["compiler"])
+    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr, compiler)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ class Reproduced:
     output: str
     modules: dict[str, set[str]]
     stderr: str
+    compiler: dict[str, set[str]]  # the torch._dynamo, torch._inductor, torch.export modules each stage loaded
 
 
 def stage_name(argv: list[str]) -> str:
@@ -303,19 +305,74 @@ def wait_for_running(repo: Path, stage: str, proc: subprocess.Popen[str], limit:
     raise AssertionError(f"{stage} never reached a RUNNING MLflow run")
 
 
+def post(url: str, body: bytes, content_type: str) -> tuple[int, str]:
+    """POST a raw body to a model server's /invocations; the HTTP status and the body, errors included."""
+    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def bad_requests(n_features: int) -> dict[str, tuple[bytes, str, str]]:
+    """Requests a model server must refuse: name -> (body, content type, what its one-line answer contains)."""
+    good = [0.5] * n_features
+
+    def rows(*bad: tuple[int, object]) -> bytes:  # two good rows with a value replaced: (column, value) per row
+        table = [good.copy(), good.copy()]
+        for r, (column, value) in enumerate(bad):
+            table[r][column] = value
+        return json.dumps({"inputs": table}).encode()  # NaN and Infinity as Python's json writes them
+
+    row = json.dumps(good)
+    header = ",".join(f"x{i}" for i in range(n_features))
+    csv_row = ",".join(map(str, good))
+    json_cases = {
+        "null": (rows((0, 0.5), (1, None)), "row 1, column 1: the value is missing"),
+        "NaN": (rows((0, float("nan"))), "row 0, column 0: the value is missing"),
+        "inf": (rows((0, 0.5), (2, float("inf"))), "row 1, column 2: the value is infinite"),
+        "beyond float32": (rows((3, 1e300)), "row 0, column 3"),
+        "too few features": (json.dumps({"inputs": [good[1:]]}).encode(), f"has {n_features - 1} values, the model takes {n_features}"),
+        "too many features": (json.dumps({"inputs": [good + [0.5]]}).encode(), f"has {n_features + 1} values"),
+        "ragged rows": (json.dumps({"inputs": [good, good[1:]]}).encode(), "Invalid input"),
+        "a string": (rows((0, "abc")), "could not convert string to float"),
+        "malformed JSON": (b'{"inputs": [[0.5, ', "valid JSON"),
+        "empty body": (b"", "valid JSON"),
+        "empty rows": (b'{"inputs": []}', ""),
+        "no inputs key": (b'{"rows": [[0.5]]}', "exactly one of the input fields"),
+        "a JSON list": (f"[{row}]".encode(), "Received a list"),
+        "malformed 20 MB": (('{"inputs": [' + f"{row}," * (20_000_000 // (len(row) + 1)) + "[").encode(), "valid JSON"),
+    }
+    csv_cases = {
+        "CSV missing value": (f"{header}\n{csv_row[:csv_row.rindex(',')]},\n", f"row 0, column {n_features - 1}: the value is missing"),
+        "CSV string": (f"{header}\nabc{csv_row[csv_row.index(','):]}\n", "could not convert"),
+        "CSV too few columns": (f"{header[:header.rindex(',')]}\n{csv_row[:csv_row.rindex(',')]}\n", f"has {n_features - 1} values"),
+        "CSV empty": ("", "No columns to parse"),
+        "CSV malformed": (f'{header}\n{csv_row},1,2,3\n"', "Failed to parse"),
+    }
+    return {name: (body, "application/json", expect) for name, (body, expect) in json_cases.items()} | {
+        name: (body.encode(), "text/csv", expect) for name, (body, expect) in csv_cases.items()
+    }
+
+
 def quiet(stderr: str) -> bool:
     """A normal run's stderr: no warning, no traceback, no error (progress bars are off without a terminal)."""
     return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
 
 
 def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
-    """Every logged model loads through pytorch and pyfunc (pinned to the CPU), predicting what the stage's
-    weights predict on test rows; the `serve` one also answers the same over `mlflow models serve`'s REST API."""
+    """Every logged model loads through pyfunc (pinned to the CPU) and as an nn.Module in one call
+    (`tracking.load_torch_module`), predicting what the stage's safetensors weights predict on test rows;
+    the `serve` one answers the same over `mlflow models serve`'s REST API (JSON and CSV) and refuses
+    bad requests with a 4xx and one line, never a stack trace."""
+    from unittest import mock
+
     import mlflow
     import numpy as np
     import torch
 
-    from pipeline import data, models
+    from pipeline import data, models, tracking
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -333,12 +390,25 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
         with torch.no_grad():
             expected = weights(torch.from_numpy(X)).numpy().ravel()
         pyfunc = mlflow.pyfunc.load_model(info.model_uri)  # no model_config: what `mlflow models serve` does
-        assert pyfunc.model_config == {"device": "cpu"}, stage
-        np.testing.assert_allclose(np.asarray(pyfunc.predict(X)).ravel(), expected, rtol=1e-5, atol=1e-6)
-        torch_model = mlflow.pytorch.load_model(info.model_uri)
+        assert pyfunc.unwrap_python_model().device == "cpu", stage  # with no model config, on any host
+        assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, X.shape[1]), stage
+        np.testing.assert_array_equal(np.asarray(pyfunc.predict(X)).ravel(), expected)
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+            module = tracking.load_torch_module(info.model_uri)
+        assert isinstance(module, torch.nn.Module) and not module.training, stage
         with torch.no_grad():
-            np.testing.assert_allclose(torch_model(torch.from_numpy(X)).numpy().ravel(), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(module(torch.from_numpy(X)).numpy().ravel(), expected)
         if name == serve:
             env = run_env(MLFLOW_TRACKING_URI=uri)
             with served_model(info.model_uri, repo, env, log_dir / f"serve-{name}.log") as url:
-                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(predict_rest(url, X.tolist()), expected, rtol=1e-6, atol=1e-6)
+                csv = "\n".join([",".join(f"x{i}" for i in range(X.shape[1]))] + [",".join(map(repr, r)) for r in X.tolist()])
+                status, body = post(url, csv.encode(), "text/csv")
+                assert status == 200, body
+                np.testing.assert_allclose(np.ravel(json.loads(body)["predictions"]), expected, rtol=1e-6, atol=1e-6)
+                for case, (request, content_type, says) in bad_requests(X.shape[1]).items():
+                    status, body = post(url, request, content_type)
+                    answer = json.loads(body)
+                    assert 400 <= status < 500 and "stack_trace" not in answer, (case, status, body[:2000])
+                    assert says in answer["message"] and "\n" not in answer["message"], (case, answer)
+                    assert len(body) < 1000, (case, body[:2000])  # no echo of the request

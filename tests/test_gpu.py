@@ -29,7 +29,7 @@ def test_both_loops_train_on_cuda() -> None:
 @pytest.mark.slow
 def test_pipeline_on_cuda_is_quiet_graphed_and_its_models_serve_here(tmp_path: Path) -> None:
     """`dvc repro` with device auto on a CUDA host: trained there, graphs used, nothing alarming printed,
-    and the logged models load through pyfunc (which prefers CUDA here) and serve."""
+    and the logged models load through pyfunc (on the CPU, as anywhere) and serve."""
     from mlflow import MlflowClient
 
     from tests.helpers import check_logged_models, copy_project, dvc, quiet

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -31,12 +32,16 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _trained(model: str = "linear") -> str:
-    """A finished train run with a real logged model (a tiny nn.Linear); return its run id (also its model.digest)."""
-    import torch
+    """A finished train run with a real logged model (a tiny linear model's weights file); return its run id
+    (also its model.digest, as the train stage tags its weights file's md5)."""
+    from pipeline import models
 
+    weights = Path(os.environ["DVC_ROOT"]) / f"{model}.safetensors"  # the `workspace` fixture's folder
+    spec = models.ModelSpec("linear", 3)
+    models.save_weights(models.build(spec), spec, weights)
     with tracking.stage_run(f"train@{model}", EXPERIMENT, {"model": model}, f"train@{model}") as run:
-        run.log_torch_model(torch.nn.Linear(3, 1), np.zeros((2, 3), dtype=np.float32), ["torch"])
-        run.set_tags({"model.digest": run.run_id})  # as the train stage tags its weights file's md5
+        run.log_torch_model(weights, np.zeros((2, 3), dtype=np.float32))
+        run.set_tags({"model.digest": run.run_id})
     return run.run_id
 
 
@@ -111,8 +116,9 @@ def _latest_evaluate_tags(project: Path) -> dict[str, str]:
     return runs[0].data.tags
 
 
-def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
-    """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group."""
+def _serve(project: Path, model: str, rows: list[list[float]]) -> tuple[list[float], str]:
+    """Start `python -m pipeline.serve` (what `./tasks.sh serve` runs), post rows, stop its process group;
+    the predictions and the server's log."""
     port = str(free_port())
     log = project / "serve.log"
     cmd = [sys.executable, "-m", "pipeline.serve", model]
@@ -130,7 +136,7 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> list[float]:
             time.sleep(0.1)
         else:
             raise AssertionError(f"no line {ready!r} in:\n{log.read_text(errors='replace')}")
-    return [p[0] for p in answer["predictions"]]
+    return [p[0] for p in answer["predictions"]], log.read_text()
 
 
 @pytest.mark.slow
@@ -163,5 +169,20 @@ def test_better_mlp_becomes_champion_and_is_served(project: Path) -> None:
     test = pd.read_parquet(project / "data" / "test.parquet")
     expected = runs[best][1]
     rows = test.drop(columns="y").to_numpy(dtype=np.float32)[: len(expected)].tolist()
-    served = _serve(project, "mlp", rows)
+    served, log = _serve(project, "mlp", rows)
     assert served == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert f"serve: regression-mlp version {champion.version} (alias @champion) from sqlite:///" in log, log
+
+    import torch
+
+    from pipeline import models
+
+    weights, _ = models.load_weights(project / "models" / "mlp.safetensors")  # the 12-epoch run: the champion
+    with torch.no_grad():
+        from_weights = weights(torch.tensor(rows)).numpy().ravel()
+    np.testing.assert_allclose(served, from_weights, rtol=1e-6, atol=1e-6)
+    with pytest.MonkeyPatch.context() as env:  # the one-call nn.Module, from the registry alias
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        module = tracking.load_torch_module("models:/regression-mlp@champion")
+    with torch.no_grad():
+        assert torch.equal(module(torch.tensor(rows)), weights(torch.tensor(rows)))

@@ -61,12 +61,21 @@ def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.slow
-def test_logged_models_are_pt2_and_load_with_pickle_disallowed(baseline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlflow.pytorch
+def test_logged_models_are_the_weights_plus_code_and_load_with_pickle_disallowed(
+    baseline: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each logged model holds the stage's safetensors file byte for byte and the code that rebuilds it;
+    loading it never reaches pickle or torch.load, even with MLflow's pickle switch off."""
+    import pickle
+
+    import mlflow.pyfunc
     import torch
     from mlflow.tracking import MlflowClient
 
     from pipeline import models
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("unpickling attempted")
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     client = MlflowClient(f"sqlite:///{baseline / 'mlflow.db'}")
@@ -74,11 +83,17 @@ def test_logged_models_are_pt2_and_load_with_pickle_disallowed(baseline: Path, m
     assert len(logged) == 3
     for mlmodel in logged:
         meta = yaml.safe_load(mlmodel.read_text())
-        folder = mlmodel.parent / meta["flavors"]["pytorch"]["model_data"]
-        assert sorted(p.name for p in folder.iterdir()) == ["model.pt2"]  # no model.pth, no pickle module file
+        pyfunc_conf = meta["flavors"]["python_function"]
+        assert set(meta["flavors"]) == {"python_function"} and pyfunc_conf["loader_module"] == "mlflow.pyfunc.loaders.code_model"
         name = client.get_run(meta["run_id"]).data.tags["model"]
-        loaded = mlflow.pytorch.load_model(str(mlmodel.parent))  # MLflow checks the archive holds no pickle
-        reference, _ = models.load_weights(baseline / "models" / f"{name}.safetensors")
+        weights = baseline / "models" / f"{name}.safetensors"
+        assert (mlmodel.parent / pyfunc_conf["artifacts"]["weights"]["path"]).read_bytes() == weights.read_bytes()
+        assert not [p for p in mlmodel.parent.rglob("*") if p.suffix in (".pkl", ".pt", ".pt2", ".pth")]
+        with monkeypatch.context() as m:
+            for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+                m.setattr(target, attr, refuse)
+            loaded = mlflow.pyfunc.load_model(str(mlmodel.parent))
+        reference, _ = models.load_weights(weights)
         x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            assert torch.allclose(loaded(x), reference(x), atol=1e-6), name
+            assert torch.equal(torch.from_numpy(loaded.predict(x.numpy())), reference(x)), name

@@ -5,9 +5,10 @@
     run.py         StageRun and stage_run: one MLflow run per stage, the one door stages use; orphaned runs closed
     spool.py       runs kept under .mlflow-spool/ while the store is down, and `./tasks.sh sync`, which replays them
     lineage.py     the run that made an input; test results copied onto the run that trained the model
-    registry.py    registered models and their `champion` alias
+    registry.py    the logged model (safetensors weights + the code that rebuilds them, a CPU pyfunc), loading it
+                   back as an nn.Module, registered versions and their `champion` alias
+    pyfunc_model.py that logged model's code, run by MLflow when it loads the model (rows checked, CPU)
     study.py       a search in MLflow (a parent run per study) and a trial's pruning reports
-    torch_model.py a PyTorch model as an MLflow logged model
     reading.py     the read side of `python -m pipeline.compare`
 
 Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance and study stand alone.
@@ -16,12 +17,13 @@ Callers use the names below; none is a stage dependency in dvc.yaml (logging cha
 
 from pipeline.tracking.provenance import context_tags, pipeline_id
 from pipeline.tracking.reading import running_after_cleanup, stage_runs
-from pipeline.tracking.registry import CHAMPION, champion_uri, registered_name
+from pipeline.tracking.registry import CHAMPION, champion, load_torch_module, registered_name
 from pipeline.tracking.run import StageRun, stage_run
 from pipeline.tracking.spool import SPOOL_DIR, sync_spool
 from pipeline.tracking.store import backup_store, preflight, tracking_uri
 
 __all__ = [
-    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_store", "champion_uri", "context_tags", "pipeline_id", "preflight",
-    "registered_name", "running_after_cleanup", "stage_run", "stage_runs", "sync_spool", "tracking_uri",
+    "CHAMPION", "SPOOL_DIR", "StageRun", "backup_store", "champion", "context_tags", "load_torch_module",
+    "pipeline_id", "preflight", "registered_name", "running_after_cleanup", "stage_run", "stage_runs", "sync_spool",
+    "tracking_uri",
 ]

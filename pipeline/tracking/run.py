@@ -28,7 +28,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import lineage, registry, torch_model
+from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import defer, open_spool, spooled_run_ids
 from pipeline.tracking.store import (
@@ -206,9 +206,9 @@ class StageRun:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
 
     @_spooling
-    def log_torch_model(self, model: Any, input_example: np.ndarray, requirements: list[str]) -> str:
-        """Log a PyTorch model (pt2 export: no pickle) with signature and input example; return its URI."""
-        return torch_model.log_torch_model(self.run_id, self.model, model, input_example, requirements)
+    def log_torch_model(self, weights: str | Path, input_example: np.ndarray) -> str:
+        """Log a weights file (pipeline.models.save_weights) as the run's MLflow model (pyfunc from code); its URI."""
+        return registry.log_torch_model(self.run_id, self.model, weights, input_example)
 
 
 @contextmanager
