@@ -80,7 +80,7 @@ models() {
 import sys
 from pathlib import Path
 
-from tests.test_pipeline_e2e import check_logged_models
+from tests.helpers import check_logged_models
 
 check_logged_models(Path(sys.argv[1]), Path(sys.argv[2]))
 print("every logged model loads through pyfunc and as an nn.Module; train@mlp's serves the same predictions over REST")

@@ -74,7 +74,7 @@ def logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path, 
     weights = tmp_path / "mlp.safetensors"
     models.save_weights(models.build(spec), spec, weights)
     X = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
-    with tracking.stage_run("train@mlp", "models-test", "train@mlp", {"model": "mlp"}) as run:
+    with tracking.stage_run("train@mlp", "models-test", {"model": "mlp"}, "train@mlp") as run:
         uri = run.log_torch_model(weights, X[:3])
     return uri, weights, X
 
