@@ -97,7 +97,7 @@ def test_logged_model_is_weights_plus_code_and_loads_both_ways(logged: tuple[str
     local = Path(mlflow.artifacts.download_artifacts(uri))
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert [f for f in files if f.startswith(("artifacts/", "code/"))] == [
-        "artifacts/mlp.safetensors", "code/pipeline/__init__.py", "code/pipeline/files.py", "code/pipeline/models.py",
+        "artifacts/mlp.safetensors", "code/pipeline/__init__.py", "code/pipeline/errors.py", "code/pipeline/files.py", "code/pipeline/models.py",
     ]
     assert (local / "artifacts" / "mlp.safetensors").read_bytes() == weights.read_bytes()
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".pt2", ".pth"))], files
