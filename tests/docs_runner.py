@@ -18,8 +18,11 @@ command to the next, as in one terminal.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +135,11 @@ def run_doc(doc: Path, repo: Path, env: dict[str, str], timeout: float = 600) ->
 
     Returns the blocks not run, each with its reason.
     """
-    state, cwd = repo / ".docs-test-env", repo / ".docs-test-cwd"
+    with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:  # the shell's state, outside the workspace
+        return _run_blocks(doc, repo, env, timeout, Path(tmp) / "env", Path(tmp) / "cwd")
+
+
+def _run_blocks(doc: Path, repo: Path, env: dict[str, str], timeout: float, state: Path, cwd: Path) -> list[tuple[Block, str]]:
     script = ('cd "$(cat "$2" 2>/dev/null || echo "$1")"; [ -f "$3" ] && . "$3"; eval "$4"; rc=$?; '
               'export -p > "$3"; pwd > "$2"; exit $rc')
     skipped: list[tuple[Block, str]] = []
@@ -141,13 +148,15 @@ def run_doc(doc: Path, repo: Path, env: dict[str, str], timeout: float = 600) ->
             skipped.append((block, block.directive))
             continue
         for cmd in block.commands:
+            proc = subprocess.Popen(["bash", "-c", script, "docs-test", str(repo), str(cwd), str(state), cmd.text],
+                                    cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
             try:
-                proc = subprocess.run(["bash", "-c", script, "docs-test", str(repo), str(cwd), str(state), cmd.text],
-                                      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=timeout)
+                output, _ = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command's whole group: a killed dvc would orphan its stage
+                proc.communicate()
                 raise DocFailure(f"{doc.name}:{cmd.line}: `{cmd.text}` ran over {timeout:.0f} s") from None
-            output = proc.stdout
             if proc.returncode != 0:
                 raise DocFailure(f"{doc.name}:{cmd.line}: `{cmd.text}` exited {proc.returncode}\n{output[-3000:]}")
             if (missing := mismatch(cmd.expected, output)) is not None:
