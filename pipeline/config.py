@@ -309,6 +309,26 @@ class Config(_Strict):
         return getattr(self, name)
 
 
+# The params every training run logs under the same names, whatever the model: MLflow's compare page
+# and charts line the three models up on these (each model's own `<model>.*` params stay as they are).
+NEUTRAL_PARAMS: tuple[str, ...] = ("model", "optimizer", "lr", "batch_size", "epochs", "weight_decay", "parameters")
+
+
+def neutral_params(name: str, model: LinearGDConfig | LinearConfig | MLPConfig, train_rows: int,
+                   parameters: int) -> dict[str, Any]:
+    """A model's config as NEUTRAL_PARAMS, with values that are true for it.
+
+    linear_gd has no optimizer and no batches: each of its steps is plain gradient descent on the
+    whole train split, so it logs optimizer `gd (full batch)`, a batch of every train row, and an
+    epoch per step.
+    """
+    if isinstance(model, LinearGDConfig):
+        optimizer, batch_size, epochs, weight_decay = "gd (full batch)", train_rows, model.steps, 0.0
+    else:
+        optimizer, batch_size, epochs, weight_decay = model.optimizer, model.batch_size, model.epochs, model.weight_decay
+    return dict(zip(NEUTRAL_PARAMS, (name, optimizer, model.lr, batch_size, epochs, weight_decay, parameters)))
+
+
 def searchable_keys(cfg: Config) -> list[str]:
     """Every dotted key a search may set: the leaves of the mlp and linear blocks."""
     from pipeline.dvc_params import flatten

@@ -21,6 +21,10 @@ from stages import distributed, paths
 
 SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
 SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss"]
+# the three models side by side (?viewStateShareKey=models): every training run's neutral params
+# (config.neutral_params) beside the metrics every model has; evaluate copies the test scores here
+MODELS_VIEW = "models"
+MODELS_METRICS = ["test_mse", "ratio_to_least_squares", "ratio_to_noise_floor", "best_val_loss", "train_seconds"]
 
 
 def outputs(name: str) -> list[Path]:
@@ -108,6 +112,9 @@ def run(cfg: config.Config, name: str) -> None:
                 files.write_metrics(out.path(paths.train_metrics_path(name)), summary)
 
             # log
+            mlflow_run.log_params(config.neutral_params(name, cfg.model(name), truth.rows["train"],
+                                                        summary["n_parameters"]))
+            mlflow_run.save_view(MODELS_VIEW, "tags.stage LIKE 'train@%'", config.NEUTRAL_PARAMS, MODELS_METRICS)
             mlflow_run.log_curve("train_loss", *train_curve)
             mlflow_run.log_curve("val_loss", result.history.step, result.history.val_loss)
             mlflow_run.log_metrics(summary | {"train_seconds": result.seconds})

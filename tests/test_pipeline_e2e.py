@@ -97,6 +97,33 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
     assert [a.path for a in client.list_artifacts(runs["generate"].info.run_id, "weights")] == ["weights/true_weights.json"]
 
 
+def test_the_three_training_runs_share_the_neutral_params_and_metrics(repro: tuple[Path, str]) -> None:
+    """MLflow's compare page lines the models up: every training run has each neutral param and metric,
+    and the saved `models` view shows them, best test MSE first."""
+    from pipeline.config import NEUTRAL_PARAMS
+    from stages.train import MODELS_METRICS
+
+    repo, _ = repro
+    client = _client(repo)
+    exp = client.get_experiment_by_name("regression")
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id], "tags.stage LIKE 'train@%'")}
+    assert sorted(runs) == ["train@linear", "train@linear_gd", "train@mlp"]
+    for stage, run in runs.items():
+        assert set(NEUTRAL_PARAMS) <= set(run.data.params), (stage, sorted(run.data.params))
+        assert set(MODELS_METRICS) <= set(run.data.metrics), (stage, sorted(run.data.metrics))
+        assert run.data.params["model"] == stage.removeprefix("train@")
+        assert run.data.params["parameters"] == run.data.tags["n_parameters"]
+    gd = runs["train@linear_gd"].data.params
+    assert (gd["optimizer"], gd["batch_size"], gd["epochs"]) == ("gd (full batch)", "420", "30")  # TINY: 420 train rows
+    assert runs["train@mlp"].data.params["lr"] == runs["train@mlp"].data.params["mlp.lr"]
+    view = json.loads(exp.tags["mlflow.sharedViewState.models"])
+    assert view["searchFilter"] == "tags.stage LIKE 'train@%'"
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`test_mse`", True)
+    assert {f"params.`{p}`" for p in NEUTRAL_PARAMS} | {f"metrics.`{m}`" for m in MODELS_METRICS} <= set(view["selectedColumns"])
+    shown = client.search_runs([exp.experiment_id], view["searchFilter"])  # the filter as the UI sends it
+    assert sorted(r.info.run_id for r in shown) == sorted(r.info.run_id for r in runs.values())
+
+
 def test_train_metrics_files_hold_mlflow_values_to_5_significant_digits(repro: tuple[Path, str]) -> None:
     """Every training metric in metrics/train/ is MLflow's value to 5 significant digits: no decimal
     rounding (the gradient check, a float32 round-off near 1e-7, used to be written as 0.0)."""
