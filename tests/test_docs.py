@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, committed_params, run_env, sh, tiny_params
-from robustness import clone
+
 from tests.docs_runner import Block, DocFailure, mismatch, parse, run_doc
+from tests.helpers import ROOT, TINY, clone, committed_params, run_env, sh, tiny_params
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRESH_CLONE = {"README.md"}  # the rest start from a finished pipeline
