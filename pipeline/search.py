@@ -41,6 +41,7 @@ STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is n
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
 METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
+PRUNED_STAGE = "train@mlp"  # the stage a pruner cuts short
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
 
 
@@ -250,6 +251,7 @@ class Search:
             state = TrialState.PRUNED
             trial.set_user_attr(OBJECTIVE, value)
             self.study.tell(trial, state=state)
+            forget_pruned_outputs(self.root, name)
         else:
             state = TrialState.COMPLETE
             self.study.tell(trial, value)
@@ -264,6 +266,37 @@ class Search:
             return self.study.best_trial
         except ValueError:
             return None
+
+
+def forget_pruned_outputs(root: Path, exp_name: str) -> int:
+    """Drop a pruned trial's train@mlp entry from DVC's run cache; how many entries went.
+
+    DVC caches every stage run under its params, and restores the newest entry when the same
+    params come again: a later trial, or a plain `dvc repro` with those params, would get the
+    weights of a training the pruner cut short. The experiment itself keeps its outputs.
+    """
+    import yaml
+
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                          capture_output=True, text=True).stdout.split()
+    ref = next((r for r in refs if r.rsplit("/", 1)[-1] == exp_name), None)
+    lock = subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True) if ref else None
+    if lock is None or lock.returncode != 0:
+        return 0
+    stage = (yaml.safe_load(lock.stdout).get("stages") or {}).get(PRUNED_STAGE) or {}
+    outs = {(o.get("path"), o.get("md5")) for o in stage.get("outs") or []}
+    cache = _dvc(root, "cache", "dir")
+    if not outs or cache.returncode != 0:
+        return 0
+    removed = 0
+    for entry in (root / cache.stdout.strip() / "runs").glob("*/*/*"):
+        text = entry.read_text()
+        if all(md5 and md5 in text for _, md5 in outs):
+            cached = yaml.safe_load(text) or {}
+            if {(o.get("path"), o.get("md5")) for o in cached.get("outs") or []} == outs:
+                entry.unlink()
+                removed += 1
+    return removed
 
 
 def queued_names(root: Path) -> list[str]:

@@ -129,6 +129,15 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
         pruned = trial.state.name == "PRUNED"
         assert (exp["metrics"]["metrics/train/mlp.json"]["steps_run"] < 4) == pruned, (k, exp["metrics"])
 
+    # A pruned training leaves DVC's run cache (the experiment keeps it): the same params later train in full.
+    refs = sh(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps/").stdout.split()
+    cached = "".join(p.read_text() for p in (repo / ".dvc/cache/runs").glob("*/*/*"))
+    for k, trial in trials.items():
+        ref = next(r for r in refs if r.endswith(f"/t-t{k}"))
+        lock = yaml.safe_load(sh(repo, "git", "show", f"{ref}:dvc.lock").stdout)
+        md5 = next(o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".json"))
+        assert (md5 in cached) == (trial.state.name == "COMPLETE"), (k, trial.state)
+
     # `dvc exp apply` of the best restores its outputs; training again from them gives the same metrics file.
     name = f"t-t{best.number}"
     dvc(repo, "exp", "apply", name)
