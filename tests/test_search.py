@@ -171,6 +171,8 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
         assert {"train@mlp", "evaluate"} <= set(mine), (k, mine.keys())  # the first trials also run the rest
         assert mine["train@mlp"].data.tags["search.state"] == trial.state.name.lower()
     assert not client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+    view = json.loads(client.get_experiment(exp_id).tags["mlflow.sharedViewState.search-t"])  # the UI's study view
+    assert view["searchFilter"] == "tags.`search.study` = 't'" and "params.`mlp.lr`" in view["selectedColumns"], view
 
     table = sh(repo, sys.executable, "-m", "pipeline.compare", "--study", "t").stdout.splitlines()
     assert table[1].split()[:2] == [str(best.number), "complete"], table
