@@ -128,7 +128,8 @@ def search_rows(params: config.Config, folder: Path, trials: int = 20) -> list[R
     label = f"{trials} TPE trials, pruned"
     return [
         Row(f"search best val MSE ({label})", best, grid_best, "MSE", f"{points}-point grid", ("<=", 1.0),
-            note=f"{trials} trials ({pruned} pruned) in {search_s:.0f} s; grid {points} points in {grid_s:.0f} s; "
+            note=f"{best:.5g} vs {grid_best:.5g}; {trials} trials ({pruned} pruned) in {search_s:.0f} s; "
+                 f"grid {points} points in {grid_s:.0f} s; "
                  f"{params.data.n_samples:,} rows, up to {params.mlp.epochs} epochs each"),
         Row("  search training epochs", epochs, grid_epochs, "epochs", f"{points}-point grid", ("<=", 0.5),
             note=f"grid: {_short(space)}"),
