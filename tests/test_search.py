@@ -1,8 +1,9 @@
 """`python -m pipeline.search`: an Optuna study whose trials are DVC experiments and MLflow runs.
 
-The bad-input cases run in-process or stop before any trial (seconds). The two slow
-tests run real searches on tiny data: one with --jobs 2 through the DVC queue (a few
-minutes on 2 cores), one killed with SIGKILL in the middle of a trial and resumed.
+The bad-input cases run in-process or stop before any trial (seconds). The slow tests run
+real searches on tiny data: one with --jobs 2 through the DVC queue (a few minutes on 2
+cores), one killed with SIGKILL in the middle of a trial and resumed, two processes sharing
+one study on a throwaway PostgreSQL, and a restart that clears a killed search's DVC queue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from conftest import copy_project, dvc, run_env, sh, tiny_params
 from test_experiments import _experiments
+from test_postgres import PG_PASSWORD, PG_USER, _pg_bin, _run
 from test_postgres import postgres  # noqa: F401 - the throwaway PostgreSQL cluster fixture
 
 from pipeline import config
@@ -213,8 +215,6 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any, tmp_path: Path) -> None:
     """Two machines of a team: two workspaces, one Optuna study and one MLflow server on PostgreSQL."""
-    from test_postgres import PG_PASSWORD, PG_USER, _pg_bin, _run
-
     host_port = postgres.rsplit("@", 1)[1].split("/", 1)[0]
     # a database of its own: Optuna and MLflow would both keep an alembic_version table in one
     _run([str(_pg_bin() / "createdb"), "-h", "127.0.0.1", "-p", host_port.split(":")[1], "-U", PG_USER, "optuna"],
