@@ -311,8 +311,14 @@ def queued_names(root: Path) -> list[str]:
 
 
 def remove_queued(root: Path, names: Sequence[str]) -> list[str]:
-    """`dvc queue remove` these entries; the names removed (an entry that has started meanwhile stays)."""
-    waiting = [n for n in queued_names(root) if n in set(names)] if names else []
+    """`dvc queue remove` these entries; the names removed (an entry that has started meanwhile stays).
+
+    Best effort: it runs while a search is being stopped, where a failing `dvc` must not hide why.
+    """
+    try:
+        waiting = [n for n in queued_names(root) if n in set(names)] if names else []
+    except SearchError:
+        return []
     if waiting and _dvc(root, "queue", "remove", *waiting).returncode != 0:
         return []
     return waiting
