@@ -1,8 +1,8 @@
 """python -m bench: every performance figure of the project against its baseline, in one run.
 
 Prints the machine, then one table: training throughput (CPU, and CUDA when present),
-tracking overhead, stage start-up, the user's DVC loop, generation/training at scale, and the
-cost of training checkpoints.
+tracking overhead, stage start-up, the user's DVC loop, generation/training at scale, the
+cost of training checkpoints, and a pruned TPE search against a grid.
 `--tiny` shrinks every size so the whole run takes about a minute (the smoke test uses it);
 its ratios measure mostly fixed costs and say little about the real targets.
 """
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("throughput", "workflow", "scale", "gpu", "checkpoint")
+SECTIONS = ("throughput", "workflow", "scale", "gpu", "checkpoint", "search")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +29,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
                         help="timings per figure, best kept (default 3; 1 with --tiny)")
     parser.add_argument("--epochs", type=int, default=None, metavar="E",
                         help="epochs per throughput timing (default 10; 1 with --tiny)")
+    parser.add_argument("--search-trials", type=int, default=20, metavar="N",
+                        help="trials of the search section's study (default 20)")
     parser.add_argument("--only", default=",".join(SECTIONS), metavar="LIST",
                         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
@@ -36,7 +38,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
-    for name in ("scale_rows", "scale_features", "repeats", "epochs"):
+    for name in ("scale_rows", "scale_features", "repeats", "epochs", "search_trials"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: got {value}; must be >= 1")
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from bench import loops, report, workflow
-    from bench.workspace import TINY, committed_params
+    from bench.workspace import TINY, committed_params, update_params
     from pipeline import config
 
     print(report.machine(), flush=True)
@@ -77,6 +79,13 @@ def main(argv: list[str]) -> int:
             ckpt_rows = 20_000 if args.tiny else 1_000_000
             print(f"measuring the cost of training checkpoints at {ckpt_rows:,} rows ...", flush=True)
             rows += loops.checkpoint_cost(params, rows=ckpt_rows, epochs=max(2, args.epochs // 3), repeats=args.repeats)
+        if "search" in args.only:
+            from bench.search import search_rows
+
+            size = f"{params.data.n_samples:,} rows" if not args.tiny else "tiny data"
+            print(f"measuring a {args.search_trials}-trial pruned TPE search against a grid ({size}) ...", flush=True)
+            search_params = config.parse(update_params(params.model_dump(), updates)) if updates else params
+            rows += search_rows(search_params, work, args.search_trials)
         if "workflow" in args.only:
             print("measuring the train stage, stage start-up, the DVC loop and the test suite ...", flush=True)
             rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not args.tiny)

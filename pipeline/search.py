@@ -41,6 +41,7 @@ STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is n
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
 METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
+PRUNED_STAGE = "train@mlp"  # the stage a pruner cuts short
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
 
 
@@ -151,6 +152,7 @@ class Search:
             self.study.set_user_attr("space", described)
             self.study.set_user_attr("pruner", pruner_cfg)
         self.failed_stale = self._fail_stale()
+        self.removed_stale = self._remove_stale_queued()
         self.parent = open_study_run(cfg.mlflow.experiment, args.study, described, self.url)
         self.env = {**os.environ, trial_env.STORAGE_ENV: self.url, trial_env.STUDY_ENV: args.study,
                     trial_env.PARENT_ENV: self.parent.run_id}
@@ -170,6 +172,16 @@ class Search:
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed += 1
         return failed
+
+    def _remove_stale_queued(self) -> list[str]:
+        """Drop this study's DVC queue entries still waiting for a trial that is over (a killed --jobs search):
+        run later, they would train points whose trials are already FAILED."""
+        from optuna.trial import TrialState
+
+        pattern = re.compile(rf"^{re.escape(self.args.study)}-t(\d+)$")
+        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        stale = [n for n in queued_names(self.root) if (m := pattern.match(n)) and int(m.group(1)) not in running]
+        return remove_queued(self.root, stale)
 
     def finished(self) -> int:
         """Trials that count towards --trials: COMPLETE and PRUNED."""
@@ -239,6 +251,7 @@ class Search:
             state = TrialState.PRUNED
             trial.set_user_attr(OBJECTIVE, value)
             self.study.tell(trial, state=state)
+            forget_pruned_outputs(self.root, name)
         else:
             state = TrialState.COMPLETE
             self.study.tell(trial, value)
@@ -253,6 +266,62 @@ class Search:
             return self.study.best_trial
         except ValueError:
             return None
+
+
+def forget_pruned_outputs(root: Path, exp_name: str) -> int:
+    """Drop a pruned trial's train@mlp entry from DVC's run cache; how many entries went.
+
+    DVC caches every stage run under its params, and restores the newest entry when the same
+    params come again: a later trial, or a plain `dvc repro` with those params, would get the
+    weights of a training the pruner cut short. The experiment itself keeps its outputs.
+    """
+    import yaml
+
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                          capture_output=True, text=True).stdout.split()
+    ref = next((r for r in refs if r.rsplit("/", 1)[-1] == exp_name), None)
+    lock = subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True) if ref else None
+    if lock is None or lock.returncode != 0:
+        return 0
+    stage = (yaml.safe_load(lock.stdout).get("stages") or {}).get(PRUNED_STAGE) or {}
+    outs = {(o.get("path"), o.get("md5")) for o in stage.get("outs") or []}
+    cache = _dvc(root, "cache", "dir")
+    if not outs or cache.returncode != 0:
+        return 0
+    removed = 0
+    for entry in (root / cache.stdout.strip() / "runs").glob("*/*/*"):
+        text = entry.read_text()
+        if all(md5 and md5 in text for _, md5 in outs):
+            cached = yaml.safe_load(text) or {}
+            if {(o.get("path"), o.get("md5")) for o in cached.get("outs") or []} == outs:
+                entry.unlink()
+                removed += 1
+    return removed
+
+
+def queued_names(root: Path) -> list[str]:
+    """The names of the DVC queue's entries still waiting (`dvc queue status`: Task Name Created... Status)."""
+    if not (root / ".dvc" / "tmp" / "exps" / "celery").is_dir():
+        return []  # no experiment was ever queued here: spare the dvc call
+    proc = _dvc(root, "queue", "status")
+    if proc.returncode != 0:
+        raise SearchError(f"dvc queue status failed: {_tail(proc)}")
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:]]
+    return [row[1] for row in rows if len(row) > 2 and row[-1] == "Queued"]
+
+
+def remove_queued(root: Path, names: Sequence[str]) -> list[str]:
+    """`dvc queue remove` these entries; the names removed (an entry that has started meanwhile stays).
+
+    Best effort: it runs while a search is being stopped, where a failing `dvc` must not hide why.
+    """
+    try:
+        waiting = [n for n in queued_names(root) if n in set(names)] if names else []
+    except SearchError:
+        return []
+    if waiting and _dvc(root, "queue", "remove", *waiting).returncode != 0:
+        return []
+    return waiting
 
 
 def _exp_metrics(root: Path) -> dict[str, float | None]:
@@ -280,7 +349,9 @@ def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
     start = time.monotonic()
     print(f"search: study {args.study!r} in {_hide(search.url)}: "
           f"{search.finished()} of {args.trials} trials finished"
-          + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else ""),
+          + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else "")
+          + (f"; stale queued trial(s) {', '.join(search.removed_stale)} removed from the DVC queue"
+             if search.removed_stale else ""),
           flush=True)
     failures, complete = 0, False
     try:
@@ -289,12 +360,12 @@ def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
             if search.finished() >= args.trials:
                 complete = True
                 break
-            if left <= 0:
-                time.sleep(5)  # the last trials run on another machine sharing the study
-                continue
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"search: --timeout {args.timeout:g} s reached; run the same command again to continue", flush=True)
                 break
+            if left <= 0:
+                time.sleep(5)  # the last trials run on another machine sharing the study
+                continue
             batch = [search.ask() for _ in range(min(args.jobs, left))]
             try:
                 if args.jobs == 1:
@@ -306,6 +377,11 @@ def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
 
                 for trial, _, _ in batch:
                     search.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if args.jobs > 1:  # and the queue forgets those not started, which would run for FAILED trials
+                    removed = remove_queued(root, [name for _, name, _ in batch])
+                    if removed:
+                        print(f"search: removed queued trial(s) {', '.join(removed)} from the DVC queue",
+                              file=sys.stderr, flush=True)
                 raise
             for (trial, name, point), (value, error) in zip(batch, results):
                 state = search.tell(trial, name, point, value, error)

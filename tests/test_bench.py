@@ -30,6 +30,8 @@ ROWS = (
     "generate stage, 5,000 rows x 20",
     "generate peak RSS",
     "train@linear_gd peak RSS",
+    "search best val MSE (20 TPE trials, pruned)",
+    "search training epochs",
 )
 
 

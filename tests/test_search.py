@@ -1,14 +1,16 @@
 """`python -m pipeline.search`: an Optuna study whose trials are DVC experiments and MLflow runs.
 
-The bad-input cases run in-process or stop before any trial (seconds). The two slow
-tests run real searches on tiny data: one with --jobs 2 through the DVC queue (a few
-minutes on 2 cores), one killed with SIGKILL in the middle of a trial and resumed.
+The bad-input cases run in-process or stop before any trial (seconds). The slow tests run
+real searches on tiny data: one with --jobs 2 through the DVC queue (a few minutes on 2
+cores), one killed with SIGKILL in the middle of a trial and resumed, two processes sharing
+one study on a throwaway PostgreSQL, and a restart that clears a killed search's DVC queue.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 from test_experiments import _experiments
+from test_postgres import PG_PASSWORD, PG_USER, _pg_bin, _run
+from test_postgres import postgres  # noqa: F401 - the throwaway PostgreSQL cluster fixture
 
 from pipeline import config
 from tests.helpers import copy_project, dvc, run_env, sh, tiny_params
@@ -127,6 +131,15 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
         pruned = trial.state.name == "PRUNED"
         assert (exp["metrics"]["metrics/train/mlp.json"]["steps_run"] < 4) == pruned, (k, exp["metrics"])
 
+    # A pruned training leaves DVC's run cache (the experiment keeps it): the same params later train in full.
+    refs = sh(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps/").stdout.split()
+    cached = "".join(p.read_text() for p in (repo / ".dvc/cache/runs").glob("*/*/*"))
+    for k, trial in trials.items():
+        ref = next(r for r in refs if r.endswith(f"/t-t{k}"))
+        lock = yaml.safe_load(sh(repo, "git", "show", f"{ref}:dvc.lock").stdout)
+        md5 = next(o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".json"))
+        assert (md5 in cached) == (trial.state.name == "COMPLETE"), (k, trial.state)
+
     # `dvc exp apply` of the best restores its outputs; training again from them gives the same metrics file.
     name = f"t-t{best.number}"
     dvc(repo, "exp", "apply", name)
@@ -154,9 +167,14 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     for k, trial in trials.items():
         mine = {r.data.tags["stage"]: r for r in children if r.data.tags.get("search.trial") == str(k)}
+        if not mine:  # a point drawn again (4 in this space): DVC restored its stages from the run cache, none ran
+            assert any(t.params == trial.params and n < k for n, t in trials.items()), (k, trial.params)
+            continue
         assert {"train@mlp", "evaluate"} <= set(mine), (k, mine.keys())  # the first trials also run the rest
         assert mine["train@mlp"].data.tags["search.state"] == trial.state.name.lower()
     assert not client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+    view = json.loads(client.get_experiment(exp_id).tags["mlflow.sharedViewState.search-t"])  # the UI's study view
+    assert view["searchFilter"] == "tags.`search.study` = 't'" and "params.`mlp.lr`" in view["selectedColumns"], view
 
     table = sh(repo, sys.executable, "-m", "pipeline.compare", "--study", "t").stdout.splitlines()
     assert table[1].split()[:2] == [str(best.number), "complete"], table
@@ -165,7 +183,7 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_killed_search_resumes(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
-    cmd = [sys.executable, "-m", "pipeline.search", "--trials", "3", "--study", "k"]
+    cmd = [sys.executable, "-m", "pipeline.search", "--trials", "2", "--study", "k"]
     proc = subprocess.Popen(cmd, cwd=repo, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -183,15 +201,88 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
     before = {t.number: t for t in _trials(repo, "k")}
     assert before[1].state.name == "RUNNING" and before[0].state.name in ("COMPLETE", "PRUNED"), before
 
-    again = _search(repo, "--trials", "3", "--study", "k")
+    again = _search(repo, "--trials", "2", "--study", "k")
     assert "1 trial(s) left RUNNING by a killed search marked FAILED" in again.stdout, again.stdout
     after = {t.number: t for t in _trials(repo, "k")}
     assert after[0].state == before[0].state and after[0].values == before[0].values, "the finished trial is kept"
     assert after[1].state.name == "FAIL"
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 3
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 2 and len(after) == 3
     assert not [t for t in after.values() if t.state.name == "RUNNING"]
-    # the resumed sampler does not redraw the points of the first run
-    assert after[2].params != after[0].params or after[3].params != after[1].params
+    # the resumed sampler is reseeded: seeded as the first run, it would draw trial 0's point again
+    assert after[2].params != after[0].params
+
+
+@pytest.mark.slow
+def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any, tmp_path: Path) -> None:
+    """Two machines of a team: two workspaces, one Optuna study and one MLflow server on PostgreSQL."""
+    host_port = postgres.rsplit("@", 1)[1].split("/", 1)[0]
+    # a database of its own: Optuna and MLflow would both keep an alembic_version table in one
+    _run([str(_pg_bin() / "createdb"), "-h", "127.0.0.1", "-p", host_port.split(":")[1], "-U", PG_USER, "optuna"],
+         PGPASSWORD=PG_PASSWORD)
+    storage = f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@{host_port}/optuna"
+    server = start_server(BACKEND_STORE_URI=postgres)
+    env = run_env(MLFLOW_TRACKING_URI=server.url, OPTUNA_STORAGE=storage)
+    repos = [copy_project(tmp_path / f"machine{i}", TRIAL_PARAMS) for i in (1, 2)]
+    cmd = [sys.executable, "-m", "pipeline.search", "--trials", "4", "--study", "team"]
+    first = subprocess.Popen(cmd, cwd=repos[0], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        opening = first.stdout.readline()  # the study and its MLflow parent exist: the second joins them
+        assert "search: study 'team' in postgresql+psycopg://mlflow:***@" in opening, opening + first.stderr.read()
+        second = sh(repos[1], *cmd, env=env, timeout=1200)
+        out, err = first.communicate(timeout=1200)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, out + err
+
+    import optuna
+
+    trials = optuna.load_study(study_name="team", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and sum(s in ("COMPLETE", "PRUNED") for s in states) >= 4, states
+    # every trial ran once, on one machine, as that machine's DVC experiment
+    ran = [{int(k) for k in re.findall(r"^trial (\d+) \[team-t\d+\]", text, re.M)} for text in (out, second.stdout)]
+    assert ran[0] and ran[1] and not ran[0] & ran[1], ran
+    assert ran[0] | ran[1] == {t.number for t in trials}, (ran, states)
+    for repo, mine in zip(repos, ran):
+        assert set(_experiments(repo)) == {f"team-t{k}" for k in mine}
+    assert {t.number: t.user_attrs["pid"] for t in trials}.keys() == ran[0] | ran[1]
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+
+    # one parent run on the server for the study; the best-so-far history has one point per finished trial
+    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+    runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags) if t.get("search.role") == "study"]
+    assert len(parents) == 1, [t.get("mlflow.runName") for t in tags]
+    parent_id = parents[0]["info"]["run_id"]
+    trained = {t["search.trial"] for t in tags if t.get("stage") == "train@mlp" and t.get("mlflow.parentRunId") == parent_id}
+    assert trained <= {str(k) for k in ran[0] | ran[1]} and trained, trained
+
+
+@pytest.mark.slow
+def test_restart_removes_the_studys_stale_queued_trials(tmp_path: Path) -> None:
+    """A killed --jobs search can leave entries queued: the next start drops those whose trial is over, only those."""
+    import optuna
+
+    repo = copy_project(tmp_path / "repo", {"search": SEARCH})
+    from pipeline.search import describe_space
+
+    study = optuna.create_study(study_name="q", storage=f"sqlite:///{repo / 'optuna.db'}")
+    study.set_user_attr("space", describe_space(config.parse(tiny_params() | {"search": SEARCH}).search.space))
+    study.set_user_attr("pruner", SEARCH["pruner"])
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # q-t0: marked FAILED, its entry still queued
+    elsewhere = study.ask()                                        # q-t1: running on another machine
+    elsewhere.set_user_attr("host", "another-host")
+    for name in ("q-t0", "q-t1", "other"):
+        dvc(repo, "exp", "run", "--queue", "-S", "mlp.lr=0.01", "--name", name)
+
+    proc = _search(repo, "--study", "q", "--trials", "1", "--timeout", "1e-9")
+    assert "stale queued trial(s) q-t0 removed from the DVC queue" in proc.stdout, proc.stdout
+    assert "--timeout 1e-09 s reached" in proc.stdout, proc.stdout
+    status = dvc(repo, "queue", "status").stdout
+    assert "q-t0" not in status and "q-t1" in status and "other" in status, status
 
 
 def test_on_epoch_stops_fit_and_keeps_the_best_weights() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking.run import VIEW_TAG_PREFIX
 from pipeline.tracking.store import connect, now_ms
 
 ROLE = ("search.role", "study")
@@ -78,7 +79,20 @@ def open_study_run(experiment: str, study: str, space: dict[str, str], storage: 
         })
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(f"space.{k}", v) for k, v in space.items()])
+    save_study_view(client, exp_id, study, list(space))
     return StudyRun(client, run_id, exp_id, study)
+
+
+def save_study_view(client: MlflowClient, experiment_id: str, study: str, keys: list[str]) -> str:
+    """The runs-table view `search-<study>` (`?viewStateShareKey=search-<study>` in the UI): the parent and its
+    trials' runs, with trial, state, the searched params and the validation loss; returns its key."""
+    columns = ["tags.`search.trial`", "tags.`search.state`", "metrics.`best_val_loss`",
+               *(f"params.`{k}`" for k in keys), "tags.`search.value`"]
+    state = {"searchFilter": f"tags.`search.study` = '{study}'", "orderByKey": "attributes.start_time",
+             "orderByAsc": True, "selectedColumns": columns}
+    key = f"search-{study}"
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+    return key
 
 
 def study_trials(experiment: str, study: str) -> list[dict[str, Any]]:
