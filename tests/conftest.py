@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, background, committed_params, copy_project, dvc, free_port,
-    mlflow_server_command, run_env, sh, stage_name,
+    PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, background, committed_params,
+    copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name,
 )
 
 
@@ -114,3 +116,33 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
             return started[-1]
 
         yield start
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster on 127.0.0.1 and a free port, in its own temp folder; yield its database URI."""
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        pytest.skip(f"PostgreSQL binaries ({', '.join(PG_TOOLS)}) not found in /usr/lib/postgresql/*/bin or on PATH; "
+                    "install them with `apt-get install -y postgresql` (.ci/run does)")
+    prefix, uid, gid = pg_owner()
+    base = Path(tempfile.mkdtemp(prefix="pg-test-"))  # not under pytest's tmp_path: that is private to root
+    data, port = base / "data", free_port()
+    try:
+        pwfile = base / "password"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        for path in (base, pwfile):
+            os.chown(path, uid, gid)
+        run_checked([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}",
+              "--auth=scram-sha-256", "-E", "UTF8"])
+        run_checked([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w",
+              "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {base}", "start"])
+        try:
+            run_checked([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+                 PGPASSWORD=PG_PASSWORD)
+            yield f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}/{PG_DB}"
+        finally:
+            run_checked([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
+            assert not (data / "postmaster.pid").exists(), "PostgreSQL did not stop"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -412,3 +413,68 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
                     assert 400 <= status < 500 and "stack_trace" not in answer, (case, status, body[:2000])
                     assert says in answer["message"] and "\n" not in answer["message"], (case, answer)
                     assert len(body) < 1000, (case, body[:2000])  # no echo of the request
+
+
+def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500) -> str:
+    """`dvc queue start -j 2`, poll until nothing is queued or running, stop the workers; return the last status."""
+    end = time.monotonic() + deadline_s
+    try:
+        dvc(repo, "queue", "start", "-j", "2", env=env)
+        while True:
+            status = dvc(repo, "queue", "status").stdout
+            if not any(word in status for word in ("Queued", "Running")):
+                return status
+            if time.monotonic() > end:
+                raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
+            time.sleep(5)
+    finally:
+        dvc(repo, "queue", "stop", check=False)
+
+
+def experiments(repo: Path) -> dict[str, dict[str, Any]]:
+    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's experiments."""
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    baseline = next(b for b in shown if b["name"] == "main")
+    out = {}
+    for exp in baseline["experiments"] or []:
+        rev = exp["revs"][0]
+        out[rev["name"]] = {
+            "rev": rev["rev"],
+            "params": rev["data"]["params"]["params.yaml"]["data"],
+            "metrics": {k: v["data"] for k, v in rev["data"]["metrics"].items()},
+        }
+    return out
+
+
+PG_TOOLS = ("initdb", "pg_ctl", "postgres", "createdb")
+
+
+PG_USER, PG_PASSWORD, PG_DB = "mlflow", "mlflow-test-password", "mlflow"
+
+
+def pg_bin() -> Path | None:
+    """The newest /usr/lib/postgresql/<version>/bin (Debian's layout) with every tool, else one on PATH."""
+    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name.zfill(4), reverse=True)
+    if initdb := shutil.which("initdb"):
+        folders.append(Path(initdb).parent)
+    return next((f for f in folders if all((f / tool).is_file() for tool in PG_TOOLS)), None)
+
+
+def pg_owner() -> tuple[list[str], int, int]:
+    """(command prefix, uid, gid) to run the server as: ourselves, or `postgres` via runuser when root."""
+    if os.geteuid() != 0:
+        return [], os.getuid(), os.getgid()
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as (apt-get install -y postgresql)")
+    if not shutil.which("runuser"):
+        pytest.skip("running as root and `runuser` (util-linux) is missing to start PostgreSQL as `postgres`")
+    return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
+
+
+def run_checked(cmd: list[str], **env: str) -> None:
+    """Run a command with extra environment variables; fail with its output when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

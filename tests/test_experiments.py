@@ -9,51 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pytest
 
 from pipeline.files import round_sig
-from tests.helpers import dvc, sh
+from tests.helpers import dvc, experiments, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
 GRID = ("mlp.lr=0.001,0.1", "mlp.hidden=[4],[6,6]")
 MLP_PARAMETERS = {"[4]": 10 * 4 + 4 + 4 + 1, "[6, 6]": 10 * 6 + 6 + 6 * 6 + 6 + 6 + 1}
-
-
-def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500) -> str:
-    """`dvc queue start -j 2`, poll until nothing is queued or running, stop the workers; return the last status."""
-    end = time.monotonic() + deadline_s
-    try:
-        dvc(repo, "queue", "start", "-j", "2", env=env)
-        while True:
-            status = dvc(repo, "queue", "status").stdout
-            if not any(word in status for word in ("Queued", "Running")):
-                return status
-            if time.monotonic() > end:
-                raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
-            time.sleep(5)
-    finally:
-        dvc(repo, "queue", "stop", check=False)
-
-
-def _experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's experiments."""
-    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    baseline = next(b for b in shown if b["name"] == "main")
-    out = {}
-    for exp in baseline["experiments"] or []:
-        rev = exp["revs"][0]
-        out[rev["name"]] = {
-            "rev": rev["rev"],
-            "params": rev["data"]["params"]["params.yaml"]["data"],
-            "metrics": {k: v["data"] for k, v in rev["data"]["metrics"].items()},
-        }
-    return out
 
 
 def _local_path(uri: str) -> Path:
@@ -68,7 +35,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     assert "Failed" not in status, status
 
     # dvc exp show: 4 experiments, each with its params and per-model test metrics.
-    exps = _experiments(project)
+    exps = experiments(project)
     assert len(exps) == 4, exps.keys()
     grid = {(e["params"]["mlp"]["lr"], tuple(e["params"]["mlp"]["hidden"])) for e in exps.values()}
     assert grid == {(lr, h) for lr in (0.001, 0.1) for h in ((4,), (6, 6))}

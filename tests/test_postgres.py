@@ -9,83 +9,17 @@ The commands are the ones docs/team.md shows.
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_experiments import _experiments, run_queue
 from pipeline.files import round_sig
-from tests.helpers import dvc, free_port, run_env, sh
+from tests.helpers import dvc, experiments, run_env, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
-PG_TOOLS = ("initdb", "pg_ctl", "postgres", "createdb")
-PG_USER, PG_PASSWORD, PG_DB = "mlflow", "mlflow-test-password", "mlflow"
 SWEEP = "mlp.lr=0.001,0.01,0.1"  # three queued experiments
-
-
-def _pg_bin() -> Path | None:
-    """The newest /usr/lib/postgresql/<version>/bin (Debian's layout) with every tool, else one on PATH."""
-    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name.zfill(4), reverse=True)
-    if initdb := shutil.which("initdb"):
-        folders.append(Path(initdb).parent)
-    return next((f for f in folders if all((f / tool).is_file() for tool in PG_TOOLS)), None)
-
-
-def _as_owner() -> tuple[list[str], int, int]:
-    """(command prefix, uid, gid) to run the server as: ourselves, or `postgres` via runuser when root."""
-    if os.geteuid() != 0:
-        return [], os.getuid(), os.getgid()
-    try:
-        user = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as (apt-get install -y postgresql)")
-    if not shutil.which("runuser"):
-        pytest.skip("running as root and `runuser` (util-linux) is missing to start PostgreSQL as `postgres`")
-    return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
-
-
-def _run(cmd: list[str], **env: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-
-
-@pytest.fixture
-def postgres() -> Iterator[str]:
-    """A PostgreSQL cluster on 127.0.0.1 and a free port, in its own temp folder; yield its database URI."""
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        pytest.skip(f"PostgreSQL binaries ({', '.join(PG_TOOLS)}) not found in /usr/lib/postgresql/*/bin or on PATH; "
-                    "install them with `apt-get install -y postgresql` (.ci/run does)")
-    prefix, uid, gid = _as_owner()
-    base = Path(tempfile.mkdtemp(prefix="pg-test-"))  # not under pytest's tmp_path: that is private to root
-    data, port = base / "data", free_port()
-    try:
-        pwfile = base / "password"
-        pwfile.write_text(PG_PASSWORD + "\n")
-        for path in (base, pwfile):
-            os.chown(path, uid, gid)
-        _run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}",
-              "--auth=scram-sha-256", "-E", "UTF8"])
-        _run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w",
-              "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {base}", "start"])
-        try:
-            _run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-                 PGPASSWORD=PG_PASSWORD)
-            yield f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}/{PG_DB}"
-        finally:
-            _run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
-            assert not (data / "postmaster.pid").exists(), "PostgreSQL did not stop"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _runs(server: Any, experiment_id: str) -> list[dict[str, Any]]:
@@ -104,7 +38,7 @@ def test_pipeline_and_queued_sweep_through_postgres_server(postgres: str, start_
     dvc(project, "exp", "run", "--queue", "-S", SWEEP, env=env)
     status = run_queue(project, env=env)
     assert "Failed" not in status, status
-    exps = _experiments(project)
+    exps = experiments(project)
     assert len(exps) == 3, exps.keys()
 
     # Every run arrived, finished, with its tags, params and metrics.

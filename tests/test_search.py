@@ -20,12 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_experiments import _experiments
-from test_postgres import PG_PASSWORD, PG_USER, _pg_bin, _run
-from test_postgres import postgres  # noqa: F401 - the throwaway PostgreSQL cluster fixture
 
 from pipeline import config
-from tests.helpers import copy_project, dvc, run_env, sh, tiny_params
+from tests.helpers import PG_PASSWORD, PG_USER, copy_project, dvc, experiments, pg_bin, run_checked, run_env, sh, tiny_params
 
 # An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
 # the median of one finished trial decides from the first epoch on.
@@ -100,7 +97,7 @@ def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path:
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "study 'old' exists with another space (mlp.lr: log [0.001, 0.1]" in proc.stderr
     assert not (repo / "mlflow.db").exists(), "nothing ran before the line"
-    assert _experiments(repo) == {}
+    assert experiments(repo) == {}
 
 
 @pytest.mark.slow
@@ -120,7 +117,7 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     assert f"restore it: dvc exp apply t-t{best.number}" in out
 
     # DVC: every trial is an experiment with its params; the objective is its validation loss, never a test metric.
-    exps = _experiments(repo)
+    exps = experiments(repo)
     assert set(exps) == {f"t-t{k}" for k in range(4)}, exps.keys()
     for k, trial in trials.items():
         exp = exps[f"t-t{k}"]
@@ -217,7 +214,7 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
     """Two machines of a team: two workspaces, one Optuna study and one MLflow server on PostgreSQL."""
     host_port = postgres.rsplit("@", 1)[1].split("/", 1)[0]
     # a database of its own: Optuna and MLflow would both keep an alembic_version table in one
-    _run([str(_pg_bin() / "createdb"), "-h", "127.0.0.1", "-p", host_port.split(":")[1], "-U", PG_USER, "optuna"],
+    run_checked([str(pg_bin() / "createdb"), "-h", "127.0.0.1", "-p", host_port.split(":")[1], "-U", PG_USER, "optuna"],
          PGPASSWORD=PG_PASSWORD)
     storage = f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@{host_port}/optuna"
     server = start_server(BACKEND_STORE_URI=postgres)
@@ -246,7 +243,7 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
     assert ran[0] and ran[1] and not ran[0] & ran[1], ran
     assert ran[0] | ran[1] == {t.number for t in trials}, (ran, states)
     for repo, mine in zip(repos, ran):
-        assert set(_experiments(repo)) == {f"team-t{k}" for k in mine}
+        assert set(experiments(repo)) == {f"team-t{k}" for k in mine}
     assert {t.number: t.user_attrs["pid"] for t in trials}.keys() == ran[0] | ran[1]
     assert len({t.user_attrs["pid"] for t in trials}) == 2
 
