@@ -179,7 +179,11 @@ STAGE_PHASES = {
 }
 TRAIN_OUTS = ("models/linear.safetensors", "plots/loss/linear.csv", "plots/loss/linear.png", "metrics/train/linear.json")
 EVAL_OUTS = ("metrics/evaluation", "plots/predictions")
-VOLATILE_TAGS = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "closed.reason"}
+# what differs between two runs of one stage anyway: the process, the spool, and `pipeline` (it hashes the
+# workspace's uncommitted edits, here the experiment's name)
+VOLATILE_TAGS = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "closed.reason", "pipeline",
+                 "mlflow.source.name"}  # and the copy of the project it ran in
+WALL_CLOCK = re.compile(r"seconds|per_second")  # metrics of wall time: compared by their points, not their values
 
 
 # ---------------------------------------------------------------- the shared server, proxy and project
@@ -286,7 +290,7 @@ def store_content(client: Any, experiment: str, since: int = 0, base: tuple[str,
         out = {}
         for key, value in run.data.metrics.items():
             points = [m for m in client.get_metric_history(run.info.run_id, key) if m.timestamp >= since or run.info.run_id not in base]
-            out[key] = (value, len(points))
+            out[key] = (None if WALL_CLOCK.search(key) else value, len(points))
         return out
 
     models = client.search_logged_models([exp.experiment_id])
