@@ -254,7 +254,7 @@ def sync_spool() -> list[str]:
         where = f"{SPOOL_DIR}/{folder.name}: replay into {uri}"
         try:
             lines += _replay(folder)
-        except (OUTAGE, PermissionRefused) as exc:
+        except (*OUTAGE, PermissionRefused) as exc:
             if status := permission_status(exc):
                 raise TrackingError(
                     f"{where} was refused (HTTP {status}), a permission problem, not an outage; synced {done} of "
