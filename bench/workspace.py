@@ -30,6 +30,7 @@ TINY: dict[str, Any] = {
     "mlp.batch_size": 64,
     "mlp.patience": 2,
     "evaluate.plot_points": 50,
+    "mlflow.wait_seconds": 0,  # a tracking server that is down fails at once (tests of the wait set their own)
 }
 
 

@@ -44,6 +44,7 @@ MAX_MLP_WEIGHTS = 100_000_000  # weights and biases of the whole MLP (400 MB as 
 MAX_PLOT_POINTS = 100_000      # evaluate.plot_points
 MAX_NPROC = 64                 # mlp.distributed.nproc
 MAX_NAME = 250                 # mlflow.experiment, characters
+MAX_WAIT = 3600                # mlflow.wait_seconds
 
 Activation = Literal["relu", "gelu", "tanh", "silu"]
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -172,6 +173,7 @@ class TrackingConfig(_Strict):
     """Where runs go; not a DVC dependency, so renaming the experiment reruns nothing."""
 
     experiment: str = Field(min_length=1, max_length=MAX_NAME)
+    wait_seconds: float = Field(default=60.0, ge=0, le=MAX_WAIT)  # a server down at a stage's start is asked again this long
 
 
 class CheckpointConfig(_Strict):

@@ -29,7 +29,8 @@ def outputs() -> list[Path]:
 
 def run(cfg: config.Config) -> None:
     """Open the run, score models and references, write metrics and plots, then log and link the training runs."""
-    with tracking.stage_run("evaluate", cfg.mlflow.experiment, {"device": "cpu"}) as mlflow_run:
+    with tracking.stage_run("evaluate", cfg.mlflow.experiment, {"device": "cpu"},
+                            wait=cfg.mlflow.wait_seconds) as mlflow_run:
         # read
         truth = data.read_truth(paths.TRUTH)
         X_train, y_train = data.read_checked_split(paths.split_path("train"), truth, "train")

@@ -21,7 +21,8 @@ def run(cfg: config.Config) -> None:
     """Open the run, generate and write the splits, then log params, datasets, speed and the true weights."""
     d = cfg.data
     data.check_fits(d.n_samples, d.n_features, paths.DATA)  # refused in one line before any work when too big
-    with tracking.stage_run("generate", cfg.mlflow.experiment, {"device": "cpu"}) as mlflow_run:
+    with tracking.stage_run("generate", cfg.mlflow.experiment, {"device": "cpu"},
+                            wait=cfg.mlflow.wait_seconds) as mlflow_run:
         # compute and write: the splits block by block, then truth.json, published together
         start = time.perf_counter()
         with files.publish() as out:

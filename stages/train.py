@@ -58,7 +58,8 @@ def run(cfg: config.Config, name: str) -> None:
         if resume is not None:
             tags["resumed.from_epoch"] = str(resume["loop"]["done"])  # linear_gd: the step
         run_id = resume["meta"]["run_id"] if resume is not None else None
-        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags, resume=run_id) as mlflow_run:
+        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags, resume=run_id,
+                                wait=cfg.mlflow.wait_seconds) as mlflow_run:
             checkpoints.meta = {"run_id": mlflow_run.run_id}  # the run a resumed stage continues
             # read
             truth = data.read_truth(paths.TRUTH)

@@ -32,8 +32,8 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import defer, open_spool, spooled_run_ids
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, point_fluent_api_at, preflight,
-    sqlite_file, tracking_uri, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, permission_refused,
+    permission_status, point_fluent_api_at, preflight, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -78,10 +78,12 @@ class StageRun:
         self.start_time = now_ms()
         self.spool: Path | None = None
         self.spool_reason = ""
+        self.store_run_id: str | None = None  # the store's run the spool continues, None when it was never created
 
     def start_spool(self, exc: BaseException) -> None:
         """Keep the rest of this run in a new local store under .mlflow-spool/ (same start time, tags, name)."""
         self.spool_reason = failure_reason(exc)
+        self.store_run_id = self.run_id
         client, exp_id, run_id, folder = open_spool(
             self.experiment, self.run_name, self.tags, self.start_time, self.run_id, self.spool_reason
         )
@@ -103,8 +105,9 @@ class StageRun:
                     self.start_spool(exc)
             if self.spool is not None:
                 mlflow.end_run(status)
+                when = "during the run" if self.store_run_id else "before the run could be created there"
                 print(
-                    f"{self.tags.get('stage')}: the MLflow store failed during the run ({self.spool_reason}); "
+                    f"{self.tags.get('stage')}: the MLflow store failed {when} ({self.spool_reason}); "
                     f"the run ({status}) is kept in {self.spool.relative_to(workspace_root())}; "
                     "run `./tasks.sh sync` once the store is back",
                     file=sys.stderr,
@@ -214,10 +217,15 @@ class StageRun:
 @contextmanager
 def stage_run(
     stage: str, experiment: str, tags: dict[str, str], name: str | None = None, resume: str | None = None,
+    wait: float = 0.0,
 ) -> Iterator[StageRun]:
     """Check the store, start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
 
-    A store that is down or unusable fails here, before the stage works. Runs of
+    A server that is down is asked again for `wait` seconds (params.yaml's
+    mlflow.wait_seconds); a store still down or unusable fails here, in one line, before
+    the stage works, and so does a server that refuses this user (401/403). A server
+    that answers its health check but fails to open the run is an outage: the run is
+    spooled from its start and the stage works on. Runs of
     this host left RUNNING by a process that died are closed first. A store that
     fails from here on does not fail the stage: the run is spooled. The run's name is
     the stage's, plus the DVC experiment's when there is one, unless `name` is given.
@@ -225,7 +233,7 @@ def stage_run(
     the store still has it, ended, in this experiment; else a new run is tagged
     `resumed.from_run_id`.
     """
-    preflight()
+    uri = preflight(wait, stage)
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
     name = name or run_name(stage)
     tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
@@ -239,6 +247,8 @@ def stage_run(
         tracked.client, tracked.run_id, tracked.experiment_id = client, run.info.run_id, exp_id
         tracked.start_time = run.info.start_time
     except OUTAGE as exc:
+        if status := permission_status(exc):  # waiting or syncing cannot help: one line, before any work
+            raise permission_refused(uri, status, f"creating a run in experiment {experiment!r}") from None
         tracked.start_spool(exc)
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import yaml
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Param, RunTag
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -35,12 +35,15 @@ from mlflow.tracking.context.registry import resolve_tags
 from pipeline.errors import PipelineError
 from pipeline.tracking import lineage, registry
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_sqlite, preflight,
-    sqlite_file, tracking_uri, upgrade_store, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_sqlite,
+    permission_status, preflight, sqlite_file, tracking_uri, upgrade_store, workspace_root,
 )
 
 SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
 DEFERRED = "deferred.json"
+TRASH = ".synced"  # synced folders are moved here in one rename, then deleted
+SYNCED_TAG = "spool.synced"  # on a store run: the spool folder it was synced from (found again by a second sync)
+SOURCE_MODEL_TAG = "spool.source_model"  # on a logged model copied by sync: <spool folder>/<spooled model id>
 
 # The operations a run may defer, by name: each takes (client, experiment id, run id, **kwargs).
 OPERATIONS = {op.__name__: op for op in (lineage.link_generate_run, lineage.score_training_run, registry.register_model)}
@@ -104,62 +107,119 @@ def _local_dir(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-def _copy_logged_models(src: MlflowClient, src_run: Any, dest: MlflowClient, run_id: str, exp_id: str) -> int:
-    """Re-create the spooled run's logged models (artifacts, MLmodel ids rewritten) in the store; return how many."""
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Rewrite meta.json atomically: a sync killed at any moment leaves the old or the new one."""
+    tmp = folder / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / "meta.json")
+
+
+def _store_run(dest: MlflowClient, exp_id: str, run: Any, folder: Path, meta: dict[str, Any]) -> str:
+    """The store's run this spooled run continues: the one it began in, else the one an earlier (killed) sync
+    created for it (tag spool.synced), else a new one, recorded in meta.json before anything is copied into it."""
+    if run_id := meta.get("run_id"):
+        try:
+            dest.get_run(run_id)
+            return run_id
+        except MlflowException:  # the store was replaced since: the run comes back as a new one
+            pass
+    found = dest.search_runs([exp_id], filter_string=f"tags.`{SYNCED_TAG}` = '{folder.name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.loggedModels"} | {SYNCED_TAG: folder.name}
+        run_id = dest.create_run(exp_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name).info.run_id
+    _write_meta(folder, meta | {"run_id": run_id})  # the orphan check leaves it alone; a second sync finds it
+    return run_id
+
+
+def _new_points(dest: MlflowClient, run_id: str, metrics: list[Metric]) -> list[Metric]:
+    """The spooled metric points the store's run lacks (an earlier sync, or the stage itself, may have logged some)."""
+    def key(m: Metric) -> tuple[str, int, int, str]:
+        return m.key, m.step, m.timestamp, repr(float(m.value))
+
+    have = {key(m) for name in {m.key for m in metrics} for m in dest.get_metric_history(run_id, name)}
+    return [m for m in metrics if key(m) not in have]
+
+
+def _copy_logged_models(src: MlflowClient, src_run: Any, dest: MlflowClient, run_id: str, exp_id: str,
+                        folder: Path) -> int:
+    """Re-create the spooled run's logged models (artifacts, MLmodel ids rewritten) in the store; return how many.
+
+    Each copy is tagged with where it came from, so a sync run again finds it instead of
+    making another; a copy left PENDING by a killed sync is uploaded and finalized again.
+    The store's logged models of this run that the stage left half-made (PENDING: its
+    upload died) or made again in the spool (same name) are deleted: one model per model.
+    """
     models = [m for m in src.search_logged_models([src_run.info.experiment_id]) if m.source_run_id == src_run.info.run_id]
+    sources = {f"{folder.name}/{m.model_id}" for m in models}
+    copies = {}
+    for m in dest.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'"):
+        if m.tags.get(SOURCE_MODEL_TAG) in sources:
+            copies[m.tags[SOURCE_MODEL_TAG]] = m
+        elif m.status != LoggedModelStatus.READY or m.name in {s.name for s in models}:
+            dest.delete_logged_model(m.model_id)
+    outputs = {o.model_id for o in (dest.get_run(run_id).outputs.model_outputs or [])}
     for m in models:
-        new = dest.create_logged_model(exp_id, name=m.name, source_run_id=run_id, tags=m.tags, params=m.params,
-                                       model_type=m.model_type)
-        with tempfile.TemporaryDirectory(prefix="spool-model-") as tmp:
-            local = Path(tmp) / "model"
-            shutil.copytree(_local_dir(m.artifact_location), local)
-            if (mlmodel := local / "MLmodel").exists():
-                spec = yaml.safe_load(mlmodel.read_text())
-                spec.update(run_id=run_id, model_id=new.model_id)
-                mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
-            dest.log_model_artifacts(new.model_id, str(local))
-        dest.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
-        dest.log_outputs(run_id, [LoggedModelOutput(new.model_id, 0)])
+        source = f"{folder.name}/{m.model_id}"
+        new = copies.get(source) or dest.create_logged_model(
+            exp_id, name=m.name, source_run_id=run_id, tags=m.tags | {SOURCE_MODEL_TAG: source}, params=m.params,
+            model_type=m.model_type,
+        )
+        if new.status != LoggedModelStatus.READY:
+            with tempfile.TemporaryDirectory(prefix="spool-model-") as tmp:
+                local = Path(tmp) / "model"
+                shutil.copytree(_local_dir(m.artifact_location), local)
+                if (mlmodel := local / "MLmodel").exists():
+                    spec = yaml.safe_load(mlmodel.read_text())
+                    spec.update(run_id=run_id, model_id=new.model_id)
+                    mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+                dest.log_model_artifacts(new.model_id, str(local))
+        if new.model_id not in outputs:
+            dest.log_outputs(run_id, [LoggedModelOutput(new.model_id, 0)])
+        if new.status != LoggedModelStatus.READY:
+            dest.finalize_logged_model(new.model_id, LoggedModelStatus.READY)
     return len(models)
 
 
 def _replay(folder: Path) -> list[str]:
     """Copy one spooled run into the store (the same run when it was created there), run its deferred operations,
-    then drop the spool folder; the lines to print."""
+    then drop the spool folder; the lines to print.
+
+    Every step can be done again: killed at any moment, the next sync finishes the same
+    store run, adds only the metric points and models it lacks, and the deferred
+    operations check before they write (lineage.py, registry.py).
+    """
     meta = json.loads((folder / "meta.json").read_text())
     src = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
     src_exp = src.get_experiment_by_name(meta["experiment"])
     (run,) = src.search_runs([src_exp.experiment_id])
     dest, exp_id = connect(meta["experiment"])
-    run_id = meta.get("run_id")
-    if run_id:
-        try:
-            dest.get_run(run_id)
-        except MlflowException:  # the store was replaced since: the run comes back as a new one
-            run_id = None
-    if not run_id:
-        run_id = dest.create_run(exp_id, start_time=run.info.start_time, tags=run.data.tags, run_name=run.info.run_name).info.run_id
+    run_id = _store_run(dest, exp_id, run, folder, meta)
     params = [Param(k, v) for k, v in run.data.params.items()]
     for i in range(0, len(params), PARAM_BATCH):
         dest.log_batch(run_id, params=params[i : i + PARAM_BATCH])
     metrics = [m for key in run.data.metrics for m in src.get_metric_history(run.info.run_id, key)]
-    for i in range(0, len(metrics), BATCH):
-        dest.log_batch(run_id, metrics=metrics[i : i + BATCH])
-    tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.loggedModels"} | {"spool.synced": folder.name}
+    missing = _new_points(dest, run_id, metrics)
+    for i in range(0, len(missing), BATCH):
+        dest.log_batch(run_id, metrics=missing[i : i + BATCH])
+    tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.loggedModels"} | {SYNCED_TAG: folder.name}
     dest.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if "closed.reason" in dest.get_run(run_id).data.tags and "closed.reason" not in tags:
+        dest.delete_tag(run_id, "closed.reason")  # another clone's orphan check closed it while it waited here
     if run.inputs and run.inputs.dataset_inputs:
         dest.log_inputs(run_id, datasets=run.inputs.dataset_inputs)
     artifacts = _local_dir(run.info.artifact_uri)
     if artifacts.is_dir() and any(artifacts.iterdir()):
         dest.log_artifacts(run_id, str(artifacts))
-    n_models = _copy_logged_models(src, run, dest, run_id, exp_id)
+    n_models = _copy_logged_models(src, run, dest, run_id, exp_id, folder)
     reports = []
     for item in (deferred := _deferred(folder)):
         kwargs = {k: str(folder / v) if k in FILE_ARGS else v for k, v in item["kwargs"].items()}
         if isinstance(report := OPERATIONS[item["operation"]](dest, exp_id, run_id, **kwargs), str):
             reports.append(f"registry: {report}")
-    dest.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
-    shutil.rmtree(folder)
+    dest.set_terminated(run_id, run.info.status, end_time=run.info.end_time)  # its true status, whoever closed it
+    _drop(folder)
     line = (
         f"{meta.get('stage')}: run {run_id} synced as {run.info.status} ({len(params)} params, {len(metrics)} metric "
         f"points, {n_models} model{'s' * (n_models != 1)}, {len(deferred)} deferred operation"
@@ -168,22 +228,42 @@ def _replay(folder: Path) -> list[str]:
     return [line, *reports]
 
 
+def _drop(folder: Path) -> None:
+    """Remove a synced folder: first moved out of sight in one rename, so a sync killed while deleting leaves no
+    half a spool entry for the next one to replay."""
+    trash = folder.parent / TRASH
+    trash.mkdir(exist_ok=True)
+    os.replace(folder, trash / folder.name)
+    shutil.rmtree(trash / folder.name)
+
+
 def sync_spool() -> list[str]:
-    """Replay every spooled run into the store (backed up first when it is the SQLite file); the lines to print."""
+    """Replay every spooled run into the store (backed up first when it is the SQLite file); the lines to print.
+
+    The store is checked even when there is nothing to replay, and the answer says so.
+    """
+    uri = preflight()
+    shutil.rmtree(workspace_root() / SPOOL_DIR / TRASH, ignore_errors=True)  # left by a sync killed while deleting
     folders = spool_folders()
     if not folders:
-        return []
-    uri = preflight()
+        return [f"sync: nothing to sync in {SPOOL_DIR}/; the store at {uri} answers"]
     if is_sqlite(uri):
         backup_store(sqlite_file(uri))
     lines: list[str] = []
     for done, folder in enumerate(folders):
+        where = f"{SPOOL_DIR}/{folder.name}: replay into {uri}"
         try:
             lines += _replay(folder)
-        except OUTAGE as exc:
+        except (*OUTAGE, PermissionRefused) as exc:
+            if status := permission_status(exc):
+                raise TrackingError(
+                    f"{where} was refused (HTTP {status}), a permission problem, not an outage; synced {done} of "
+                    f"{len(folders)}, the rest stays in {SPOOL_DIR}/; run `./tasks.sh sync` as a user who may write "
+                    "runs to the experiment (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)"
+                ) from None
             raise TrackingError(
-                f"{SPOOL_DIR}/{folder.name}: replay into {uri} failed ({failure_reason(exc)}); "
-                f"synced {done} of {len(folders)}; run `./tasks.sh sync` again once the store works"
+                f"{where} failed ({failure_reason(exc)}); synced {done} of {len(folders)}; "
+                "run `./tasks.sh sync` again once the store works"
             ) from None
     return lines
 
@@ -204,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"sync: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(lines) if lines else f"sync: nothing to sync in {SPOOL_DIR}/")
+    print("\n".join(lines))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import requests
@@ -35,6 +37,7 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 CHECK_TIMEOUT = 5.0  # seconds pre-flight waits for a locked SQLite store
+WAIT_POLL = 2.0  # seconds between asking a server that is down again, within mlflow.wait_seconds
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
 
@@ -44,7 +47,15 @@ class TrackingError(PipelineError):
 
 
 class StoreUnreachable(TrackingError):
-    """The tracking server does not answer (an outage, not a refusal)."""
+    """The tracking server does not answer, or fails (an outage, not a refusal): a stage spools its run."""
+
+
+class PermissionRefused(TrackingError):
+    """The server answered 401/403: this user may not do it. Not an outage: waiting or syncing again cannot help."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # What a store or server that fails mid-run raises: the run is then spooled, not lost.
@@ -90,17 +101,36 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def use_server(uri: str) -> None:
+def use_server(uri: str, wait: float = 0.0, who: str = "") -> None:
     """Bound MLflow's HTTP retries (minutes by default), then check the server answers (once per process).
 
-    A stage's pre-flight and its run both come here; the second finds the answer
-    and asks no more. A server that fails after that is an outage of the run: spooled.
+    A server that does not answer is asked again every few seconds for `wait` seconds
+    (params.yaml's mlflow.wait_seconds for a stage), announced in one line, so a short
+    blip between queued experiments costs nothing. A stage's pre-flight and its run
+    both come here; the second finds the answer and asks no more. A server that fails
+    after that is an outage of the run: spooled.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    if uri not in _answered:
+    if uri in _answered:
+        return
+    deadline = time.monotonic() + wait
+    try:
         _check_server(uri)
-        _answered.add(uri)
+    except StoreUnreachable as exc:
+        if wait <= 0:
+            raise
+        print(f"{who or 'tracking'}: {str(exc).split('; ')[0]}; waiting up to {wait:g} s for it (mlflow.wait_seconds)",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(max(0.0, min(WAIT_POLL, deadline - time.monotonic())))
+            try:
+                _check_server(uri)
+                break
+            except StoreUnreachable as again:
+                if time.monotonic() >= deadline:
+                    raise StoreUnreachable(f"{again} (waited {wait:g} s, mlflow.wait_seconds)") from None
+    _answered.add(uri)
 
 
 def is_sqlite(uri: str) -> bool:
@@ -113,17 +143,19 @@ def sqlite_file(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///"))
 
 
-def preflight() -> str:
+def preflight(wait: float = 0.0, who: str = "") -> str:
     """Check the store can be read and written before a stage does expensive work; return its URI.
 
-    A server that is down fails here in seconds (not after minutes of MLflow's
-    retries, and not after the data was generated or the model trained); a SQLite
+    A server that is down fails here after `wait` seconds of asking again (not after
+    minutes of MLflow's retries, and not after the data was generated or the model
+    trained); whether this user may write runs is answered when the stage opens its run,
+    also before any work (stage_run). A SQLite
     store that is missing its folder, damaged, locked, read-only or of another
     schema fails with the file and what to do, instead of a traceback after the work.
     """
     uri = tracking_uri()
     if is_server(uri):
-        use_server(uri)
+        use_server(uri, wait, who)
     elif is_sqlite(uri):
         path = sqlite_file(uri)
         if not path.parent.is_dir():
@@ -249,7 +281,11 @@ def point_fluent_api_at(uri: str) -> None:
 
 
 def connect(experiment: str) -> tuple[MlflowClient, str]:
-    """Open the store (creating it and the experiment once, safely); return (client, experiment id)."""
+    """Open the store (creating it and the experiment once, safely); return (client, experiment id).
+
+    On a server, a refusal of this user is PermissionRefused (the stage stops before work), any
+    other failure StoreUnreachable (an outage: the stage spools its run and works on).
+    """
     root = workspace_root()
     uri = tracking_uri(root)
     if is_server(uri):
@@ -262,44 +298,71 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             exp_id = exp.experiment_id if exp else client.create_experiment(
                 experiment, artifact_location=(root / ARTIFACT_DIR).as_uri(), tags=dict([EXPERIMENT_KIND])
             )
-    else:
-        client = MlflowClient(uri)
+        _tag_kind(client, exp, exp_id)
+        return client, exp_id
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
         try:
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException as exc:  # another stage created it first: no file lock reaches a server
             exp = client.get_experiment_by_name(experiment)
-            try:
-                exp_id = exp.experiment_id if exp else client.create_experiment(experiment, tags=dict([EXPERIMENT_KIND]))
-            except MlflowException:  # another stage created it first: no file lock reaches a server
-                exp = client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-        except MlflowException as exc:
-            raise TrackingError(refusal(uri, exc)) from None
-    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)  # experiments made before the tag, or by the UI
+            if exp is None or permission_status(exc):
+                raise
+            exp_id = exp.experiment_id
+        _tag_kind(client, exp, exp_id)
+    except OUTAGE as exc:
+        if status := permission_status(exc):
+            raise permission_refused(uri, status, f"opening experiment {experiment!r}") from None
+        raise StoreUnreachable(f"MLflow server at {uri} failed to open experiment {experiment!r} ({failure_reason(exc)})") from None
     return client, exp_id
 
 
-def refusal(uri: str, exc: MlflowException) -> str:
-    """One line for a server that answers but refuses: credentials are the usual cause."""
-    status = exc.get_http_status_code()
-    if status in (401, 403):
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        hint = (
-            f"the server refused user {who!r}: check MLFLOW_TRACKING_PASSWORD, and that the user may write here"
-            if who else "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        )
-        return f"MLflow server at {uri} answered HTTP {status}; {hint}"
-    return f"MLflow server at {uri} refused the request: {exc.message.splitlines()[0]}"
+def _tag_kind(client: MlflowClient, exp: Any, exp_id: str) -> None:
+    """Tag experiments made before the kind tag, or by the UI, with it."""
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+
+
+def permission_status(exc: BaseException) -> int | None:
+    """401 or 403 when the server refused this user (not an outage: a stage stops, sync keeps the spool), else None."""
+    if isinstance(exc, PermissionRefused):
+        return exc.status
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+    elif isinstance(exc, requests.HTTPError) and exc.response is not None:  # artifact uploads
+        status = exc.response.status_code
+    else:
+        return None
+    return status if status in (401, 403) else None
+
+
+def permission_refused(uri: str, status: int, doing: str) -> PermissionRefused:
+    """One line for a server that answers but refuses this user: credentials or the user's permissions."""
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        hint = (f"the server did not accept user {who!r}: check MLFLOW_TRACKING_PASSWORD" if who
+                else "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    else:
+        hint = (f"user {who or '(anonymous)'!r} may not write here: ask an admin for EDIT permission on the "
+                "experiment, or log in as a user who has it")
+    return PermissionRefused(
+        f"MLflow server at {uri} answered HTTP {status} when {doing}: a permission problem (not an outage); {hint}", status
+    )
+
+
+_HTTP_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3})|HTTP (\d{3})|(\d{3}) Server Error")
 
 
 def failure_reason(exc: BaseException | str) -> str:
     """The cause of a store failure in a few words (MLflow's own messages run to many lines)."""
     text = str(exc)
     for cause in ("Connection refused", "Connection aborted", "Connection reset", "readonly database", "database is locked", "disk I/O error",
-                  "No space left on device", "file is not a database", "Read timed out"):
+                  "No space left on device", "file is not a database", "Read timed out", "RemoteDisconnected"):
         if cause in text:
             return cause
+    if found := _HTTP_STATUS.search(text):
+        return f"HTTP {next(g for g in found.groups() if g)}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first[:160]
 

@@ -1,0 +1,532 @@
+"""Tracking faults at every phase of a stage, behind a fault-injecting proxy in front of a real `mlflow server`.
+
+One `mlflow server` (scripts/mlflow-server.sh) serves the whole module; a small threaded HTTP
+proxy in front of it forwards every request until told to fail: from the first request that
+matches a phase (run creation, params, metrics, artifacts, model, registry, end) on, it answers
+503 (or 403), or drops the connection, for every request, as a server that died would. Each
+stage runs as `python -m stages …` in a copy of one reproduced tiny project; after `sync` the
+store must hold what an undisturbed run leaves (compared by `store_content`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import SERVER_SCRIPT, dvc, run_env, set_params, sh
+from processes import free_port, group_alive, stop_group, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+Match = Callable[[str, str, bytes], bool]
+HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length"}
+
+
+class FaultProxy:
+    """An HTTP proxy to `upstream` that fails every request from the first one `fail_when`'s match accepts on.
+
+    mode "503" answers 503 (what a server behind a load balancer says while down), "403" MLflow's
+    PERMISSION_DENIED, "drop" closes the connection unanswered. The failing request never reaches
+    the server. `kill_at(n, pid)` SIGKILLs `pid` when the n-th request from now arrives (then drops it).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.host, self.port = parts.hostname, parts.port
+        self.lock = threading.Lock()
+        self.match: Match | None = None
+        self.mode = "503"
+        self.broken = False
+        self.failed: list[str] = []  # "METHOD path" of each request answered with a fault
+        self.count = 0
+        self.kill: tuple[int, int] | None = None
+        self.killed_at = ""
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one(self) -> None:
+                body = self._body()
+                with proxy.lock:
+                    proxy.count += 1
+                    if proxy.match is not None and proxy.match(self.command, self.path, body):
+                        proxy.broken, proxy.match = True, None
+                    fault = proxy.mode if proxy.broken else None
+                    if proxy.kill is not None and proxy.count >= proxy.kill[0]:
+                        os.kill(proxy.kill[1], signal.SIGKILL)
+                        proxy.kill, proxy.killed_at, fault = None, f"{self.command} {self.path}", "drop"
+                    if fault:
+                        proxy.failed.append(f"{self.command} {self.path}")
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault is not None:
+                    text = {"503": b"Service Unavailable",
+                            "403": b'{"error_code": "PERMISSION_DENIED", "message": "Permission denied"}'}[fault]
+                    self._answer(int(fault), [("Content-Type", "application/json" if fault == "403" else "text/plain")], text)
+                    return
+                upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    resp = upstream.getresponse()
+                    data = resp.read()
+                    self._answer(resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP], data)
+                finally:
+                    upstream.close()
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one  # noqa: N815 (the stdlib's names)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail_when(self, match: Match, mode: str = "503") -> None:
+        """Fail from the first request `match` accepts on, until `heal`."""
+        with self.lock:
+            self.match, self.mode, self.broken, self.failed = match, mode, False, []
+
+    def fail_now(self, mode: str = "drop") -> None:
+        """Fail every request from now on (the server is gone), until `heal`."""
+        self.fail_when(lambda *_: True, mode)
+
+    def heal(self) -> None:
+        with self.lock:
+            self.match, self.broken = None, False
+
+    def kill_at(self, n: int, pid: int) -> None:
+        """SIGKILL `pid` when the n-th request from now arrives."""
+        with self.lock:
+            self.count, self.kill, self.killed_at = 0, (n, pid), ""
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def api(path: str) -> Match:
+    return lambda method, p, body: f"/api/2.0/mlflow/{path}" in p
+
+
+def log_batch(field: str) -> Match:
+    return lambda method, p, body: p.endswith("/runs/log-batch") and f'"{field}"'.encode() in body
+
+
+def run_artifacts(method: str, p: str, body: bytes) -> bool:
+    return method == "PUT" and "/mlflow-artifacts/artifacts/" in p and "/models/" not in p
+
+
+def model_upload(method: str, p: str, body: bytes) -> bool:
+    return method == "PUT" and "/mlflow-artifacts/artifacts/" in p and "/models/" in p
+
+
+def registry(method: str, p: str, body: bytes) -> bool:
+    return "/registered-models/" in p or "/model-versions/" in p
+
+
+PHASES: dict[str, tuple[Match, str]] = {  # phase: (first failing request, how it fails)
+    "connect": (api("experiments/"), "503"),  # /health answers, the API does not
+    "create": (api("runs/create"), "drop"),
+    "params": (log_batch("params"), "503"),
+    "metrics": (log_batch("metrics"), "drop"),
+    "artifacts": (run_artifacts, "503"),
+    "model": (api("logged-models"), "503"),
+    "registry": (registry, "503"),
+    "end": (api("runs/update"), "503"),
+}
+STAGE_PHASES = {
+    "train@linear": ("connect", "create", "params", "metrics", "artifacts", "model", "end"),
+    "evaluate": ("create", "params", "metrics", "artifacts", "registry", "end"),
+}
+TRAIN_OUTS = ("models/linear.safetensors", "plots/loss/linear.csv", "plots/loss/linear.png", "metrics/train/linear.json")
+EVAL_OUTS = ("metrics/evaluation", "plots/predictions")
+# what differs between two runs of one stage anyway: the process, the spool, and `pipeline` (it hashes the
+# workspace's uncommitted edits, here the experiment's name)
+VOLATILE_TAGS = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "closed.reason", "pipeline",
+                 "mlflow.source.name"}  # and the copy of the project it ran in
+WALL_CLOCK = re.compile(r"seconds|per_second")  # metrics of wall time: compared by their points, not their values
+
+
+# ---------------------------------------------------------------- the shared server, proxy and project
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultProxy]:
+    """One real `mlflow server` for the module, behind a FaultProxy (healed between tests)."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = folder / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(SERVER_SCRIPT)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=run_env(SERVER_DIR=str(folder / "store"), PORT=str(port), WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        )
+    try:
+        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log)
+        front = FaultProxy(f"http://127.0.0.1:{port}")
+        yield front
+        front.close()
+    finally:
+        stop_group(proc)
+    assert not group_alive(proc.pid)
+
+
+def env_for(proxy: FaultProxy, **extra: str) -> dict[str, str]:
+    """A stage's environment: the store behind the proxy; MLflow's HTTP retries off, so a fault costs no back-off."""
+    return run_env(MLFLOW_TRACKING_URI=proxy.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="60", **extra)
+
+
+@pytest.fixture(scope="module")
+def project(proxy: FaultProxy, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project reproduced once into the server (experiment `regression`), committed with its dvc.lock."""
+    from conftest import copy_project
+
+    repo = copy_project(tmp_path_factory.mktemp("faults") / "repo")
+    dvc(repo, "repro", env=env_for(proxy))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "reproduced")
+    return repo
+
+
+def client_of(proxy: FaultProxy) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(proxy.url)
+
+
+def copy_of(project: Path, dest: Path, experiment: str) -> Path:
+    """A copy of the reproduced project whose stages log to `experiment`."""
+    shutil.copytree(project, dest, symlinks=True)
+    set_params(dest, {"mlflow.experiment": experiment})
+    return dest
+
+
+def stage(repo: Path, proxy: FaultProxy, name: str) -> subprocess.CompletedProcess[str]:
+    """`python -m stages …` by hand; its line saying so (stage_run's, for a person) is left out of stderr."""
+    proc = sh(repo, sys.executable, "-m", "stages", *name.split("@"), check=False, env=env_for(proxy))
+    proc.stderr = "".join(ln for ln in proc.stderr.splitlines(keepends=True) if not ln.startswith(f"{name}: run by hand"))
+    return proc
+
+
+SYNC = [sys.executable, "-c", "import sys; from pipeline.tracking.spool import main; sys.exit(main())"]  # as tasks.sh
+
+
+def sync(repo: Path, proxy: FaultProxy) -> subprocess.CompletedProcess[str]:
+    """`./tasks.sh sync` without its install step."""
+    return sh(repo, *SYNC, check=False, env=env_for(proxy))
+
+
+def outputs(repo: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
+    found = {}
+    for rel in paths:
+        path = repo / rel
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                found[str(f.relative_to(repo))] = f.read_bytes()
+    return found
+
+
+# ---------------------------------------------------------------- what the store holds
+
+
+def store_content(client: Any, experiment: str, since: int = 0, base: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What an experiment holds, without what differs between two runs of the same stage (ids, times, process tags).
+
+    Runs that started at or after `since` (ms) are compared whole; the runs in `base` (made before)
+    by what was added to them since (metric points logged from `since` on, artifacts, tags). Metrics:
+    (last value, points); logged models: their statuses; the registry: versions (run ids named by
+    stage) and aliases.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = [r for r in found if r.info.run_id in base or r.info.start_time >= since]
+    names = {r.info.run_id: f"<{r.data.tags.get('stage')}#{i}>" for i, r in enumerate(runs)}
+
+    def plain(value: str) -> str:
+        for run_id, name in names.items():
+            value = value.replace(run_id, name)
+        return value
+
+    def artifacts(run_id: str, path: str | None = None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out += artifacts(run_id, f.path) if f.is_dir else [f.path]
+        return sorted(out)
+
+    def metrics(run: Any) -> dict[str, tuple[float, int]]:
+        out = {}
+        for key, value in run.data.metrics.items():
+            points = [m for m in client.get_metric_history(run.info.run_id, key) if m.timestamp >= since or run.info.run_id not in base]
+            out[key] = (None if WALL_CLOCK.search(key) else value, len(points))
+        return out
+
+    models = client.search_logged_models([exp.experiment_id])
+    registered = [m for m in client.search_registered_models()]
+    return {
+        "runs": [{
+            "stage": r.data.tags.get("stage"), "status": r.info.status, "params": r.data.params, "metrics": metrics(r),
+            "tags": {k: plain(v) for k, v in r.data.tags.items() if k not in VOLATILE_TAGS},
+            "artifacts": artifacts(r.info.run_id),
+            "models": sorted(str(m.status) for m in models if m.source_run_id == r.info.run_id),
+        } for r in runs],
+        "registry": {
+            m.name: sorted((v.version, plain(v.run_id), v.tags.get("test_mse"))
+                           for v in client.search_model_versions(f"name = '{m.name}'") if v.run_id in names)
+            for m in registered
+        },
+        "champions": {m.name: dict(m.aliases) for m in registered},
+    }
+
+
+def differences(got: Any, want: Any, where: str = "") -> list[str]:
+    """Where two nested values differ: one line per differing leaf."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(got) | set(want), key=str)
+                for d in differences(got.get(k, "<missing>"), want.get(k, "<missing>"), f"{where}.{k}")]
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w, f"{where}[{i}]")]
+    return [] if got == want else [f"{where}: {got!r} != {want!r}"]
+
+
+def clear_registry(client: Any) -> None:
+    """Delete every registered model: the next evaluate registers v1 and elects its first champion."""
+    for m in client.search_registered_models():
+        client.delete_registered_model(m.name)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- a fault at each phase
+
+
+@pytest.mark.parametrize("name", list(STAGE_PHASES))
+def test_a_fault_at_each_phase_keeps_the_outputs_and_sync_restores_the_store(
+    name: str, project: Path, proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    """Each phase in turn: exit 0, the outputs an undisturbed run writes, one line naming the spool; after sync the
+    store holds what the undisturbed run left (params, metric points, tags, artifacts, models, registry, champion)."""
+    client = client_of(proxy)
+    train = name.startswith("train")
+    outs = TRAIN_OUTS if train else EVAL_OUTS
+    base = tuple(r.info.run_id for r in client.search_runs(
+        [client.get_experiment_by_name("regression").experiment_id]) if r.data.tags.get("stage") != "evaluate")
+
+    def case(label: str, phase: str | None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        experiment = f"faults-{label}" if train else "regression"  # evaluate needs the training runs
+        repo = copy_of(project, tmp_path / label, experiment)
+        if not train:
+            clear_registry(client)
+        since = now_ms()
+        if phase:
+            proxy.fail_when(*PHASES[phase])
+        try:
+            proc = stage(repo, proxy, name)
+            failed = list(proxy.failed)
+        finally:
+            proxy.heal()
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "Traceback" not in text, text
+        spooled = list((repo / ".mlflow-spool").glob("*/meta.json"))
+        if phase:
+            assert failed, f"{phase}: the fault never fired"
+            (line,) = [ln for ln in proc.stderr.splitlines() if "MLflow" in ln]
+            assert line.startswith(f"{name}: the MLflow store failed ") and ".mlflow-spool/" in line \
+                and "./tasks.sh sync" in line and "refused" not in line, line
+            assert len(spooled) == 1
+            synced = sync(repo, proxy)
+            assert synced.returncode == 0 and "synced as FINISHED" in synced.stdout, synced.stdout + synced.stderr
+            assert not list((repo / ".mlflow-spool").glob("*/meta.json"))
+        else:
+            assert not spooled and "MLflow" not in proc.stderr, proc.stderr
+        return store_content(client, experiment, since, () if train else base), outputs(repo, outs)
+
+    expected, written = case("reference", None)
+    assert expected["runs"][-1]["status"] == "FINISHED"
+    if train:
+        assert expected["runs"][0]["models"] == ["READY"]
+    else:
+        assert expected["champions"] and all("first champion" in v for k, v in expected["runs"][-1]["tags"].items()
+                                             if k.startswith("registry."))
+    timings = []
+    for phase in STAGE_PHASES[name]:
+        start = time.monotonic()
+        got, wrote = case(phase, phase)
+        timings.append(f"{phase} {time.monotonic() - start:.0f} s")
+        assert wrote == written, f"{name}, failing at {phase}: other outputs"
+        assert differences(got, expected) == [], f"{name}, failing at {phase}"
+    print(f"\n{name}: " + ", ".join(timings))
+
+
+# ---------------------------------------------------------------- permissions
+
+
+def test_a_permission_error_is_one_line_before_work_and_sync_says_so(project: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """403 on run creation: exit 1, one line, nothing spooled, no output touched. A spooled run whose sync gets
+    403: sync says it is a permission problem and keeps the spool; with the permission back it syncs."""
+    repo = copy_of(project, tmp_path / "repo", "faults-permission")
+    before = {p: (repo / p).stat().st_mtime_ns for p in TRAIN_OUTS}
+    set_params(repo, {"linear.lr": 0.02})
+    proxy.fail_when(api("runs/create"), "403")
+    try:
+        proc = stage(repo, proxy, "train@linear")
+    finally:
+        proxy.heal()
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"train@linear: MLflow server at {proxy.url} answered HTTP 403 when creating a run in experiment "
+        "'faults-permission': a permission problem (not an outage); user '(anonymous)' may not write here: ask an "
+        "admin for EDIT permission on the experiment, or log in as a user who has it"
+    ], proc.stderr
+    assert {p: (repo / p).stat().st_mtime_ns for p in TRAIN_OUTS} == before
+    assert not (repo / ".mlflow-spool").exists()
+
+    proxy.fail_when(log_batch("params"))
+    try:
+        assert stage(repo, proxy, "train@linear").returncode == 0
+    finally:
+        proxy.heal()
+    proxy.fail_when(api("runs/log-batch"), "403")
+    try:
+        refused = sync(repo, proxy)
+    finally:
+        proxy.heal()
+    (line,) = [ln for ln in refused.stderr.splitlines() if ln.startswith("sync:")] or [refused.stderr]
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.returncode == 1 and "refused (HTTP 403), a permission problem, not an outage" in line, line
+    assert "once the store works" not in line and len(list((repo / ".mlflow-spool").glob("*/meta.json"))) == 1
+    assert sync(repo, proxy).returncode == 0
+
+
+# ---------------------------------------------------------------- sync killed, and run again
+
+
+def test_sync_killed_at_any_request_and_run_again_leaves_each_run_once(project: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """Three spooled train@linear runs: one created in the store and then closed as KILLED by another clone's
+    orphan check, one that left an empty PENDING logged model in the store, one never created there. Sync is
+    SIGKILLed at several requests and run again until it finishes: each run once, each like an undisturbed one."""
+    from pipeline.tracking import run as run_module
+
+    client = client_of(proxy)
+    reference = copy_of(project, tmp_path / "reference", "faults-kill-reference")
+    assert stage(reference, proxy, "train@linear").returncode == 0
+    (expected,) = store_content(client, "faults-kill-reference")["runs"]
+
+    repo = copy_of(project, tmp_path / "repo", "faults-kill")
+    for fault in (log_batch("params"), model_upload, api("experiments/")):
+        proxy.fail_when(fault)
+        try:
+            assert stage(repo, proxy, "train@linear").returncode == 0
+        finally:
+            proxy.heal()
+    exp_id = client.get_experiment_by_name("faults-kill").experiment_id
+    assert sorted(str(m.status) for m in client.search_logged_models([exp_id])) == ["PENDING"]
+    other_clone = tmp_path / "other-clone"
+    other_clone.mkdir()
+    cwd = os.getcwd()
+    os.chdir(other_clone)  # no spool here: its orphan check sees the waiting run as dead
+    try:
+        assert run_module.close_orphaned_runs(client, [exp_id], "train@mlp") == 2
+    finally:
+        os.chdir(cwd)
+    assert sorted(r.info.status for r in client.search_runs([exp_id])) == ["KILLED", "KILLED"]
+
+    kills = []
+    for n in (3, 9, 20, 35, 50, 70, 95):
+        proc = subprocess.Popen(SYNC, cwd=repo, env=env_for(proxy),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proxy.kill_at(n, proc.pid)
+        out, err = proc.communicate(timeout=300)
+        kills.append(f"{n}: {proxy.killed_at or f'finished ({proc.returncode})'}")
+        proxy.kill = None
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, out + err
+    print("\nsync killed at request: " + "; ".join(kills))
+    assert sum("finished" not in k for k in kills) >= 4, kills
+    final = sync(repo, proxy)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert not list((repo / ".mlflow-spool").glob("*/meta.json"))
+    got = store_content(client, "faults-kill")["runs"]
+    assert len(got) == 3
+    for i, run in enumerate(got):
+        assert differences(run, expected) == [], f"run {i}"
+    assert [str(m.status) for m in client.search_logged_models([exp_id])] == ["READY"] * 3
+
+
+# ---------------------------------------------------------------- a queued sweep through an outage
+
+
+def test_a_queued_sweep_of_four_survives_a_30_s_outage(project: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """`dvc exp run --queue` ×4, `dvc queue start -j 2`, the server gone for 30 s as the stages start: the
+    start-of-stage wait (mlflow.wait_seconds) covers it, and all 4 experiments succeed."""
+    repo = copy_of(project, tmp_path / "repo", "faults-sweep")
+    set_params(repo, {"mlflow.wait_seconds": 120})
+    env = env_for(proxy)
+    for lr in (0.01, 0.02, 0.03, 0.04):
+        dvc(repo, "exp", "run", "--queue", "-S", f"linear.lr={lr}", "train@linear", env=env)
+    proxy.fail_now("drop")
+    try:
+        # the workers outlive `dvc queue start` and hold its stdout: not captured, or this would wait for them
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        time.sleep(30)
+    finally:
+        proxy.heal()
+    deadline = time.monotonic() + 600
+    while True:
+        status = dvc(repo, "queue", "status", env=env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    failed = re.findall(r"^\w+\s+(\S+)\s.*\bFailed\b", status, re.M)
+    assert not failed, status + "".join(dvc(repo, "queue", "logs", name, check=False, env=env).stdout[-3000:] for name in failed)
+    assert len(re.findall(r"\bSuccess\b", status)) == 4, status
+    synced = sync(repo, proxy)
+    assert synced.returncode == 0, synced.stderr
+    client = client_of(proxy)
+    runs = client.search_runs([client.get_experiment_by_name("faults-sweep").experiment_id])
+    assert sorted(r.data.params["linear.lr"] for r in runs) == ["0.01", "0.02", "0.03", "0.04"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    print(f"\nqueued sweep through a 30 s outage: {len(proxy.failed)} requests refused, "
+          f"{synced.stdout.count('synced as')} run(s) spooled and synced")
