@@ -11,7 +11,6 @@ store must hold what an undisturbed run leaves (compared by `store_content`).
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import shutil
@@ -28,8 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import SERVER_SCRIPT, dvc, run_env, set_params, sh
-from processes import free_port, group_alive, stop_group, wait_for_http
+from tests.helpers import background, copy_project, dvc, free_port, mlflow_server_command, run_env, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -194,20 +192,11 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultProxy]:
     """One real `mlflow server` for the module, behind a FaultProxy (healed between tests)."""
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(SERVER_SCRIPT)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env=run_env(SERVER_DIR=str(folder / "store"), PORT=str(port), WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        )
-    try:
-        wait_for_http(proc, f"http://127.0.0.1:{port}/health", log)
+    cmd, env = mlflow_server_command(folder / "store", port)
+    with background(cmd, f"http://127.0.0.1:{port}/health", folder / "server.log", env=env):
         front = FaultProxy(f"http://127.0.0.1:{port}")
         yield front
         front.close()
-    finally:
-        stop_group(proc)
-    assert not group_alive(proc.pid)
 
 
 def env_for(proxy: FaultProxy, **extra: str) -> dict[str, str]:
@@ -218,8 +207,6 @@ def env_for(proxy: FaultProxy, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def project(proxy: FaultProxy, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project reproduced once into the server (experiment `regression`), committed with its dvc.lock."""
-    from conftest import copy_project
-
     repo = copy_project(tmp_path_factory.mktemp("faults") / "repo")
     dvc(repo, "repro", env=env_for(proxy))
     sh(repo, "git", "add", "-A")
