@@ -34,6 +34,11 @@ check_port() {
   "$PY" -m pipeline.ports check "$@" || exit 2
 }
 
+pip_quietly() {
+  # pip in .venv, its output on stderr without its per-lookup warnings about index locations; pip's exit status.
+  "$VENV/bin/python" -m pip "$@" 2>&1 | { grep --line-buffered -v -E '^WARNING: Location .* is ignored' || true; } >&2
+}
+
 make_venv() {
   # A venv with a working pip; a half-made one (e.g. from an interrupted run) is made again.
   "$VENV/bin/python" -m pip --version >/dev/null 2>&1 && return
@@ -58,11 +63,9 @@ install() {
     echo "tasks.sh install: [1/3] creating $VENV" >&2
     make_venv
     echo "tasks.sh install: [2/3] upgrading pip" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    pip_quietly install --quiet --upgrade pip
     echo "tasks.sh install: [3/3] installing torch, mlflow, dvc and the project: a few minutes on a fresh machine" >&2
-    # pip's own progress (a line per package), without its per-lookup warnings about index locations.
-    if ! "$VENV/bin/python" -m pip install -e '.[dev]' 2>&1 \
-        | { grep --line-buffered -v -E '^WARNING: Location .* is ignored' || true; } >&2; then
+    if ! pip_quietly install -e '.[dev]'; then  # pip's own progress: a line per package
       echo "tasks.sh install: pip failed (its messages are above)" >&2
       exit 1
     fi
