@@ -41,7 +41,7 @@ def _server_runs(uri: str) -> list[Any]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    return client.search_runs([e.experiment_id for e in client.searchexperiments()])
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 @pytest.mark.slow

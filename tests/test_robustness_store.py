@@ -83,7 +83,7 @@ def test_many_stages_starting_at_once_on_a_fresh_store(tmp_path: Path, spawn: An
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (exp,) = [e for e in client.searchexperiments() if e.name == "regression"]
+    (exp,) = [e for e in client.search_experiments() if e.name == "regression"]
     found = client.search_runs([exp.experiment_id])
     assert sorted(r.data.params["worker"] for r in found) == [str(i) for i in range(3)]
     assert {r.info.status for r in found} == {"FINISHED"}
