@@ -113,7 +113,7 @@ def _copy(repo: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compare(baseline: Path, tmp_path: Path, spawn: Any) -> None:
     repo = _copy(baseline, tmp_path / "repo")
-    set_params(repo, {"linear_gd.steps": 5_000_000})
+    set_params(repo, {"linear_gd.steps": 1_000_000})
 
     def kill_training() -> None:
         job = spawn([sys.executable, "-m", "stages", "train", "linear_gd"], repo)

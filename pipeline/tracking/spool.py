@@ -234,7 +234,7 @@ def _drop(folder: Path) -> None:
     trash = folder.parent / TRASH
     trash.mkdir(exist_ok=True)
     os.replace(folder, trash / folder.name)
-    shutil.rmtree(trash / folder.name)
+    shutil.rmtree(trash)  # the spool is left as it was before the run failed: nothing but the runs still waiting
 
 
 def sync_spool() -> list[str]:
