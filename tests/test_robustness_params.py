@@ -109,6 +109,11 @@ ALIAS_BOMB = "[" + ", ".join(
 ) + "]"  # 9**9 widths once expanded: hundreds of MB of repr, minutes of validation
 
 
+def _line_of(text: str, mark: str) -> int:
+    """The 1-based number of the first line of `text` that holds `mark`."""
+    return next(i for i, line in enumerate(text.splitlines(), start=1) if mark in line)
+
+
 def _hostile(good: str) -> dict[str, tuple[str, str]]:
     """name -> (params.yaml text, the start of the one line the stage prints after its name)."""
     params = yaml.safe_load(good)
@@ -123,8 +128,8 @@ def _hostile(good: str) -> dict[str, tuple[str, str]]:
     return {
         "50 MB file": (good + "junk: [" + "1, " * 16_000_000 + "1]\n", "params.yaml: larger than 128 KiB (48000"),
         "alias bomb in mlp.hidden": (
-            edited("mlp", "hidden", ALIAS_BOMB),
-            "params.yaml: the value at line 25 is reused through a YAML anchor and alias (&name, *name)",
+            bomb := edited("mlp", "hidden", ALIAS_BOMB),
+            f"params.yaml: the value at line {_line_of(bomb, '&')} is reused through a YAML anchor and alias (&name, *name)",
         ),
         "n_samples 1e12": (
             edited("data", "n_samples", "1000000000000"),
