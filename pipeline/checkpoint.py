@@ -45,8 +45,11 @@ def path_for(stage: str, folder: Path = FOLDER) -> Path:
 
 
 def key(params: dict[str, Any], files: list[str | Path]) -> str:
-    """Digest of the params and the contents of `files` (code and data): what makes a checkpoint usable."""
-    payload = {"params": params, "files": {str(f): md5_file(f) for f in files}}
+    """Digest of the params and the contents of `files` (code and data): what makes a checkpoint usable.
+
+    A file that is missing counts as such (the stage then fails on it with its own one-line error).
+    """
+    payload = {"params": params, "files": {str(f): md5_file(f) if Path(f).is_file() else None for f in files}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -140,7 +140,8 @@ def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
 @pytest.mark.slow
 @pytest.mark.bad_input
 def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_path: Path) -> None:
-    """Through DVC: the train stage names the file, starts no run, writes nothing; `dvc repro` restores the data."""
+    """Through DVC: the train stage names the file and writes nothing; its run (opened before any work, as every
+    stage's is) ends FAILED with nothing logged; `dvc repro` restores the data."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
     train = repo / "data" / "train.parquet"
@@ -150,6 +151,7 @@ def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_p
     assert proc.returncode != 0
     assert "train@linear: data/train.parquet: not a readable Parquet file" in text and "Traceback" not in text
     assert_untouched(repo, before, lock, changed=("data/train.parquet",))
-    assert runs(repo) == []
+    (run,) = runs(repo)
+    assert run.info.status == "FAILED" and run.data.tags["stage"] == "train@linear" and not run.data.metrics
     dvc(repo, "repro")
     assert outputs(repo) == before
