@@ -168,10 +168,14 @@ class StageRun:
 
     @_spooling
     def flush(self) -> None:
-        """Write buffered metrics in as few calls as MLflow allows."""
-        pending, self._metrics = self._metrics, []
-        for i in range(0, len(pending), BATCH):
-            self.client.log_batch(self.run_id, metrics=pending[i : i + BATCH])
+        """Write buffered metrics in as few calls as MLflow allows.
+
+        A batch leaves the buffer once written: when the store fails, the batch it failed on
+        and the rest go to the spool (sync skips any point the store already has).
+        """
+        while self._metrics:
+            self.client.log_batch(self.run_id, metrics=self._metrics[:BATCH])
+            del self._metrics[:BATCH]
 
     @_spooling
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
