@@ -50,8 +50,10 @@ def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any)
     assert model["status"] == "LOGGED_MODEL_READY"
     prefix = model["artifact_uri"].removeprefix("mlflow-artifacts:/")
     mlmodel = server.request(f"/api/2.0/mlflow-artifacts/artifacts/{prefix}/MLmodel").decode()
-    assert "\n  pytorch:\n" in mlmodel and f"run_id: {run_id}" in mlmodel
-    assert (server.folder / "artifacts" / prefix / "data" / "model.pt2").is_file()  # stored on the server's side
+    assert "\n  python_function:\n" in mlmodel and f"run_id: {run_id}" in mlmodel  # the weights plus their code
+    stored = server.folder / "artifacts" / prefix  # on the server's side: the same weights file, and the code
+    assert (stored / "artifacts" / "mlp.safetensors").read_bytes() == weights
+    assert (stored / "pyfunc_model.py").is_file() and (stored / "code" / "pipeline" / "models.py").is_file()
 
 
 def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -> None:
