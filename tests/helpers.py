@@ -478,3 +478,69 @@ def run_checked(cmd: list[str], **env: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+
+
+# what differs between two runs of one stage anyway: the process, the spool, and `pipeline` (it hashes the
+# workspace's uncommitted edits, here the experiment's name)
+VOLATILE_TAGS = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "closed.reason", "pipeline",
+                 "mlflow.source.name"}  # and the copy of the project it ran in
+WALL_CLOCK = re.compile(r"seconds|per_second")  # metrics of wall time: compared by their points, not their values
+
+
+def store_content(client: Any, experiment: str, since: int = 0, base: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What an experiment holds, without what differs between two runs of the same stage (ids, times, process tags).
+
+    Runs that started at or after `since` (ms) are compared whole; the runs in `base` (made before)
+    by what was added to them since (metric points logged from `since` on, artifacts, tags). Metrics:
+    (last value, points); logged models: their statuses; the registry: versions (run ids named by
+    stage) and aliases.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = [r for r in found if r.info.run_id in base or r.info.start_time >= since]
+    names = {r.info.run_id: f"<{r.data.tags.get('stage')}#{i}>" for i, r in enumerate(runs)}
+
+    def plain(value: str) -> str:
+        for run_id, name in names.items():
+            value = value.replace(run_id, name)
+        return value
+
+    def artifacts(run_id: str, path: str | None = None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out += artifacts(run_id, f.path) if f.is_dir else [f.path]
+        return sorted(out)
+
+    def metrics(run: Any) -> dict[str, tuple[float, int]]:
+        out = {}
+        for key, value in run.data.metrics.items():
+            points = [m for m in client.get_metric_history(run.info.run_id, key) if m.timestamp >= since or run.info.run_id not in base]
+            out[key] = (None if WALL_CLOCK.search(key) else value, len(points))
+        return out
+
+    models = client.search_logged_models([exp.experiment_id])
+    registered = [m for m in client.search_registered_models()]
+    return {
+        "runs": [{
+            "stage": r.data.tags.get("stage"), "status": r.info.status, "params": r.data.params, "metrics": metrics(r),
+            "tags": {k: plain(v) for k, v in r.data.tags.items() if k not in VOLATILE_TAGS},
+            "artifacts": artifacts(r.info.run_id),
+            "models": sorted(str(m.status) for m in models if m.source_run_id == r.info.run_id),
+        } for r in runs],
+        "registry": {
+            m.name: sorted((v.version, plain(v.run_id), v.tags.get("test_mse"))
+                           for v in client.search_model_versions(f"name = '{m.name}'") if v.run_id in names)
+            for m in registered
+        },
+        "champions": {m.name: dict(m.aliases) for m in registered},
+    }
+
+
+def differences(got: Any, want: Any, where: str = "") -> list[str]:
+    """Where two nested values differ: one line per differing leaf."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(got) | set(want), key=str)
+                for d in differences(got.get(k, "<missing>"), want.get(k, "<missing>"), f"{where}.{k}")]
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w, f"{where}[{i}]")]
+    return [] if got == want else [f"{where}: {got!r} != {want!r}"]

@@ -24,8 +24,8 @@ from pipeline.files import round_sig
 from stages import __main__ as entry
 from stages import paths
 from tests.helpers import (
-    copy_project, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh, start_background, statuses,
-    stop_group, wait_for_running,
+    copy_project, differences, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh,
+    start_background, statuses, stop_group, store_content, wait_for_running,
 )
 
 TRAIN_OUTS = ("models/mlp.safetensors", "plots/loss/mlp.csv", "metrics/train/mlp.json")
@@ -276,42 +276,6 @@ def _evaluate_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch, fail_at: i
         return "\n".join(spool.sync_spool())
 
 
-def _store_content(repo: Path) -> dict[str, Any]:
-    """What the store holds, without what differs between any two runs (ids, times, process tags)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("regression")
-    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    names = {r.info.run_id: f"<{r.data.tags['stage']}#{i}>" for i, r in enumerate(found)}
-    volatile = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "mlflow.source.name"}
-
-    def plain(value: str) -> str:
-        for run_id, name in names.items():
-            value = value.replace(run_id, name)
-        return value
-
-    def artifacts(run_id: str, path: str | None = None) -> list[str]:
-        out = []
-        for f in client.list_artifacts(run_id, path):
-            out += artifacts(run_id, f.path) if f.is_dir else [f.path]
-        return sorted(out)
-
-    return {
-        "runs": [{
-            "stage": r.data.tags["stage"], "status": r.info.status, "params": r.data.params,
-            "metrics": {k: (v, len(client.get_metric_history(r.info.run_id, k))) for k, v in r.data.metrics.items()},
-            "tags": {k: plain(v) for k, v in r.data.tags.items() if k not in volatile},
-            "artifacts": artifacts(r.info.run_id),
-        } for r in found],
-        "registry": {
-            m.name: sorted((v.version, plain(v.run_id), v.tags.get("test_mse")) for v in client.search_model_versions(f"name = '{m.name}'"))
-            for m in client.search_registered_models()
-        },
-        "champions": {m.name: dict(m.aliases) for m in client.search_registered_models()},
-    }
-
-
 @pytest.fixture(scope="module")
 def unscored(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reproduced project with its registry emptied: the next evaluate registers and promotes afresh."""
@@ -347,17 +311,14 @@ def test_store_failing_at_each_evaluate_operation_loses_nothing_after_sync(
         assert "synced as FINISHED" in synced, synced
         assert "injected failure" in capsys.readouterr().err  # the one line naming where the run is kept
         assert outputs_of(repo) == outputs_of(reference), f"failing at call {fail_at} ({calls[fail_at - 1]})"
-        assert _differences(_store_content(repo), expected) == [], f"failing at call {fail_at} ({calls[fail_at - 1]})"
+        assert differences(_store_content(repo), expected) == [], f"failing at call {fail_at} ({calls[fail_at - 1]})"
 
 
-def _differences(got: Any, want: Any, where: str = "") -> list[str]:
-    """Where two nested values differ: one line per differing leaf."""
-    if isinstance(got, dict) and isinstance(want, dict):
-        return [d for k in sorted(set(got) | set(want), key=str)
-                for d in _differences(got.get(k, "<missing>"), want.get(k, "<missing>"), f"{where}.{k}")]
-    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
-        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _differences(g, w, f"{where}[{i}]")]
-    return [] if got == want else [f"{where}: {got!r} != {want!r}"]
+def _store_content(repo: Path) -> dict[str, Any]:
+    """The workspace store's content, as helpers.store_content compares it."""
+    from mlflow.tracking import MlflowClient
+
+    return store_content(MlflowClient(f"sqlite:///{repo / 'mlflow.db'}"), "regression")
 
 
 def outputs_of(repo: Path) -> dict[str, bytes]:
