@@ -42,8 +42,12 @@ def free_port() -> int:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """Environment for project commands: this venv first, a git identity, no outside MLflow/DVC state."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    """Environment for project commands: this venv first, a git identity, no outside MLflow/DVC state.
+
+    PYTEST_CURRENT_TEST is left out too: MLflow turns on checks of its own test suite when it
+    sees it, and the commands must run as they do in a user's shell.
+    """
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTEST_CURRENT_TEST"}
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
     out.update(
         GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.invalid",

@@ -55,7 +55,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
 
 @pytest.fixture(scope="session")
 def baseline(reproduced: Reproduced) -> Path:
-    """The reproduced project's folder: copy it (helpers.clone, or `cp -a` with its store) before changing anything."""
+    """The reproduced project's folder: copy it (helpers.clone, or helpers.copy_with_store) before changing anything."""
     return reproduced.repo
 
 

@@ -218,6 +218,26 @@ def clone(baseline: Path, dest: Path) -> Path:
     return dest
 
 
+STORE_PATH_COLUMNS = (  # where MLflow's SQLite store writes the workspace's absolute path
+    ("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"), ("model_versions", "source"), ("datasets", "dataset_source"),
+)
+
+
+def copy_with_store(repo: Path, dest: Path) -> Path:
+    """A `cp -a` copy of a workspace with its MLflow store, the store's paths moved to the copy.
+
+    MLflow keeps absolute artifact locations: without the move, stages in the copy would write
+    their artifacts and logged models into `repo`'s mlartifacts/ (a shared fixture).
+    """
+    subprocess.run(["cp", "-a", str(repo), str(dest)], check=True)
+    if (dest / "mlflow.db").exists():
+        with closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+            for table, column in STORE_PATH_COLUMNS:
+                db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (f"{repo}/", f"{dest}/"))
+    return dest
+
+
 def outputs(repo: Path) -> dict[str, str]:
     """md5 of every file under every output dvc.lock lists (folders walked); absent files are left out."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

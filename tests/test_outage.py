@@ -24,7 +24,7 @@ from pipeline.files import round_sig
 from stages import __main__ as entry
 from stages import paths
 from tests.helpers import (
-    copy_project, differences, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh,
+    copy_project, copy_with_store, differences, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh,
     start_background, statuses, stop_group, store_content, wait_for_running,
 )
 
@@ -105,14 +105,9 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp
     assert not group_alive(server.pid)
 
 
-def _copy(repo: Path, dest: Path) -> Path:
-    sh(repo, "cp", "-a", str(repo), str(dest))
-    return dest
-
-
 @pytest.mark.slow
 def test_sigkilled_stage_is_closed_by_the_next_stage_start_and_counted_by_compare(baseline: Path, tmp_path: Path, spawn: Any) -> None:
-    repo = _copy(baseline, tmp_path / "repo")
+    repo = copy_with_store(baseline, tmp_path / "repo")
     set_params(repo, {"linear_gd.steps": 1_000_000})
 
     def kill_training() -> None:
@@ -161,7 +156,7 @@ BROKEN = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "damage", "cause", "todo"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_store_fails_in_one_line_before_any_output(baseline: Path, tmp_path: Path, name: str, damage: Any, cause: str, todo: str) -> None:
-    repo = _copy(baseline, tmp_path / "repo")
+    repo = copy_with_store(baseline, tmp_path / "repo")
     db = repo / "mlflow.db"
     damage(db)
     data = {p: p.stat().st_mtime_ns for p in (repo / "data").iterdir()}
@@ -178,7 +173,7 @@ def test_broken_store_fails_in_one_line_before_any_output(baseline: Path, tmp_pa
 @pytest.mark.slow
 @pytest.mark.bad_input
 def test_unwritable_and_locked_store_fail_in_one_line(baseline: Path, tmp_path: Path) -> None:
-    repo = _copy(baseline, tmp_path / "repo")
+    repo = copy_with_store(baseline, tmp_path / "repo")
     db = repo / "mlflow.db"
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")  # another process writing for a long time
@@ -279,7 +274,7 @@ def _evaluate_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch, fail_at: i
 @pytest.fixture(scope="module")
 def unscored(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reproduced project with its registry emptied: the next evaluate registers and promotes afresh."""
-    repo = _copy(baseline, tmp_path_factory.mktemp("unscored") / "repo")
+    repo = copy_with_store(baseline, tmp_path_factory.mktemp("unscored") / "repo")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -298,7 +293,7 @@ def test_store_failing_at_each_evaluate_operation_loses_nothing_after_sync(
     what an undisturbed evaluate leaves: the same runs, metrics (history lengths too), tags, artifacts,
     registered versions and champions."""
     calls: list[str] = []
-    reference = _copy(unscored, tmp_path / "reference")
+    reference = copy_with_store(unscored, tmp_path / "reference")
     _evaluate_in_process(reference, monkeypatch, 0, calls)
     expected = _store_content(reference)
     assert any(t.startswith("registry.") for r in expected["runs"] for t in r["tags"])  # the registry step ran
@@ -306,7 +301,7 @@ def test_store_failing_at_each_evaluate_operation_loses_nothing_after_sync(
     points = sorted({calls.index(name) + 1 for name in calls} | {i + 1 for i, name in enumerate(calls) if name == "search_runs"})
     assert len(points) >= 8, calls
     for fail_at in points:
-        repo = _copy(unscored, tmp_path / f"fail-{fail_at}")
+        repo = copy_with_store(unscored, tmp_path / f"fail-{fail_at}")
         synced = _evaluate_in_process(repo, monkeypatch, fail_at, [])
         assert "synced as FINISHED" in synced, synced
         assert "injected failure" in capsys.readouterr().err  # the one line naming where the run is kept

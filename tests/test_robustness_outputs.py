@@ -79,12 +79,10 @@ def test_logged_models_are_the_weights_plus_code_and_load_with_pickle_disallowed
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     client = MlflowClient(f"sqlite:///{baseline / 'mlflow.db'}")
-    # the baseline's own three (a `cp -a` copy of a workspace keeps its store's absolute artifact location,
-    # so other tests' stages in copies may add models here too: those belong to runs of other stores)
+    # one per train stage, each under a run of the baseline's store (tests change copies, never the baseline)
     own = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("regression").experiment_id])}
-    logged = sorted(m for m in (baseline / "mlartifacts" / "models").glob("*/artifacts/MLmodel")
-                    if yaml.safe_load(m.read_text())["run_id"] in own)
-    assert len(logged) == 3
+    logged = sorted((baseline / "mlartifacts" / "models").glob("*/artifacts/MLmodel"))
+    assert len(logged) == 3 and {yaml.safe_load(m.read_text())["run_id"] for m in logged} <= own
     for mlmodel in logged:
         meta = yaml.safe_load(mlmodel.read_text())
         pyfunc_conf = meta["flavors"]["python_function"]
