@@ -95,8 +95,6 @@ def test_no_stage_imports_a_compiler_beyond_torch_and_its_optimizers(reproduced:
         assert loaded <= allowed, f"{stage} loaded {sorted(loaded - allowed)[:10]} beyond {allowed and 'torch'}"
 
 
-@pytest.mark.xfail(strict=True, reason="torch 2.13's torch.optim imports torch._dynamo (and with it part of "
-                   "torch._inductor) in every optimizer: train@linear and train@mlp load it while training")
 def test_no_stage_imports_torch_dynamo_or_inductor(reproduced: Reproduced) -> None:
     for stage, loaded in reproduced.compiler.items():
         assert not {m for m in loaded if m.startswith(("torch._dynamo", "torch._inductor"))}, stage
