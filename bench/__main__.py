@@ -29,6 +29,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
                         help="timings per figure, best kept (default 3; 1 with --tiny)")
     parser.add_argument("--epochs", type=int, default=None, metavar="E",
                         help="epochs per throughput timing (default 10; 1 with --tiny)")
+    parser.add_argument("--no-suite", action="store_true",
+                        help="leave out the workflow section's full-test-suite row (it runs the whole suite)")
     parser.add_argument("--search-trials", type=int, default=20, metavar="N",
                         help="trials of the search section's study (default 20)")
     parser.add_argument("--only", default=",".join(SECTIONS), metavar="LIST",
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> int:
             rows += search_rows(search_params, work, args.search_trials)
         if "workflow" in args.only:
             print("measuring the train stage, stage start-up, the DVC loop and the test suite ...", flush=True)
-            rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not args.tiny)
+            rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not (args.tiny or args.no_suite))
         if "scale" in args.only:
             print(f"measuring generation and training at {args.scale_rows:,} rows ...", flush=True)
             rows += workflow.scale(work, updates, args.scale_rows, args.scale_features)

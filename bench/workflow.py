@@ -127,5 +127,5 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
     if with_suite:
         rows.append(suite())
     else:
-        rows.append(Row("full test suite (pytest, fresh clone)", None, None, "min", note="skipped with --tiny"))
+        rows.append(Row("full test suite (pytest, fresh clone)", None, None, "min", note="skipped (--tiny or --no-suite)"))
     return rows

@@ -52,7 +52,7 @@ def test_tiny_benchmark_prints_every_row() -> None:
         assert line is not None, f"row {name!r} missing from:\n{table}"
         if name not in ("GPU throughput", "full test suite (pytest, fresh clone)"):
             assert re.search(r"\d", line[len(name) + 2 :]), f"row {name!r} has no figure: {line}"
-    assert "full test suite (pytest, fresh clone): skipped with --tiny" in out, out
+    assert "full test suite (pytest, fresh clone): skipped (--tiny or --no-suite)" in out, out
     # a real DVC run: changing mlp.lr reruns exactly train@mlp and evaluate
     assert re.search(r"stages rerun after mlp\.lr changed: train@mlp, evaluate", out), table
 
