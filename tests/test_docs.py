@@ -8,7 +8,7 @@ The convention, in the Markdown:
 - Expected output is compared for its structure, not its values (the tests run on tiny params): numbers,
   hex ids and DVC's random experiment names are masked, runs of spaces are one. Expected lines must come
   in order; lines with nothing between them in the doc must be neighbours in the output (blank lines
-  aside); a `…` (or `...`) line stands for any lines.
+  aside); a `…` (or `...`) line stands for any lines, and a `…` inside a line for any text (a path).
 - Exit status: a command must exit 0, unless its output ends with a line `[exit N]`: then it must exit
   exactly N (a failure the doc shows, with the one line it prints).
 - `<!-- docs-test: skip (why) -->` or `<!-- docs-test: covered by tests/test_x.py -->` right before a
@@ -143,6 +143,11 @@ def normalize(line: str) -> str:
     return " ".join(line.split())
 
 
+def _pattern(line: str) -> re.Pattern[str]:
+    """An expected line as a pattern of normalized output: a `…` inside it stands for any text."""
+    return re.compile(".*".join(re.escape(part) for part in normalize(line).split("…")))
+
+
 def mismatch(expected: list[str], output: str) -> str | None:
     """None when `output` shows the `expected` lines as the convention says; else the first line missing."""
     actual = [normalize(x) for x in output.splitlines() if x.strip()]
@@ -152,12 +157,16 @@ def mismatch(expected: list[str], output: str) -> str | None:
             segments.append([])
         elif line.strip():
             segments[-1].append(line)
+
+    def fits(want: list[re.Pattern[str]], at: int) -> bool:
+        return at + len(want) <= len(actual) and all(p.fullmatch(a) for p, a in zip(want, actual[at:]))
+
     pos = 0
     for segment in filter(None, segments):
-        want = [normalize(x) for x in segment]
-        found = next((s for s in range(pos, len(actual) - len(want) + 1) if actual[s : s + len(want)] == want), None)
+        want = [_pattern(x) for x in segment]
+        found = next((s for s in range(pos, len(actual) - len(want) + 1) if fits(want, s)), None)
         if found is None:  # name the first line that breaks the segment
-            shown = max(k for k in range(len(want)) if any(actual[s : s + k] == want[:k] for s in range(pos, len(actual) + 1)))
+            shown = max(k for k in range(len(want)) if any(fits(want[:k], s) for s in range(pos, len(actual) + 1)))
             return segment[shown]
         pos = found + len(want)
     return None
@@ -292,6 +301,8 @@ def test_runner_reads_the_convention(tmp_path: Path) -> None:
     assert (tmp_path / "sub" / "f").read_text() == "hidden\n"  # the setup ran where the doc's shell was
     assert mismatch(["a 1", "c"], "a 1\nb 2\nc") == "c"  # neighbours in the doc, not in the output
     assert mismatch(["Stage 'x' didn't change", "…", "Running stage 'y':"], "Stage 'x' didn't change\nz\nRunning stage 'y':") is None
+    assert mismatch(["store at sqlite:///…/mlflow.db answers"], "store at sqlite:////tmp/a b/mlflow.db answers") is None
+    assert mismatch(["store at …/mlflow.db answers"], "store at /tmp/mlflow.db.bak answers") is not None  # the rest is literal
 
 
 @pytest.mark.parametrize(("block", "error"), [
