@@ -1,28 +1,227 @@
 """Documentation that is executed: every ```console block of README.md and docs/*.md runs in a throwaway
-workspace, in order per document, and prints what the doc shows (tests/docs_runner.py has the convention).
+workspace, in order per document, and prints what the doc shows.
+
+The convention, in the Markdown:
+- A ```console block is a list of commands to run: each line starting with `$ ` is one command (a line
+  ending in `\\` continues on the next); the lines after it, up to the next `$ `, are its expected output.
+  Any other block (```bash, ```text, plain ```) is an illustration and is not run.
+- Expected output is compared for its structure, not its values (the tests run on tiny params): numbers,
+  hex ids and DVC's random experiment names are masked, runs of spaces are one. Expected lines must come
+  in order; lines with nothing between them in the doc must be neighbours in the output (blank lines
+  aside); a `…` (or `...`) line stands for any lines, and a `…` inside a line for any text (a path).
+- Exit status: a command must exit 0, unless its output ends with a line `[exit N]`: then it must exit
+  exactly N (a failure the doc shows, with the one line it prints).
+- `<!-- docs-test: skip (why) -->` or `<!-- docs-test: covered by tests/test_x.py -->` right before a
+  block: not run, and listed by the test with that reason (a GPU, a browser, a long-running server, a
+  keystroke, or a test that already runs these commands).
+- `<!-- docs-test: setup: <shell command> -->` right before a block (one or more, each on its line): run
+  before the block, in the same shell, and must exit 0. For a situation the doc describes but that would
+  confuse a reader as a command (a server's port taken, a run's process killed at a given moment).
 
 README.md starts where a user starts, from a fresh `git clone` (of the shared tiny `baseline`: its
 dvc.lock is committed, so the first repro must leave `git status` clean); the other guides start from a
-finished pipeline, as their reader has one. params.yaml is the committed file, comments and all, with
-the TINY values written in place, so the docs' `sed` lines find what they edit.
+finished pipeline, as their reader has one (its outputs, no MLflow store yet). Each document runs in
+order in one throwaway workspace; `export`, `unset`, `source` and `cd` carry over from one command to the
+next, as in one terminal. params.yaml is the committed file, comments and all, with the TINY values
+written in place, so the docs' `sed` lines find what they edit (they edit keys TINY leaves alone).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.docs_runner import Block, DocFailure, mismatch, parse, run_doc
 from tests.helpers import ROOT, TINY, clone, committed_params, run_env, sh, tiny_params
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRESH_CLONE = {"README.md"}  # the rest start from a finished pipeline
+DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(.+?)\s*-->$")
+SETUP = re.compile(r"^setup:\s*(.+)$")
+EXIT = re.compile(r"^\[exit (\d+)\]$")
+GAP = {"…", "..."}
+_MASKS = [
+    (re.compile(r"\b[0-9a-f]{7,}\b"), "<id>"),                  # run ids, commits, digests
+    (re.compile(r"\b[a-z]+-[a-z]+\b"), "<exp>"),                # DVC experiment names (sworn-coal)
+    (re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"), "<n>"),      # every number
+]
+
+
+@dataclass
+class Command:
+    """One `$ ` line (with its continuation lines), the output shown under it, and the exit status it must end with."""
+
+    text: str
+    line: int
+    expected: list[str] = field(default_factory=list)
+    exit: int = 0
+
+
+@dataclass
+class Block:
+    """A ```console block of a document, the skip/covered directive before it (None: run it), and its hidden setup."""
+
+    doc: Path
+    line: int
+    commands: list[Command]
+    directive: str | None = None
+    setup: list[Command] = field(default_factory=list)
+
+    def where(self) -> str:
+        return f"{self.doc.name}:{self.line}"
+
+
+class DocFailure(AssertionError):
+    """A documented command failed, exited with another status, or printed something else than the doc shows."""
+
+
+def parse(doc: Path) -> list[Block]:
+    """The ```console blocks of a Markdown file, in order."""
+    blocks: list[Block] = []
+    directive: str | None = None
+    setup: list[Command] = []
+    lines = doc.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if m := DIRECTIVE.match(stripped):
+            if s := SETUP.match(m.group(1)):
+                setup.append(Command(s.group(1), i + 1))
+            else:
+                directive = m.group(1)
+        elif stripped.startswith("```"):
+            start, lang = i, stripped[3:].strip()
+            i += 1
+            body: list[tuple[int, str]] = []
+            while i < len(lines) and not lines[i].strip().startswith("```"):
+                body.append((i + 1, lines[i]))
+                i += 1
+            if lang == "console":
+                blocks.append(Block(doc, start + 1, _commands(doc, body), directive, setup))
+            elif directive is not None or setup:
+                raise DocFailure(f"{doc.name}:{start + 1}: a docs-test directive before a block that is not ```console")
+            directive, setup = None, []
+        elif stripped:
+            directive, setup = None, []  # a directive belongs to the block right after it
+        i += 1
+    return blocks
+
+
+def _commands(doc: Path, body: list[tuple[int, str]]) -> list[Command]:
+    commands: list[Command] = []
+    continued = False
+    for number, text in body:
+        if continued:
+            commands[-1].text += "\n" + text
+        elif text.startswith("$ "):
+            commands.append(Command(text[2:], number))
+        elif commands and (m := EXIT.match(text.strip())):
+            commands[-1].exit = int(m.group(1))
+        elif commands:
+            if commands[-1].exit and text.strip():
+                raise DocFailure(f"{doc.name}:{number}: output after `[exit N]`; it ends its command's output")
+            commands[-1].expected.append(text)
+        elif text.strip():
+            raise DocFailure(f"{doc.name}:{number}: output before the first `$ ` command in a console block")
+        continued = (continued or text.startswith("$ ")) and text.endswith("\\")
+    return commands
+
+
+def normalize(line: str) -> str:
+    """A line reduced to its structure: values masked, spaces collapsed."""
+    for pattern, mask in _MASKS:
+        line = pattern.sub(mask, line)
+    return " ".join(line.split())
+
+
+def _pattern(line: str) -> re.Pattern[str]:
+    """An expected line as a pattern of normalized output: a `…` inside it stands for any text."""
+    return re.compile(".*".join(re.escape(part) for part in normalize(line).split("…")))
+
+
+def mismatch(expected: list[str], output: str) -> str | None:
+    """None when `output` shows the `expected` lines as the convention says; else the first line missing."""
+    actual = [normalize(x) for x in output.splitlines() if x.strip()]
+    segments: list[list[str]] = [[]]
+    for line in expected:
+        if line.strip() in GAP:
+            segments.append([])
+        elif line.strip():
+            segments[-1].append(line)
+
+    def fits(want: list[re.Pattern[str]], at: int) -> bool:
+        return at + len(want) <= len(actual) and all(p.fullmatch(a) for p, a in zip(want, actual[at:]))
+
+    pos = 0
+    for segment in filter(None, segments):
+        want = [_pattern(x) for x in segment]
+        found = next((s for s in range(pos, len(actual) - len(want) + 1) if fits(want, s)), None)
+        if found is None:  # name the first line that breaks the segment
+            shown = max(k for k in range(len(want)) if any(fits(want[:k], s) for s in range(pos, len(actual) + 1)))
+            return segment[shown]
+        pos = found + len(want)
+    return None
+
+
+def run_doc(doc: Path, repo: Path, env: dict[str, str], timeout: float = 600) -> list[tuple[Block, str]]:
+    """Run every runnable block of `doc` in `repo`, in order; raise DocFailure at the first that fails.
+
+    Returns the blocks not run, each with its reason.
+    """
+    with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:  # the shell's state, outside the workspace
+        shell = Shell(repo, env, timeout, Path(tmp))
+        skipped: list[tuple[Block, str]] = []
+        for block in parse(doc):
+            if block.directive is not None:
+                skipped.append((block, block.directive))
+                continue
+            for cmd in block.setup:
+                shell.check(doc, cmd, "setup ")
+            for cmd in block.commands:
+                shell.check(doc, cmd)
+        return skipped
+
+
+@dataclass
+class Shell:
+    """One terminal for a document: each command runs in a new bash that takes over the last one's exports and folder."""
+
+    repo: Path
+    env: dict[str, str]
+    timeout: float
+    state: Path
+
+    SCRIPT = ('cd "$(cat "$2" 2>/dev/null || echo "$1")"; [ -f "$3" ] && . "$3"; eval "$4"; rc=$?; '
+              'export -p > "$3"; pwd > "$2"; exit $rc')
+
+    def check(self, doc: Path, cmd: Command, what: str = "") -> None:
+        """Run `cmd`; raise DocFailure unless it exits as the doc says and prints what it shows."""
+        proc = subprocess.Popen(["bash", "-c", self.SCRIPT, "docs-test", str(self.repo), str(self.state / "cwd"),
+                                 str(self.state / "env"), cmd.text],
+                                cwd=self.repo, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command's whole group: a killed dvc would orphan its stage
+            proc.communicate()
+            raise DocFailure(f"{doc.name}:{cmd.line}: {what}`{cmd.text}` ran over {self.timeout:.0f} s") from None
+        if proc.returncode != cmd.exit:
+            shown = f"[exit {cmd.exit}]" if cmd.exit else "no `[exit N]`, so 0"
+            raise DocFailure(f"{doc.name}:{cmd.line}: {what}`{cmd.text}` exited {proc.returncode} (the doc shows "
+                             f"{shown})\n{output[-3000:]}")
+        if (missing := mismatch(cmd.expected, output)) is not None:
+            raise DocFailure(f"{doc.name}:{cmd.line}: `{cmd.text}` did not print {missing!r} where the doc shows it"
+                             f"\n--- output\n{output[-3000:]}")
 
 
 def tiny_text(text: str, updates: dict[str, Any]) -> str:
@@ -90,14 +289,43 @@ def test_runner_reads_the_convention(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text("<!-- docs-test: skip (needs a GPU) -->\n```console\n$ false\n```\n\n```bash\nfalse\n```\n"
                    "```console\n$ printf 'a 1\\nb 2\\nc\\n' \\\n  && echo x\na 7\n…\nc\n$ cd sub && export V=3\n"
-                   "$ echo $V $(basename $PWD)\n3 sub\n```\n")
+                   "$ echo $V $(basename $PWD)\n3 sub\n```\n"
+                   "<!-- docs-test: setup: echo hidden > f -->\n<!-- docs-test: setup: export W=4 -->\n"
+                   "```console\n$ cat f; echo $W; exit 3\nhidden\n4\n[exit 3]\n$ unset V; echo \"[$V]\"\n[]\n```\n")
     (tmp_path / "sub").mkdir()
     blocks = parse(doc)
-    assert [(b.directive, len(b.commands)) for b in blocks] == [("skip (needs a GPU)", 1), (None, 3)]
+    assert [(b.directive, len(b.setup), len(b.commands)) for b in blocks] == [("skip (needs a GPU)", 0, 1), (None, 0, 3), (None, 2, 2)]
     assert blocks[1].commands[0].text.endswith("&& echo x")
+    assert [(c.exit, c.expected) for c in blocks[2].commands] == [(3, ["hidden", "4"]), (0, ["[]"])]
     assert [b.where() for b, _ in run_doc(doc, tmp_path, run_env())] == ["doc.md:2"]
+    assert (tmp_path / "sub" / "f").read_text() == "hidden\n"  # the setup ran where the doc's shell was
     assert mismatch(["a 1", "c"], "a 1\nb 2\nc") == "c"  # neighbours in the doc, not in the output
     assert mismatch(["Stage 'x' didn't change", "…", "Running stage 'y':"], "Stage 'x' didn't change\nz\nRunning stage 'y':") is None
+    assert mismatch(["store at sqlite:///…/mlflow.db answers"], "store at sqlite:////tmp/a b/mlflow.db answers") is None
+    assert mismatch(["store at …/mlflow.db answers"], "store at /tmp/mlflow.db.bak answers") is not None  # the rest is literal
+
+
+@pytest.mark.parametrize(("block", "error"), [
+    ("$ exit 1\n", r"`exit 1` exited 1 \(the doc shows no `\[exit N\]`, so 0\)"),    # a failure the doc does not show
+    ("$ true\n[exit 2]\n", r"`true` exited 0 \(the doc shows \[exit 2\]\)"),       # a failure that did not happen
+    ("$ exit 3\n[exit 2]\n", r"`exit 3` exited 3 \(the doc shows \[exit 2\]\)"),   # another failure
+    ("$ echo one; exit 2\ntwo\n[exit 2]\n", r"did not print 'two'"),               # the right status, the wrong line
+], ids=["unshown-failure", "no-failure", "other-status", "wrong-line"])
+def test_a_command_must_exit_as_the_doc_shows(tmp_path: Path, block: str, error: str) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"```console\n{block}```\n")
+    with pytest.raises(DocFailure, match=error):
+        run_doc(doc, tmp_path, run_env())
+
+
+def test_a_failing_setup_fails_and_a_stray_directive_is_refused(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- docs-test: setup: false -->\n```console\n$ true\n```\n")
+    with pytest.raises(DocFailure, match=r"doc\.md:1: setup `false` exited 1"):
+        run_doc(doc, tmp_path, run_env())
+    doc.write_text("<!-- docs-test: setup: true -->\n```text\n$ true\n```\n")
+    with pytest.raises(DocFailure, match="directive before a block that is not"):
+        parse(doc)
 
 
 @pytest.mark.slow

@@ -30,6 +30,9 @@ def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any)
     by_name = {r["info"]["run_name"]: r for r in runs}
     assert set(by_name) == STAGES and len(runs) == len(STAGES)
     assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+    listed_runs = sh(project, "mlflow", "runs", "list", "--experiment-id", exp["experiment_id"],
+                     env=run_env(MLFLOW_TRACKING_URI=server.url)).stdout  # the CLI docs/team.md shows
+    assert {line.split()[3] for line in listed_runs.splitlines()[2:]} == STAGES, listed_runs
 
     mlp = by_name["train@mlp"]
     params = {p["key"]: p["value"] for p in mlp["data"]["params"]}
