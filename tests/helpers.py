@@ -629,6 +629,37 @@ class FaultProxy:
 
 
 
+# ---------------------------------------------------------------- a small disk
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax: 64k, 2m) mounted on `where` for a block; unmounted after, lazily if busy.
+
+    Skips the test where mounting is not permitted (not root, or a container without CAP_SYS_ADMIN).
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the disk-full tests fill one)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): the disk-full tests need one")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill_disk(folder: Path, leave: int) -> None:
+    """Fill the file system holding `folder` with a ballast file until `leave` bytes are free (or fewer)."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    with open(folder / ".ballast", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, max(free - leave, 0))
+
+
 # what differs between two runs of one stage anyway: the process, the spool, and `pipeline` (it hashes the
 # workspace's uncommitted edits, here the experiment's name)
 VOLATILE_TAGS = {"process.pid", "process.started", "spool.synced", "mlflow.loggedModels", "closed.reason", "pipeline",
