@@ -78,15 +78,18 @@ def _errno(exc: OSError) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def describe_os_error(path: str | Path, exc: OSError, outcome: str = "nothing was published") -> str:
-    """One line: the file, the cause in words with its errno name, what was published, and what to do."""
+def os_error_cause(exc: OSError) -> str:
+    """The cause of an OSError in words with its errno name: 'no space left on device (ENOSPC)'."""
     number = _errno(exc)
     if number is not None:
-        cause = f"{os.strerror(number).lower()} ({errno.errorcode.get(number, number)})"
-    else:
-        cause = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    advice = _ADVICE.get(number or -1, "fix the cause")
-    return f"{path}: {cause}; {outcome}, {advice} and run the stage again"
+        return f"{os.strerror(number).lower()} ({errno.errorcode.get(number, number)})"
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def describe_os_error(path: str | Path, exc: OSError, outcome: str = "nothing was published") -> str:
+    """One line: the file, the cause in words with its errno name, what was published, and what to do."""
+    advice = _ADVICE.get(_errno(exc) or -1, "fix the cause")
+    return f"{path}: {os_error_cause(exc)}; {outcome}, {advice} and run the stage again"
 
 
 class Outputs:

@@ -8,6 +8,7 @@ stage entry points as subprocesses, a real MLflow SQLite store or `mlflow server
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import pwd
@@ -17,15 +18,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -498,6 +502,162 @@ def run_checked(cmd: list[str], **env: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+
+
+# ---------------------------------------------------------------- a fault-injecting proxy
+
+
+Match = Callable[[str, str, bytes], bool]
+HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length"}
+
+
+class FaultProxy:
+    """An HTTP proxy to `upstream` that fails every request from the first one `fail_when`'s match accepts on.
+
+    mode "503" answers 503 (what a server behind a load balancer says while down), "403" MLflow's
+    PERMISSION_DENIED, "drop" closes the connection unanswered. The failing request never reaches
+    the server. `kill_at(n, pid)` SIGKILLs `pid` when the n-th request from now arrives (then drops it);
+    `before(match, action)` runs `action` once, when the first request `match` accepts arrives, and then
+    forwards that request (the tests fill a disk at a known moment of a stage this way).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.host, self.port = parts.hostname, parts.port
+        self.lock = threading.Lock()
+        self.match: Match | None = None
+        self.mode = "503"
+        self.broken = False
+        self.failed: list[str] = []  # "METHOD path" of each request answered with a fault
+        self.count = 0
+        self.kill: tuple[int, int] | None = None
+        self.killed_at = ""
+        self.hook: tuple[Match, Callable[[], None]] | None = None
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one(self) -> None:
+                body = self._body()
+                with proxy.lock:
+                    proxy.count += 1
+                    if proxy.hook is not None and proxy.hook[0](self.command, self.path, body):
+                        action, proxy.hook = proxy.hook[1], None
+                        action()
+                    if proxy.match is not None and proxy.match(self.command, self.path, body):
+                        proxy.broken, proxy.match = True, None
+                    fault = proxy.mode if proxy.broken else None
+                    if proxy.kill is not None and proxy.count >= proxy.kill[0]:
+                        os.kill(proxy.kill[1], signal.SIGKILL)
+                        proxy.kill, proxy.killed_at, fault = None, f"{self.command} {self.path}", "drop"
+                    if fault:
+                        proxy.failed.append(f"{self.command} {self.path}")
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault is not None:
+                    text = {"503": b"Service Unavailable",
+                            "403": b'{"error_code": "PERMISSION_DENIED", "message": "Permission denied"}'}[fault]
+                    self._answer(int(fault), [("Content-Type", "application/json" if fault == "403" else "text/plain")], text)
+                    return
+                upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    resp = upstream.getresponse()
+                    data = resp.read()
+                    self._answer(resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP], data)
+                finally:
+                    upstream.close()
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one  # noqa: N815 (the stdlib's names)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail_when(self, match: Match, mode: str = "503") -> None:
+        """Fail from the first request `match` accepts on, until `heal`."""
+        with self.lock:
+            self.match, self.mode, self.broken, self.failed = match, mode, False, []
+
+    def fail_now(self, mode: str = "drop") -> None:
+        """Fail every request from now on (the server is gone), until `heal`."""
+        self.fail_when(lambda *_: True, mode)
+
+    def heal(self) -> None:
+        with self.lock:
+            self.match, self.broken = None, False
+
+    def kill_at(self, n: int, pid: int) -> None:
+        """SIGKILL `pid` when the n-th request from now arrives."""
+        with self.lock:
+            self.count, self.kill, self.killed_at = 0, (n, pid), ""
+
+    def before(self, match: Match, action: Callable[[], None]) -> None:
+        """Run `action` when the first request `match` accepts arrives, before forwarding it."""
+        with self.lock:
+            self.hook = (match, action)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+
+# ---------------------------------------------------------------- a small disk
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax: 64k, 2m) mounted on `where` for a block; unmounted after, lazily if busy.
+
+    Skips the test where mounting is not permitted (not root, or a container without CAP_SYS_ADMIN).
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the disk-full tests fill one)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): the disk-full tests need one")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill_disk(folder: Path, leave: int) -> None:
+    """Fill the file system holding `folder` with a ballast file until `leave` bytes are free (or fewer)."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    with open(folder / ".ballast", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, max(free - leave, 0))
 
 
 # what differs between two runs of one stage anyway: the process, the spool, and `pipeline` (it hashes the

@@ -7,6 +7,7 @@ barrier together with the others, round after round.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -124,3 +125,108 @@ def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_
             earlier = [v for v in versions.values() if int(v.version) < int(version)]
             assert all(float(v.tags["test_mse"]) > float(versions[version].tags["test_mse"]) for v in earlier), report
     print(f"{ROUNDS} rounds x {WORKERS} concurrent evaluates (pid {os.getpid()}): champion = best every round")
+
+
+# ---------------------------------------------------------------- whole evaluate stages, racing
+
+STAGE_CLAIM = re.compile(r"^registry: (regression-linear_gd) v(\d+): (first|new|already) champion\b", re.M)
+STAGE_REPORT = re.compile(r"^registry: (regression-linear_gd) v(\d+): (.*)$", re.M)
+STAGE_RACE_ROUNDS = 2
+
+
+@pytest.mark.slow
+def test_eight_evaluate_stages_at_once_leave_the_best_as_champion(baseline: Path, start_server: Any,
+                                                                  tmp_path: Path) -> None:
+    """8 workspace copies, each with its own linear_gd weights (the baseline's, its bias shifted by another amount,
+    so another test MSE) and the finished train@linear_gd run with a logged model that evaluate looks them up by,
+    on one real server; then `python -m stages evaluate` in all 8 at once, twice (the registry emptied in between,
+    so each round registers 8 versions in whatever order the race gives). Every round: `champion` is the version
+    with the lowest test MSE, its evaluate said so and tagged so, and no evaluate claimed a version that was not
+    the champion when it ended (no earlier version may be better than one it claimed).
+
+    The training runs are made here, as the train stage leaves them in the store (tags stage and model.digest, a
+    READY logged model): 8 train processes would cost the 2 cores about two minutes before the race starts."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import models
+    from pipeline.files import md5_file
+    from tests.helpers import clone, run_env, set_params
+
+    server = start_server()
+    env = run_env(MLFLOW_TRACKING_URI=server.url)
+    client = MlflowClient(server.url)
+    experiment_id = client.create_experiment("stage-race")
+    shifts = [0.1 * (k + 1) for k in range(8)]
+    random.Random(19).shuffle(shifts)  # the best copy is not the first or last started
+    start = time.monotonic()
+    copies = []
+    for i, shift in enumerate(shifts):
+        repo = clone(baseline, tmp_path / f"copy{i}")
+        set_params(repo, {"mlflow.experiment": "stage-race"})
+        weights = repo / "models" / "linear_gd.safetensors"
+        model, spec = models.load_weights(weights)
+        with torch.no_grad():
+            model.bias += shift
+        models.save_weights(model, spec, weights)
+        train = client.create_run(experiment_id, tags={"stage": "train@linear_gd", "model.digest": md5_file(weights)})
+        logged = client.create_logged_model(experiment_id, name="linear_gd", source_run_id=train.info.run_id)
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.set_terminated(train.info.run_id)
+        copies.append(repo)
+    prepared = time.monotonic() - start
+
+    def together(command: list[str], repos: list[Path]) -> list[subprocess.CompletedProcess[str]]:
+        procs = [subprocess.Popen([sys.executable, "-m", "stages", *command], cwd=r, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in repos]
+        done = []
+        for r, p in zip(repos, procs):
+            out, err = p.communicate(timeout=600)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            assert p.returncode == 0 and "Traceback" not in err, f"{r}: {' '.join(command)}\n{out}\n{err}"
+        return done
+
+    name = "regression-linear_gd"
+    timings = [f"8 copies and training runs {prepared:.0f} s"]
+    for round_ in range(STAGE_RACE_ROUNDS):
+        if round_:
+            client.delete_registered_model(name)
+        start, since = time.monotonic(), int(time.time() * 1000)
+        done = together(["evaluate"], copies)
+        timings.append(f"round {round_ + 1}: 8 evaluates {time.monotonic() - start:.0f} s")
+        spooled = [r for r, p in zip(copies, done) if "waits in the spool" in p.stdout]
+        for repo in spooled:  # a store failure under load spools a registration, as for a user: sync it
+            synced = subprocess.run([sys.executable, "-m", "pipeline.tracking.spool"], cwd=repo, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert synced.returncode == 0, synced.stderr
+            print(f"round {round_ + 1}: spooled under load, synced in {repo.name}:\n{synced.stdout}")
+
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+        assert len(versions) == len(copies), f"round {round_ + 1}: {len(versions)} versions"
+        scores = {json.loads((r / "metrics" / "evaluation" / "linear_gd.json").read_text())["test_mse"] for r in copies}
+        assert len(scores) == len(copies), f"the copies' test MSEs are not all different: {scores}"
+        best = min(versions.values(), key=lambda v: float(v.tags["test_mse"]))
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.version == best.version, f"round {round_ + 1}: champion v{champion.version}, best v{best.version}"
+        assert len({v.tags["data.digest"] for v in versions.values()}) == 1
+        claims, printed = {}, []
+        for repo, proc in zip(copies, done):
+            if repo in spooled:
+                continue
+            ((_, version, said),) = STAGE_REPORT.findall(proc.stdout)
+            printed.append(f"{name} v{version}: {said}")
+            if found := STAGE_CLAIM.search(proc.stdout):
+                claims[found.group(2)] = said
+        if not spooled:
+            assert str(champion.version) in claims, f"round {round_ + 1}: the champion's evaluate did not say so"
+            evaluates = client.search_runs([client.get_experiment_by_name("stage-race").experiment_id],
+                                           f"tags.stage = 'evaluate' and attributes.start_time >= {since}")
+            assert sorted(r.data.tags["registry.linear_gd"] for r in evaluates) == sorted(printed)  # tagged as printed
+        for version, said in claims.items():  # it was the champion when its evaluate ended: no earlier version is better
+            earlier = [v for v in versions.values() if int(v.version) < int(version)]
+            assert all(float(v.tags["test_mse"]) > float(versions[version].tags["test_mse"]) for v in earlier), said
+    print("\n" + "; ".join(timings))

@@ -10,139 +10,25 @@ store must hold what an undisturbed run leaves (compared by `store_content`).
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.helpers import (
-    background, copy_project, differences, dvc, free_port, mlflow_server_command, run_env, set_params, sh,
-    store_content,
+    FaultProxy, Match, background, copy_project, differences, dvc, free_port, mlflow_server_command, run_env,
+    set_params, sh, store_content,
 )
 
 pytestmark = pytest.mark.slow
-
-Match = Callable[[str, str, bytes], bool]
-HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length"}
-
-
-class FaultProxy:
-    """An HTTP proxy to `upstream` that fails every request from the first one `fail_when`'s match accepts on.
-
-    mode "503" answers 503 (what a server behind a load balancer says while down), "403" MLflow's
-    PERMISSION_DENIED, "drop" closes the connection unanswered. The failing request never reaches
-    the server. `kill_at(n, pid)` SIGKILLs `pid` when the n-th request from now arrives (then drops it).
-    """
-
-    def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.host, self.port = parts.hostname, parts.port
-        self.lock = threading.Lock()
-        self.match: Match | None = None
-        self.mode = "503"
-        self.broken = False
-        self.failed: list[str] = []  # "METHOD path" of each request answered with a fault
-        self.count = 0
-        self.kill: tuple[int, int] | None = None
-        self.killed_at = ""
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle_one(self) -> None:
-                body = self._body()
-                with proxy.lock:
-                    proxy.count += 1
-                    if proxy.match is not None and proxy.match(self.command, self.path, body):
-                        proxy.broken, proxy.match = True, None
-                    fault = proxy.mode if proxy.broken else None
-                    if proxy.kill is not None and proxy.count >= proxy.kill[0]:
-                        os.kill(proxy.kill[1], signal.SIGKILL)
-                        proxy.kill, proxy.killed_at, fault = None, f"{self.command} {self.path}", "drop"
-                    if fault:
-                        proxy.failed.append(f"{self.command} {self.path}")
-                if fault == "drop":
-                    self.close_connection = True
-                    return
-                if fault is not None:
-                    text = {"503": b"Service Unavailable",
-                            "403": b'{"error_code": "PERMISSION_DENIED", "message": "Permission denied"}'}[fault]
-                    self._answer(int(fault), [("Content-Type", "application/json" if fault == "403" else "text/plain")], text)
-                    return
-                upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=120)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    resp = upstream.getresponse()
-                    data = resp.read()
-                    self._answer(resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP], data)
-                finally:
-                    upstream.close()
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while size := int(self.rfile.readline().split(b";")[0], 16):
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
-
-            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-                self.send_response(status)
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_one  # noqa: N815 (the stdlib's names)
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def fail_when(self, match: Match, mode: str = "503") -> None:
-        """Fail from the first request `match` accepts on, until `heal`."""
-        with self.lock:
-            self.match, self.mode, self.broken, self.failed = match, mode, False, []
-
-    def fail_now(self, mode: str = "drop") -> None:
-        """Fail every request from now on (the server is gone), until `heal`."""
-        self.fail_when(lambda *_: True, mode)
-
-    def heal(self) -> None:
-        with self.lock:
-            self.match, self.broken = None, False
-
-    def kill_at(self, n: int, pid: int) -> None:
-        """SIGKILL `pid` when the n-th request from now arrives."""
-        with self.lock:
-            self.count, self.kill, self.killed_at = 0, (n, pid), ""
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def api(path: str) -> Match:
     return lambda method, p, body: f"/api/2.0/mlflow/{path}" in p

@@ -28,12 +28,13 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import PipelineError
 from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
-from pipeline.tracking.spool import defer, open_spool, spooled_run_ids
+from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, backup_store, connect, failure_reason, is_sqlite, now_ms, permission_refused,
-    permission_status, point_fluent_api_at, preflight, sqlite_file, tracking_uri, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_sqlite, now_ms,
+    permission_refused, permission_status, point_fluent_api_at, preflight, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -41,6 +42,11 @@ from pipeline.tracking.store import (
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 F = TypeVar("F", bound=Callable[..., Any])
+REASON_CHARS = 1000  # a closed run's `closed.reason`: the stage's one-line error, cut to this length
+
+
+class SpoolFailed(TrackingError):
+    """The store failed and the spool could not be written either (a full or read-only disk): the stage stops."""
 
 
 def _spooling(method: F) -> F:
@@ -79,23 +85,55 @@ class StageRun:
         self.spool: Path | None = None
         self.spool_reason = ""
         self.store_run_id: str | None = None  # the store's run the spool continues, None when it was never created
+        self.spool_failure: str | None = None  # why the spool could not be written either: nothing more is logged
 
     def start_spool(self, exc: BaseException) -> None:
-        """Keep the rest of this run in a new local store under .mlflow-spool/ (same start time, tags, name)."""
+        """Keep the rest of this run in a new local store under .mlflow-spool/ (same start time, tags, name).
+
+        When the spool cannot be written either, nothing of the run can be kept: SpoolFailed, one line. A run
+        the store already has gets a note of its end (FAILED, and why) in the spool instead, a few hundred
+        bytes, so sync closes it with the true reason rather than a later orphan check as "killed".
+        """
         self.spool_reason = failure_reason(exc)
         self.store_run_id = self.run_id
-        client, exp_id, run_id, folder = open_spool(
-            self.experiment, self.run_name, self.tags, self.start_time, self.run_id, self.spool_reason
-        )
+        try:
+            client, exp_id, run_id, folder = open_spool(
+                self.experiment, self.run_name, self.tags, self.start_time, self.run_id, self.spool_reason
+            )
+        except SpoolUnwritable as err:
+            stage = self.tags.get("stage")
+            self.spool_failure = (
+                f"the MLflow store failed ({self.spool_reason}) and the run could not be kept in the spool either: "
+                f"{err}"
+            )
+            if self.store_run_id is None:
+                raise SpoolFailed(f"{self.spool_failure}; nothing of the run is kept; free some space and run the "
+                                  "stage again") from None
+            kept = keep_end(self.experiment, stage, self.store_run_id, RunStatus.to_string(RunStatus.FAILED),
+                            f"{stage}: {self.spool_failure}")
+            outcome = (f"its end is noted in {kept.relative_to(workspace_root())}: `./tasks.sh sync` closes run "
+                       f"{self.store_run_id} as FAILED once the store is back" if kept else
+                       f"run {self.store_run_id} stays RUNNING in the store")
+            raise SpoolFailed(f"{self.spool_failure}; {outcome}; free some space and run the stage again") from None
         point_fluent_api_at(client.tracking_uri)  # Model.log uses the active run: make that the spool's
         with suppress(Exception):
             mlflow.end_run()  # drops the store's run from the active stack (ending it there fails: it is not in the spool)
         mlflow.start_run(run_id=run_id)
         self.client, self.run_id, self.experiment_id, self.spool = client, run_id, exp_id, folder
 
-    def finish(self, status: str) -> None:
-        """Write buffered metrics and end the run with `status` (in the spool if the store failed)."""
+    def finish(self, status: str, reason: str = "") -> None:
+        """Write buffered metrics and end the run with `status` (in the spool if the store failed).
+
+        A run that failed or was stopped keeps why in its tag `closed.reason` (the stage's one line).
+        After a spool failure nothing is written: the fluent run is dropped (a last try to end it in the store).
+        """
+        if self.spool_failure is not None:
+            with suppress(Exception):
+                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            return
         try:
+            if reason:
+                self.set_tags({"closed.reason": reason[:REASON_CHARS]})
             self.flush()
         finally:
             if self.spool is None:
@@ -254,20 +292,28 @@ def stage_run(
         if status := permission_status(exc):  # waiting or syncing cannot help: one line, before any work
             raise permission_refused(uri, status, f"creating a run in experiment {experiment!r}") from None
         tracked.start_spool(exc)
-    status = RunStatus.to_string(RunStatus.FINISHED)
+    status, reason = RunStatus.to_string(RunStatus.FINISHED), ""
     try:
         yield tracked
-    except (KeyboardInterrupt, SystemExit):
-        status = RunStatus.to_string(RunStatus.KILLED)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        status, reason = RunStatus.to_string(RunStatus.KILLED), f"{stage}: interrupted ({str(exc) or 'Ctrl-C'})"
         raise
-    except BaseException:
-        status = RunStatus.to_string(RunStatus.FAILED)
+    except BaseException as exc:
+        status, reason = RunStatus.to_string(RunStatus.FAILED), f"{stage}: {_one_line(exc)}"
         raise
     finally:
-        tracked.finish(status)
+        tracked.finish(status, reason)
         if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
             print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
                   f"experiment {experiment!r} at {tracking_uri()}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A failure in one line: a PipelineError's own message, else the exception's type and first line."""
+    if isinstance(exc, PipelineError):
+        return str(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _resumable(client: MlflowClient, experiment_id: str, run_id: str) -> bool:

@@ -3,10 +3,15 @@
 When the store fails during a stage, the rest of its run goes to a local MLflow
 store of its own under .mlflow-spool/<when>-<stage>-<pid>/ (spool.db, artifacts),
 through the same calls; meta.json names the store run it continues, if there was
-one, and why it moved. Operations that reach other runs or the registry (lineage,
+one, and why it moved; it is written last, whole, so a folder without it is a spool
+that was never finished. Operations that reach other runs or the registry (lineage,
 registry) are kept in deferred.json, with copies of the files they upload. Sync
 copies each run back into the store (the same run where it began there), runs its
-deferred operations against the store in order, then drops the folder.
+deferred operations against the store in order, then drops the folder. When the
+spool itself cannot be written (a full disk), the half-made folder is removed and,
+for a run the store has, a note of its end (meta.json alone, with `end`) is kept:
+sync closes that run with the status and the reason. Sync reports a damaged entry
+(no meta.json, no readable run in spool.db) in one line and leaves it.
 
     ./tasks.sh sync                  # replay every spooled run into the store (`main` here)
     ./tasks.sh sync --upgrade-store  # back up mlflow.db, then `mlflow db upgrade`
@@ -17,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -33,7 +39,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline.errors import PipelineError
+from pipeline.files import os_error_cause
 from pipeline.tracking import lineage, registry
+from pipeline.tracking.provenance import process_started
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_sqlite,
     permission_status, preflight, sqlite_file, tracking_uri, upgrade_store, workspace_root,
@@ -50,9 +58,47 @@ OPERATIONS = {op.__name__: op for op in (lineage.link_generate_run, lineage.scor
 FILE_ARGS = ("picture",)  # arguments that name a local file: copied into the spool, since it may change before sync
 
 
+class SpoolUnwritable(PipelineError):
+    """The spool folder could not be written (no space, read-only, permissions); the message names the file."""
+
+
 def spool_folders(root: Path | None = None) -> list[Path]:
-    """Spooled runs, oldest first."""
+    """Spooled runs (and notes of a run's end), oldest first."""
     return sorted(p.parent for p in ((root or workspace_root()) / SPOOL_DIR).glob("*/meta.json"))
+
+
+def damaged_entries(root: Path | None = None) -> dict[Path, str]:
+    """Spool folders sync cannot replay, and why: no meta.json (its stage died while writing it, unless that
+    process still runs), meta.json unreadable, or a spool.db without exactly one run."""
+    found: dict[Path, str] = {}
+    for folder in sorted(((root or workspace_root()) / SPOOL_DIR).glob("[!.]*")):
+        if not folder.is_dir():
+            continue
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except FileNotFoundError:
+            pid = folder.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and process_started(int(pid)) is not None):  # else a stage is writing it now
+                found[folder] = "no meta.json: the stage that wrote it stopped before the spool was whole"
+            continue
+        except (OSError, ValueError) as exc:
+            found[folder] = f"meta.json unreadable: {str(exc)[:160]}"
+            continue
+        if "end" not in meta and (why := _unreadable_spool(folder / "spool.db")):
+            found[folder] = why
+    return found
+
+
+def _unreadable_spool(db: Path) -> str | None:
+    """Why `db` holds no run to replay (missing, not SQLite, not one run), or None; read-only, without MLflow."""
+    if not db.is_file():
+        return "no spool.db"
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            (count,) = con.execute("SELECT count(*) FROM runs").fetchone()
+    except sqlite3.Error as exc:
+        return f"spool.db unreadable ({exc})"
+    return None if count == 1 else f"spool.db holds {count} runs, not 1"
 
 
 def spooled_run_ids() -> list[str]:
@@ -69,17 +115,49 @@ def open_spool(
     experiment: str, run_name: str, tags: dict[str, str], start_time: int, store_run_id: str | None, reason: str,
 ) -> tuple[MlflowClient, str, str, Path]:
     """A new spool store holding a copy of the run (same start time, tags, name); return (client, experiment id, run id, folder)."""
-    stage = tags.get("stage", "run").replace("@", "-")
-    folder = workspace_root() / SPOOL_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}-{os.getpid()}"
-    folder.mkdir(parents=True)
-    client = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
-    exp_id = client.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
-    # MLflow's context tags (user, source), as mlflow.start_run adds them: a run spooled from its start has them too
-    run = client.create_run(exp_id, start_time=start_time, tags=resolve_tags(tags), run_name=run_name)
-    meta = {"run_id": store_run_id, "experiment": experiment, "stage": tags.get("stage"),
-            "store": tracking_uri(), "reason": reason}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    folder = _new_folder(tags.get("stage") or "run")
+    try:
+        folder.mkdir(parents=True)
+        client = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
+        exp_id = client.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
+        # MLflow's context tags (user, source), as mlflow.start_run adds them: a run spooled from its start has them
+        run = client.create_run(exp_id, start_time=start_time, tags=resolve_tags(tags), run_name=run_name)
+        meta = {"run_id": store_run_id, "experiment": experiment, "stage": tags.get("stage"),
+                "store": tracking_uri(), "reason": reason}
+        _write_meta(folder, meta)  # last: a folder without it was never a whole spool
+    except OUTAGE as exc:  # a full or read-only disk: no half entry is left for sync
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SpoolUnwritable(_unwritable(folder, exc)) from None
     return client, exp_id, run.info.run_id, folder
+
+
+def _new_folder(stage: str) -> Path:
+    """.mlflow-spool/<when>-<stage>-<pid>: the pid tells sync whether its stage still runs."""
+    return workspace_root() / SPOOL_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage.replace('@', '-')}-{os.getpid()}"
+
+
+def _unwritable(folder: Path, exc: BaseException) -> str:
+    """The file that could not be written, relative to the workspace, and the cause in a few words."""
+    path = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else folder / "spool.db"
+    with suppress(ValueError):
+        path = path.relative_to(workspace_root())
+    cause = os_error_cause(exc) if isinstance(exc, OSError) else failure_reason(exc)
+    return f"{path}: {cause}"
+
+
+def keep_end(experiment: str, stage: str | None, run_id: str, status: str, reason: str) -> Path | None:
+    """A note that store run `run_id` ended with `status` for `reason` (meta.json alone, a few hundred bytes), for
+    sync to close it; None when even that cannot be written."""
+    folder = _new_folder(f"{stage or 'run'}-end")
+    meta = {"run_id": run_id, "experiment": experiment, "stage": stage, "store": tracking_uri(), "reason": reason,
+            "end": status}
+    try:
+        folder.mkdir(parents=True)
+        _write_meta(folder, meta)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return folder
 
 
 def defer(folder: Path, operation: str, kwargs: dict[str, Any]) -> None:
@@ -182,6 +260,16 @@ def _copy_logged_models(src: MlflowClient, src_run: Any, dest: MlflowClient, run
     return len(models)
 
 
+def _close(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """Close the store run a note names with its status and `closed.reason` (a spool that could not be written)."""
+    dest, _ = connect(meta["experiment"])
+    run_id = meta["run_id"]
+    dest.set_tag(run_id, "closed.reason", meta["reason"])
+    dest.set_terminated(run_id, meta["end"])
+    _drop(folder)
+    return [f"{meta.get('stage')}: run {run_id} closed as {meta['end']} ({meta['reason']}) from {SPOOL_DIR}/{folder.name}"]
+
+
 def _replay(folder: Path) -> list[str]:
     """Copy one spooled run into the store (the same run when it was created there), run its deferred operations,
     then drop the spool folder; the lines to print.
@@ -191,6 +279,8 @@ def _replay(folder: Path) -> list[str]:
     operations check before they write (lineage.py, registry.py).
     """
     meta = json.loads((folder / "meta.json").read_text())
+    if "end" in meta:
+        return _close(folder, meta)
     src = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
     src_exp = src.get_experiment_by_name(meta["experiment"])
     (run,) = src.search_runs([src_exp.experiment_id])
@@ -240,11 +330,13 @@ def _drop(folder: Path) -> None:
 def sync_spool() -> list[str]:
     """Replay every spooled run into the store (backed up first when it is the SQLite file); the lines to print.
 
-    The store is checked even when there is nothing to replay, and the answer says so.
+    The store is checked even when there is nothing to replay, and the answer says so. Damaged
+    entries (damaged_entries) are skipped here; `main` reports them.
     """
     uri = preflight()
     shutil.rmtree(workspace_root() / SPOOL_DIR / TRASH, ignore_errors=True)  # left by a sync killed while deleting
-    folders = spool_folders()
+    damaged = damaged_entries()
+    folders = [f for f in spool_folders() if f not in damaged]
     if not folders:
         return [f"sync: nothing to sync in {SPOOL_DIR}/; the store at {uri} answers"]
     if is_sqlite(uri):
@@ -285,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sync: {exc}", file=sys.stderr)
         return 1
     print("\n".join(lines))
-    return 0
+    damaged = damaged_entries()
+    for folder, why in damaged.items():
+        print(f"sync: {SPOOL_DIR}/{folder.name} is damaged ({why}); nothing was replayed from it and it is kept: "
+              "look inside, then delete it", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ def failure_reason(exc: BaseException | str) -> str:
     """The cause of a store failure in a few words (MLflow's own messages run to many lines)."""
     text = str(exc)
     for cause in ("Connection refused", "Connection aborted", "Connection reset", "readonly database", "database is locked", "disk I/O error",
-                  "No space left on device", "file is not a database", "Read timed out", "RemoteDisconnected"):
+                  "No space left on device", "database or disk is full", "file is not a database", "Read timed out", "RemoteDisconnected"):
         if cause in text:
             return cause
     if found := _HTTP_STATUS.search(text):
