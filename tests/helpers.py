@@ -330,6 +330,22 @@ def wait_for_running(repo: Path, stage: str, proc: subprocess.Popen[str], limit:
     raise AssertionError(f"{stage} never reached a RUNNING MLflow run")
 
 
+def wait_for_checkpoint(repo: Path, stage: str, proc: subprocess.Popen[str], newer_than: float = 0.0,
+                        limit: float = 300) -> None:
+    """Poll until `stage` writes its checkpoint (modified after `newer_than`): its training loop is running.
+
+    A RUNNING run only says the stage is past pre-flight: it opens its run before reading its data.
+    """
+    path = repo / ".checkpoints" / f"{stage}.safetensors"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ended early with {proc.returncode}: {proc.communicate()}"
+        if path.exists() and path.stat().st_mtime > newer_than:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{stage} never wrote {path.relative_to(repo)}")
+
+
 def post(url: str, body: bytes, content_type: str) -> tuple[int, str]:
     """POST a raw body to a model server's /invocations; the HTTP status and the body, errors included."""
     request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": content_type})

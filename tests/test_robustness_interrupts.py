@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.files import atomic_path
 from tests.helpers import (
-    TINY, assert_untouched, clone, dvc, output_of, outputs, runs, set_params, stage_pid, statuses, stray_temp_files, wait_for_running,
+    TINY, assert_untouched, clone, dvc, output_of, outputs, runs, set_params, stage_pid, statuses, stray_temp_files, wait_for_checkpoint,
 )
 
 
@@ -54,10 +54,12 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     """SIGINT to a stage run by hand, then SIGTERM to a stage under `dvc repro`; then `dvc repro` completes."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
-    set_params(repo, {"linear_gd.steps": 1_000_000})  # (the upper bound) minutes of training: it is stopped long before
+    # (the upper bound) minutes of training: it is stopped long before; a checkpoint every 100 steps
+    # shows when the loop runs (checkpoint settings are no DVC params: nothing reruns for them)
+    set_params(repo, {"linear_gd.steps": 1_000_000, "checkpoint.min_seconds": 0.0})
 
     by_hand = spawn([sys.executable, "-m", "stages", "train", "linear_gd"], repo)
-    wait_for_running(repo, "train@linear_gd", by_hand)
+    wait_for_checkpoint(repo, "train@linear_gd", by_hand)
     by_hand.send_signal(signal.SIGINT)
     out, err = by_hand.communicate(timeout=120)
     assert by_hand.returncode == 130
@@ -66,8 +68,9 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tm
     assert statuses(repo) == {"train@linear_gd": ["KILLED"]}
     assert_untouched(repo, before, lock)
 
+    saved = (repo / ".checkpoints" / "train@linear_gd.safetensors").stat().st_mtime
     repro = spawn([sys.executable, "-m", "dvc", "repro"], repo)
-    wait_for_running(repo, "train@linear_gd", repro)
+    wait_for_checkpoint(repo, "train@linear_gd", repro, newer_than=saved)
     pid = stage_pid(repo, "linear_gd")
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
