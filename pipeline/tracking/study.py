@@ -135,6 +135,15 @@ def open_storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
+def make_sampler(seed: int) -> Any:
+    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, seeded, modelling the
+    keys jointly (multivariate: a good lr depends on the width and weight decay drawn with it) and, for --jobs and
+    shared studies, treating running trials as bad (constant liar) so that trials at once do not draw one point."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
 def make_pruner(settings: dict[str, Any]) -> Any:
     """The pruner a study's `pruner` user attribute names (params.yaml's search.pruner)."""
     import optuna
