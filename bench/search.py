@@ -87,7 +87,8 @@ def run_grid(cfg: config.Config, splits: training.Splits) -> tuple[float, int, i
 
 
 def run_search(cfg: config.Config, splits: training.Splits, trials: int, folder: Path) -> tuple[float, int, int, float]:
-    """A seeded TPE study with params.yaml's pruner: (best val MSE of a finished trial, epochs, pruned, seconds)."""
+    """The seeded study `python -m pipeline.search` makes (its sampler, params.yaml's pruner):
+    (best val MSE of a finished trial, epochs, pruned, seconds)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -96,7 +97,7 @@ def run_search(cfg: config.Config, splits: training.Splits, trials: int, folder:
     name = "bench"
     pruner = cfg.search.pruner.model_dump()
     study = optuna.create_study(study_name=name, storage=trial_env.open_storage(url), direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=trial_env.make_pruner(pruner))
+                                sampler=trial_env.make_sampler(cfg.seed), pruner=trial_env.make_pruner(pruner))
     study.set_user_attr("pruner", pruner)  # what the stage's reporter reads
     start, epochs = time.perf_counter(), 0
     for _ in range(trials):

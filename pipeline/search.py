@@ -144,7 +144,7 @@ class Search:
             )
         done_before = len(existing.trials) if existing else 0
         # Seeded, and reseeded by how far the study is, so a resume does not redraw the first points.
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed + done_before)
+        sampler = trial_env.make_sampler(cfg.seed + done_before)
         pruner_cfg = cfg.search.pruner.model_dump()
         self.study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler, direction="minimize",
                                          pruner=trial_env.make_pruner(pruner_cfg), load_if_exists=True)

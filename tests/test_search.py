@@ -77,6 +77,25 @@ def test_committed_space_is_valid(defaults_file: Path) -> None:
     assert cfg.search is not None and {"mlp.lr", "mlp.hidden", "mlp.weight_decay"} <= set(cfg.search.space)
 
 
+def test_a_trial_reports_its_best_val_loss_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pruner judges the objective (the best val loss if the trial stopped now), not one noisy epoch."""
+    import optuna
+
+    from pipeline.tracking import study as trial_env
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="r", storage=url)
+    study.set_user_attr("pruner", {"kind": "none", "startup_trials": 0, "warmup_epochs": 0, "min_epochs": 1})
+    trial = study.ask()
+    trial.set_user_attr(trial_env.EXP_ATTR, "r-t0")
+    for key, value in ((trial_env.STORAGE_ENV, url), (trial_env.STUDY_ENV, "r"), ("DVC_EXP_NAME", "r-t0")):
+        monkeypatch.setenv(key, value)
+    report = trial_env.epoch_reporter()
+    assert report is not None
+    assert [report(epoch, loss) for epoch, loss in enumerate([3.0, 2.0, 2.5, 1.5, 4.0])] == [False] * 5
+    assert study.trials[0].intermediate_values == {0: 3.0, 1: 2.0, 2: 2.0, 3: 1.5, 4: 1.5}
+
+
 @pytest.mark.bad_input
 def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})

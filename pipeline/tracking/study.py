@@ -135,6 +135,15 @@ def open_storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
+def make_sampler(seed: int) -> Any:
+    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, seeded, modelling the
+    keys jointly (multivariate: a good lr depends on the width and weight decay drawn with it) and, for --jobs and
+    shared studies, treating running trials as bad (constant liar) so that trials at once do not draw one point."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
 def make_pruner(settings: dict[str, Any]) -> Any:
     """The pruner a study's `pruner` user attribute names (params.yaml's search.pruner)."""
     import optuna
@@ -149,6 +158,10 @@ def make_pruner(settings: dict[str, Any]) -> Any:
 
 def epoch_reporter() -> Callable[[int, float], bool] | None:
     """fit's `on_epoch` for the trial this stage runs, or None outside a search.
+
+    Each epoch reports the best validation loss so far: what the trial's objective would be if
+    it stopped there, so the pruner compares it with what the finished trials had reached by
+    that epoch, not with one noisy epoch of theirs.
 
     A storage that fails mid-trial costs the pruning, never the stage: the trial trains on.
     """
@@ -172,14 +185,15 @@ def epoch_reporter() -> Callable[[int, float], bool] | None:
     except Exception as exc:  # noqa: BLE001 - any storage failure: train without pruning
         print(f"search: cannot reach trial {exp} of study {study_name!r} ({exc}); training without pruning", file=sys.stderr)
         return None
-    working = True
+    working, best = True, float("inf")
 
     def report(epoch: int, val_loss: float) -> bool:
-        nonlocal working
+        nonlocal working, best
+        best = min(best, val_loss)
         if not working:
             return False
         try:
-            trial.report(val_loss, epoch)
+            trial.report(best, epoch)  # the objective (best val loss) if the trial stopped now, not the epoch's noise
             if not trial.should_prune():
                 return False
             storage.set_trial_user_attr(trial_id, PRUNED_ATTR, epoch)
