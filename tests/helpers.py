@@ -508,9 +508,10 @@ def pg_owner() -> tuple[list[str], int, int]:
         user = pwd.getpwnam("postgres")
     except KeyError:
         pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as (apt-get install -y postgresql)")
-    if not shutil.which("runuser"):
+    runuser = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if not runuser:  # (an admin tool: not on every root PATH, e.g. under `env -i`)
         pytest.skip("running as root and `runuser` (util-linux) is missing to start PostgreSQL as `postgres`")
-    return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
+    return [runuser, "-u", "postgres", "--"], user.pw_uid, user.pw_gid
 
 
 def run_checked(cmd: list[str], **env: str) -> None:
