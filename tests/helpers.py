@@ -741,3 +741,20 @@ def differences(got: Any, want: Any, where: str = "") -> list[str]:
     if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
         return [d for i, (g, w) in enumerate(zip(got, want)) for d in differences(g, w, f"{where}[{i}]")]
     return [] if got == want else [f"{where}: {got!r} != {want!r}"]
+
+
+# `./tasks.sh sync` without the install step: the spool replayed into the store
+SYNC = [sys.executable, "-c", "import sys; from pipeline.tracking.spool import main; sys.exit(main())"]
+
+
+@contextmanager
+def proxied_server(folder: Path) -> Iterator[FaultProxy]:
+    """A real `mlflow server` with its store in `folder`, behind a FaultProxy; both stopped afterwards."""
+    port = free_port()
+    cmd, env = mlflow_server_command(folder / "store", port)
+    with background(cmd, f"http://127.0.0.1:{port}/health", folder / "server.log", env=env):
+        front = FaultProxy(f"http://127.0.0.1:{port}")
+        try:
+            yield front
+        finally:
+            front.close()

@@ -21,14 +21,12 @@ import pytest
 
 from pipeline.files import md5_file
 from tests.helpers import (
-    FaultProxy, background, clone, fill_disk, free_port, mlflow_server_command, run_env, set_params, sh,
-    stray_temp_files, tmpfs,
+    SYNC, FaultProxy, clone, fill_disk, proxied_server, run_env, set_params, sh, stray_temp_files, tmpfs,
 )
 
 pytestmark = pytest.mark.slow
 
 PAGE = 4096  # tmpfs counts space in pages
-SYNC = [sys.executable, "-c", "import sys; from pipeline.tracking.spool import main; sys.exit(main())"]  # as tasks.sh
 TRAIN_OUTS = ("models/linear_gd.safetensors", "plots/loss/linear_gd.csv", "plots/loss/linear_gd.png",
               "metrics/train/linear_gd.json")
 DATA_OUTS = ("data/train.parquet", "data/val.parquet", "data/test.parquet", "data/truth.json")
@@ -37,13 +35,8 @@ DATA_OUTS = ("data/train.parquet", "data/val.parquet", "data/test.parquet", "dat
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultProxy]:
     """One real `mlflow server` for the module, behind a FaultProxy (healed after each test)."""
-    folder = tmp_path_factory.mktemp("disk-server")
-    port = free_port()
-    cmd, env = mlflow_server_command(folder / "store", port)
-    with background(cmd, f"http://127.0.0.1:{port}/health", folder / "server.log", env=env):
-        front = FaultProxy(f"http://127.0.0.1:{port}")
+    with proxied_server(tmp_path_factory.mktemp("disk-server")) as front:
         yield front
-        front.close()
 
 
 def workspace(baseline: Path, dest: Path, experiment: str) -> Path:

@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    FaultProxy, Match, background, copy_project, differences, dvc, free_port, mlflow_server_command, run_env,
-    set_params, sh, store_content,
+    SYNC, FaultProxy, Match, copy_project, differences, dvc, proxied_server, run_env, set_params, sh, store_content,
 )
 
 pytestmark = pytest.mark.slow
@@ -74,13 +73,8 @@ EVAL_OUTS = ("metrics/evaluation", "plots/predictions")
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultProxy]:
     """One real `mlflow server` for the module, behind a FaultProxy (healed between tests)."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    cmd, env = mlflow_server_command(folder / "store", port)
-    with background(cmd, f"http://127.0.0.1:{port}/health", folder / "server.log", env=env):
-        front = FaultProxy(f"http://127.0.0.1:{port}")
+    with proxied_server(tmp_path_factory.mktemp("server")) as front:
         yield front
-        front.close()
 
 
 def env_for(proxy: FaultProxy, **extra: str) -> dict[str, str]:
@@ -118,7 +112,6 @@ def stage(repo: Path, proxy: FaultProxy, name: str) -> subprocess.CompletedProce
     return proc
 
 
-SYNC = [sys.executable, "-c", "import sys; from pipeline.tracking.spool import main; sys.exit(main())"]  # as tasks.sh
 
 
 def sync(repo: Path, proxy: FaultProxy) -> subprocess.CompletedProcess[str]:
