@@ -87,6 +87,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "bad_input: a bad-input case (params, data, store); counted in the summary")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a module's tests in one xdist worker when they share a module-scoped fixture (a server, a project).
+
+    The suite runs with `--dist loadgroup` (pyproject.toml): every other test is dealt to
+    whichever worker is free, so no worker is left with a whole file of long tests at the end;
+    a module-scoped fixture is built once, by the worker that runs its group.
+    """
+    for item in items:
+        fixtures = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
+        if any(defs[-1].scope == "module" for defs in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Print how many bad-input cases ran (a test covering several sets user property bad_input_cases)."""
     reports = [
