@@ -23,6 +23,8 @@ ROWS = (
     "dvc repro after mlp.lr changed",
     "stages rerun after mlp.lr changed",
     "no-op dvc repro",
+    "floor of the rerun (2 stage processes)",
+    "floor of the cold repro (5 stage processes)",
     "train@mlp stage",
     "stage start-up (1-step train@linear_gd)",
     "import torch + seed_everything",
