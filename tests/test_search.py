@@ -208,8 +208,11 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             assert line, f"the search ended before its first trial:\n{seen}"
             seen += line
-        time.sleep(15)  # trial 1's `dvc exp run` is under way
-        assert proc.poll() is None, seen
+        # kill once trial 1's train@mlp has reported an epoch: its `dvc exp run` is under way (evaluate still to come)
+        deadline = time.monotonic() + 300
+        while not any(t.number == 1 and t.intermediate_values for t in _trials(repo, "k")):
+            assert proc.poll() is None and time.monotonic() < deadline, "trial 1 never reported an epoch"
+            time.sleep(0.2)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the search, dvc and the stage: nothing cleans up
