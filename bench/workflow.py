@@ -27,10 +27,10 @@ def _best(repeats: int, repo: Path, commands: dict[str, tuple[str, ...]]) -> dic
     return best
 
 
-def user_loop(repo: Path, repeats: int, cold: float, bare_mlp: float) -> tuple[list[Row], float]:
+def user_loop(repo: Path, repeats: int, cold: float, bare_mlp: float) -> tuple[list[Row], dict[str, float]]:
     """The cold `dvc repro` (timed before), the rerun after mlp.lr changes (against the bare MLP script), a no-op repro.
 
-    Returns the rows and the no-op repro's seconds (DVC's own share of every repro, for the floors).
+    Returns the rows and the seconds the floors are set against: `rerun`, and `noop` (DVC's own share of every repro).
     """
     lr = yaml.safe_load((repo / "params.yaml").read_text())["mlp"]["lr"]
     set_params(repo, {"mlp.lr": lr / 2})
@@ -46,7 +46,7 @@ def user_loop(repo: Path, repeats: int, cold: float, bare_mlp: float) -> tuple[l
             note=f"{rerun.seconds / cold:.2f}x the cold repro"),
         Row("  stages rerun after mlp.lr changed", len(ran), None, "stages", target=("==", 2), note=", ".join(ran)),
         Row("no-op dvc repro", best["repro"], best["status"], "s", "dvc status", ("<=", 1.3)),
-    ], best["repro"]
+    ], {"rerun": rerun.seconds, "noop": best["repro"]}
 
 
 def train_stage(repo: Path, repeats: int) -> tuple[Row, float]:
@@ -93,7 +93,7 @@ def startup(repo: Path, repeats: int) -> tuple[list[Row], dict[str, float]]:
     ], best
 
 
-def floors(cold: float, rerun: float, noop: float, bare: float, measured: dict[str, float]) -> list[Row]:
+def floors(cold: float, loop: dict[str, float], bare: float, measured: dict[str, float]) -> list[Row]:
     """The least the cold repro and the rerun can take while each stage is its own process that opens the store.
 
     A stage at its floor costs `import torch, mlflow` plus opening the SQLite store (the start-up
@@ -101,6 +101,7 @@ def floors(cold: float, rerun: float, noop: float, bare: float, measured: dict[s
     training (its seconds less its own imports). DVC adds a no-op repro's seconds. When a floor
     alone is above a row's target, that row's miss is the cost of one process per stage.
     """
+    rerun, noop = loop["rerun"], loop["noop"]
     stage, training = measured["floor"], max(bare - measured["bare_imports"], 0.0)
     rerun_floor = noop + (stage + training) + stage  # train@mlp, then evaluate
     cold_floor = noop + 5 * stage + training  # generate, 3 trainings, evaluate (the linear trainings: ~0 s)
@@ -152,10 +153,9 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
     repo = copy_project(work / "loop", updates)
     cold = timed(repo, PY, "-m", "dvc", "repro").seconds
     stage, bare = train_stage(repo, repeats)  # rewrites the same bytes: DVC sees nothing changed
-    loop, noop = user_loop(repo, repeats, cold, bare)
+    loop, loop_seconds = user_loop(repo, repeats, cold, bare)
     start, measured = startup(repo, repeats)
-    rerun = next(row.figure for row in loop if row.name == "dvc repro after mlp.lr changed")
-    rows = [stage, *loop, *floors(cold, rerun or 0.0, noop, bare, measured), *start]
+    rows = [stage, *loop, *floors(cold, loop_seconds, bare, measured), *start]
     if with_suite:
         rows.append(suite())
     else:

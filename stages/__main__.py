@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 
 from pipeline import config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, interrupted
 
 USAGE = f"usage: python -m stages {{generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"already written: {', '.join(written)} (DVC does not record them; the next `dvc repro` runs the stage again)"
             if written else "no output was written"
         )
-        print(f"{label}: interrupted ({str(exc) or 'Ctrl-C'}); {outcome}", file=sys.stderr)
+        print(f"{label}: {interrupted(exc)}; {outcome}", file=sys.stderr)
         sys.exit(130)
 
 

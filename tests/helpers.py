@@ -645,7 +645,6 @@ class FaultProxy:
         self.server.server_close()
 
 
-
 # ---------------------------------------------------------------- a small disk
 
 

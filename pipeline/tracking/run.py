@@ -28,7 +28,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, interrupted
 from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids
@@ -296,7 +296,7 @@ def stage_run(
     try:
         yield tracked
     except (KeyboardInterrupt, SystemExit) as exc:
-        status, reason = RunStatus.to_string(RunStatus.KILLED), f"{stage}: interrupted ({str(exc) or 'Ctrl-C'})"
+        status, reason = RunStatus.to_string(RunStatus.KILLED), f"{stage}: {interrupted(exc)}"
         raise
     except BaseException as exc:
         status, reason = RunStatus.to_string(RunStatus.FAILED), f"{stage}: {_one_line(exc)}"
