@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine: prepares what it lacks, then checks every GPU path end to end.
 #   scripts/gpu-check.sh        logs in $GPU_CHECK_LOGS (default gpu-check-logs/), a summary on stdout
-# Steps, each under its own time limit (6 minutes in all); a failed step does not stop the next ones:
-#   prepare  torch must be there; MLflow and DVC from .whl/ on an offline machine (../shared/gpu/wheels.sh
-#            fills it), else ./tasks.sh install
+# Steps, each under its own time limit (about 7 minutes in all); a failed step does not stop the next ones:
+#   prepare  torch must be there; MLflow, DVC and pytest-xdist from .whl/ on an offline machine (docs/gpu.md
+#            says how to fill it), else ./tasks.sh install
 #   tests    the GPU tests: python -m pytest -m "gpu and not slow" (CUDA graphs against the eager loop)
 #   repro    one cold `dvc repro`, default params with device auto and cuda_graph on, in a throwaway copy:
-#            stderr must be quiet
+#            stderr must be quiet, and train@linear and train@mlp must have replayed CUDA graphs
 #   models   every model that repro logged, through mlflow.pyfunc, pipeline.tracking.load_torch_module
 #            and `mlflow models serve`, against the stage's own weights on test rows
 #   bench    python -m bench --only gpu: CUDA loop vs bare eager CUDA loop, vs this CPU, and at 1M rows
@@ -47,6 +47,7 @@ prepare() {
     timeout 600 ./tasks.sh install || return 1
     export PATH="$ROOT/.venv/bin:$PATH"
   fi
+  python3 -c "import xdist" 2>/dev/null || { echo "pytest-xdist is missing (pyproject's addopts run the tests with -n): put its wheel in .whl/ (docs/gpu.md)"; return 1; }
   command -v python >/dev/null || { mkdir -p "$WORK/bin"; ln -s "$(command -v python3)" "$WORK/bin/python"; export PATH="$WORK/bin:$PATH"; }
   export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$WORK/pycache}"  # packages without .pyc compile once, not per stage
   export DVC_NO_ANALYTICS=1 PYTHONUNBUFFERED=1
@@ -71,6 +72,21 @@ repro() {
   dvc metrics show metrics/evaluation
   if grep -Eiq "warn|traceback|error" "$LOGS/repro.stderr"; then echo "stderr was not quiet:"; cat "$LOGS/repro.stderr"; return 1; fi
   echo "stderr: quiet ($(wc -c <"$LOGS/repro.stderr") bytes)"
+  python - <<'PY'  # where each model trained, and how: linear and mlp on CUDA must have replayed graphs
+import os
+import sys
+
+from mlflow import MlflowClient
+
+client = MlflowClient("sqlite:///mlflow.db")
+runs = client.search_runs([client.get_experiment_by_name("regression").experiment_id], "tags.stage LIKE 'train@%'")
+tags = {r.data.tags["stage"]: r.data.tags for r in runs}
+for stage, t in sorted(tags.items()):
+    print(f"{stage}: device {t.get('device')}, loop {t.get('training.loop')}")
+graphed = all(tags[f"train@{m}"].get("training.loop") == "cuda_graph" for m in ("linear", "mlp"))
+if not graphed and not os.environ.get("GPU_CHECK_ALLOW_CPU"):
+    sys.exit("train@linear and train@mlp did not both replay CUDA graphs")
+PY
 }
 
 models() {
@@ -93,8 +109,8 @@ if prepare >"$LOGS/prepare.log" 2>&1; then verdict=ok; else verdict=FAILED; FAIL
 tail -n 5 "$LOGS/prepare.log"
 SUMMARY+=("$(printf '%-8s %-18s %4ss' prepare "$verdict" "$((SECONDS - start))")")
 if [[ $verdict == ok ]]; then
-  step tests 40 python -m pytest -q -m "gpu and not slow" -p no:cacheprovider
-  step repro 130 repro
+  step tests 40 python -m pytest -q -n 0 -m "gpu and not slow" -p no:cacheprovider
+  step repro 180 repro
   step models 60 models
   step bench 90 python -m bench --only gpu
 fi

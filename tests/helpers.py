@@ -439,6 +439,15 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
         assert isinstance(module, torch.nn.Module) and not module.training, stage
         with torch.no_grad():
             np.testing.assert_array_equal(module(torch.from_numpy(X)).numpy().ravel(), expected)
+        if torch.cuda.is_available():  # asked for, the GPU: as an nn.Module and as a pyfunc, close to the CPU's
+            with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+                module = tracking.load_torch_module(info.model_uri, device="cuda")
+            assert next(module.parameters()).device.type == "cuda", stage
+            with torch.no_grad():
+                np.testing.assert_allclose(module(torch.from_numpy(X).cuda()).cpu().numpy().ravel(), expected, rtol=1e-4, atol=1e-5)
+            on_gpu = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cuda"})
+            assert on_gpu.unwrap_python_model().device == "cuda", stage
+            np.testing.assert_allclose(np.asarray(on_gpu.predict(X)).ravel(), expected, rtol=1e-4, atol=1e-5)
         if name == serve:
             env = run_env(MLFLOW_TRACKING_URI=uri)
             with served_model(info.model_uri, repo, env, log_dir / f"serve-{name}.log") as url:

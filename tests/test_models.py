@@ -104,6 +104,9 @@ def test_logged_model_is_weights_plus_code_and_loads_both_ways(logged: tuple[str
     assert "pyfunc_model.py" in files and "input_example.json" in files
     pyfunc = mlflow.pyfunc.load_model(uri)
     assert pyfunc.unwrap_python_model().device == "cpu"  # with no model config: the CPU, on any host
+    # the device is a key the model declares, so a load-time model_config reaches it (MLflow drops, with a
+    # WARNING, every key a logged model does not declare); a CUDA host's check is tests.helpers.check_logged_models
+    assert pyfunc.model_config == {"device": "cpu"}
     signature = pyfunc.metadata.signature
     assert (signature.inputs.inputs[0].shape, signature.outputs.inputs[0].shape) == ((-1, 4), (-1, 1))
     np.testing.assert_array_equal(pyfunc.predict(X), _from_weights(weights, X))

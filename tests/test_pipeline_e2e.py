@@ -75,7 +75,7 @@ def test_mlflow_holds_one_finished_run_per_stage(repro: tuple[Path, str]) -> Non
         assert run.data.tags["data.digest"] == runs["generate"].data.tags["data.digest"]
     mlp = runs["train@mlp"]
     assert mlp.data.params["mlp.hidden"] == "[8]" and "linear.lr" not in mlp.data.params
-    assert mlp.data.tags["training.loop"] == "eager (cuda_graph is off)"  # and on CUDA, why not graphed
+    assert mlp.data.tags["training.loop"] == "eager (device is cpu)"  # and on CUDA, "cuda_graph" or why not
     assert mlp.data.metrics["test_mse"] > 0  # evaluate put the test score beside the training run
     assert runs["evaluate"].data.tags["scored.mlp.run_id"] == mlp.info.run_id
     curve = client.get_metric_history(runs["train@linear_gd"].info.run_id, "train_loss")

@@ -71,7 +71,6 @@ def log_torch_model(run_id: str, name: str, weights: str | Path, input_example: 
             python_model=str(MODEL_CODE),
             artifacts={"weights": str(weights)},
             code_paths=[str(code)],
-            # no model_config: MLflow would copy it into the run's params, where `device` is the stage's own param
             signature=signature,
             input_example=example,
             pip_requirements=[f"{p}=={installed_version(p).split('+')[0]}" for p in REQUIREMENTS],
@@ -105,10 +104,15 @@ class _PyfuncWithoutReload:
 
     @staticmethod
     def save_model(path: str, mlflow_model: Any, validate_serving_input: bool = True, **kwargs: Any) -> None:
-        """mlflow.pyfunc.save_model; `validate_serving_input` is Model.log's switch for the load-back check."""
+        """mlflow.pyfunc.save_model; `validate_serving_input` is Model.log's switch for the load-back check.
+
+        The model's config (`device`, the CPU by default) is written here rather than passed to `Model.log`:
+        MLflow accepts a load-time `model_config` only for keys the logged model declares, and `Model.log`
+        would also copy the config into the run's params, where `device` is the stage's own param.
+        """
         import mlflow.pyfunc
 
-        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, model_config={"device": "cpu"}, **kwargs)
 
 
 def load_torch_module(model_uri: str, device: str = "cpu") -> nn.Module:
