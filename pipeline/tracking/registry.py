@@ -141,8 +141,8 @@ def load_torch_module(model_uri: str, device: str = "cpu") -> nn.Module:
             path = version.model_id or version.source.removeprefix("models:/")
         location = client.get_logged_model(path).artifact_location
     local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri)
-    pyfunc = mlflow.pyfunc.load_model(local, model_config={"device": device})
-    return pyfunc.unwrap_python_model().module
+    pyfunc = mlflow.pyfunc.load_model(local)  # on the CPU; moved after, so models logged before they declared a device move too
+    return pyfunc.unwrap_python_model().module.to(device)
 
 
 REGISTERED_PREFIX = "regression-"  # registered model names: regression-linear_gd, regression-linear, regression-mlp
