@@ -13,6 +13,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +171,48 @@ def test_a_spool_on_a_full_disk(baseline: Path, proxy: FaultProxy, tmp_path: Pat
     (run,) = runs_of(proxy, "disk-spool")
     reason = run.data.tags.get("closed.reason", "")
     assert run.info.status == "FAILED" and "database or disk is full" in reason and "HTTP 503" in reason, reason
+
+
+def test_a_spool_whose_disk_fills_after_it_opened(baseline: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """The store fails after the run began (503 on its params) and the spool opens, but its disk fills while the
+    rest of the run is written there: one line naming the cause, no traceback; the half-kept run removed (sync
+    would replay a run cut short), only a note of the run's end kept, which sync replays (FAILED, the true reason)."""
+    repo = workspace(baseline, tmp_path / "repo", "disk-spool-late")
+    old = digests(repo, TRAIN_OUTS)
+    with tmpfs(tmp_path / "spool", "8m") as small:
+        (repo / ".mlflow-spool").symlink_to(small)
+        opened = threading.Event()
+
+        def fill_once_open() -> None:  # the spool is whole once its meta.json is written (last): then the disk fills
+            while not opened.is_set():
+                if list(small.glob("*/meta.json")):
+                    fill_disk(small, 0)
+                    opened.set()
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=fill_once_open, daemon=True)
+        watcher.start()
+        proxy.fail_when(lambda method, path, body: path.endswith("/runs/log-batch") and b'"params"' in body)
+        try:
+            proc = stage(repo, proxy, "train@linear_gd")
+        finally:
+            proxy.heal()
+            opened.set()
+            watcher.join()
+        (small / ".ballast").unlink()  # room again, for sync's work below
+        line = assert_one_line(proc, "train@linear_gd", "the MLflow store failed (HTTP 503)",
+                               "the spool failed while it kept the run (", "so the part kept there was removed",
+                               "./tasks.sh sync", "free some space")
+        print(f"\n{line}")
+        assert digests(repo, TRAIN_OUTS) == old and not stray_temp_files(repo)
+        (run,) = runs_of(proxy, "disk-spool-late")
+        assert run.info.status == "RUNNING" and run.info.run_id in line
+        (entry,) = small.iterdir()
+        assert [p.name for p in entry.iterdir()] == ["meta.json"], entry  # the note of the end, nothing half-kept
+        synced = sync(repo, proxy)
+        assert synced.returncode == 0 and f"run {run.info.run_id} closed as FAILED" in synced.stdout, synced.stdout
+        assert not list(small.iterdir())
+        (repo / ".mlflow-spool").unlink()
+    (run,) = runs_of(proxy, "disk-spool-late")
+    reason = run.data.tags.get("closed.reason", "")
+    assert run.info.status == "FAILED" and "the spool failed while it kept the run" in reason and "HTTP 503" in reason

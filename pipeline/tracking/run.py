@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import shutil
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import mlflow
 import numpy as np
@@ -31,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import PipelineError, interrupted
 from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
-from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids
+from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_sqlite, now_ms,
     permission_refused, permission_status, point_fluent_api_at, preflight, sqlite_file, tracking_uri, workspace_root,
@@ -59,7 +61,8 @@ def _spooling(method: F) -> F:
                 return method(self, *args, **kwargs)
             except OUTAGE as exc:
                 self.start_spool(exc)
-        return method(self, *args, **kwargs)
+        with self.spool_writes():
+            return method(self, *args, **kwargs)
 
     return call  # type: ignore[return-value]
 
@@ -101,25 +104,46 @@ class StageRun:
                 self.experiment, self.run_name, self.tags, self.start_time, self.run_id, self.spool_reason
             )
         except SpoolUnwritable as err:
-            stage = self.tags.get("stage")
-            self.spool_failure = (
-                f"the MLflow store failed ({self.spool_reason}) and the run could not be kept in the spool either: "
-                f"{err}"
-            )
-            if self.store_run_id is None:
-                raise SpoolFailed(f"{self.spool_failure}; nothing of the run is kept; free some space and run the "
-                                  "stage again") from None
-            kept = keep_end(self.experiment, stage, self.store_run_id, RunStatus.to_string(RunStatus.FAILED),
-                            f"{stage}: {self.spool_failure}")
-            outcome = (f"its end is noted in {kept.relative_to(workspace_root())}: `./tasks.sh sync` closes run "
-                       f"{self.store_run_id} as FAILED once the store is back" if kept else
-                       f"run {self.store_run_id} stays RUNNING in the store")
-            raise SpoolFailed(f"{self.spool_failure}; {outcome}; free some space and run the stage again") from None
+            self._give_up(f"the run could not be kept in the spool either: {err}")
         point_fluent_api_at(client.tracking_uri)  # Model.log uses the active run: make that the spool's
         with suppress(Exception):
             mlflow.end_run()  # drops the store's run from the active stack (ending it there fails: it is not in the spool)
         mlflow.start_run(run_id=run_id)
         self.client, self.run_id, self.experiment_id, self.spool = client, run_id, exp_id, folder
+
+    @contextmanager
+    def spool_writes(self) -> Iterator[None]:
+        """Around a write into the open spool: when its disk fails there (full, read-only), the half-kept run is
+        dropped and the stage stops in one line, as when the spool cannot be opened (`SpoolFailed`)."""
+        assert self.spool is not None
+        db_log = logging.getLogger("mlflow.store.db.utils")  # it logs a caught SQLite error with its traceback
+        level = db_log.level
+        db_log.setLevel(logging.CRITICAL)
+        try:
+            yield
+        except OUTAGE as exc:
+            folder, self.spool = self.spool, None
+            with suppress(Exception):
+                mlflow.end_run()  # the spool's fluent run: nothing more is written into it
+            shutil.rmtree(folder, ignore_errors=True)  # no half entry for sync: it would replay a run cut short
+            self._give_up(f"the spool failed while it kept the run ({unwritable(folder, exc)}), so the part kept "
+                          "there was removed")
+        finally:
+            db_log.setLevel(level)
+
+    def _give_up(self, why: str) -> NoReturn:
+        """Nothing more of the run can be kept: note its end for sync when the store has it, and stop the stage."""
+        stage = self.tags.get("stage")
+        self.spool_failure = f"the MLflow store failed ({self.spool_reason}) and {why}"
+        if self.store_run_id is None:
+            raise SpoolFailed(f"{self.spool_failure}; nothing of the run is kept; free some space and run the "
+                              "stage again") from None
+        kept = keep_end(self.experiment, stage, self.store_run_id, RunStatus.to_string(RunStatus.FAILED),
+                        f"{stage}: {self.spool_failure}")
+        outcome = (f"its end is noted in {kept.relative_to(workspace_root())}: `./tasks.sh sync` closes run "
+                   f"{self.store_run_id} as FAILED once the store is back" if kept else
+                   f"run {self.store_run_id} stays RUNNING in the store")
+        raise SpoolFailed(f"{self.spool_failure}; {outcome}; free some space and run the stage again") from None
 
     def finish(self, status: str, reason: str = "") -> None:
         """Write buffered metrics and end the run with `status` (in the spool if the store failed).
@@ -142,7 +166,8 @@ class StageRun:
                 except OUTAGE as exc:
                     self.start_spool(exc)
             if self.spool is not None:
-                mlflow.end_run(status)
+                with self.spool_writes():
+                    mlflow.end_run(status)
                 when = "during the run" if self.store_run_id else "before the run could be created there"
                 print(
                     f"{self.tags.get('stage')}: the MLflow store failed {when} ({self.spool_reason}); "
@@ -162,7 +187,8 @@ class StageRun:
                 return operation(self.client, self.experiment_id, self.run_id, **kwargs)
             except OUTAGE as exc:
                 self.start_spool(exc)
-        defer(self.spool, operation.__name__, kwargs)
+        with self.spool_writes():
+            defer(self.spool, operation.__name__, kwargs)
         return None
 
     def link_generate_run(self, data_digest: str) -> None:

@@ -127,7 +127,7 @@ def open_spool(
         _write_meta(folder, meta)  # last: a folder without it was never a whole spool
     except OUTAGE as exc:  # a full or read-only disk: no half entry is left for sync
         shutil.rmtree(folder, ignore_errors=True)
-        raise SpoolUnwritable(_unwritable(folder, exc)) from None
+        raise SpoolUnwritable(unwritable(folder, exc)) from None
     return client, exp_id, run.info.run_id, folder
 
 
@@ -136,7 +136,7 @@ def _new_folder(stage: str) -> Path:
     return workspace_root() / SPOOL_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{stage.replace('@', '-')}-{os.getpid()}"
 
 
-def _unwritable(folder: Path, exc: BaseException) -> str:
+def unwritable(folder: Path, exc: BaseException) -> str:
     """The file that could not be written, relative to the workspace, and the cause in a few words."""
     path = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else folder / "spool.db"
     with suppress(ValueError):
