@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, ModuleType
 
-from pipeline import config
+from pipeline import config, warm
 from pipeline.errors import PipelineError, interrupted
 
 USAGE = f"usage: python -m stages {{generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except PipelineError as exc:
         print(f"{label}: {exc}", file=sys.stderr)
         sys.exit(2)
+    if argv is None and (code := warm.handoff(label)) is not None:
+        sys.exit(code)  # the stage ran in a warm server's child (pipeline/warm.py), with this process's streams
     try:
         module = load_stage(stage, cfg)
         outputs = module.outputs(*args)

@@ -1,0 +1,675 @@
+"""The warm stage server: third-party modules loaded once, a child forked per stage.
+
+Every stage process used to pay `import torch, mlflow` (seconds, more under load) before any
+work. A server, one per virtual environment, imports those modules once and waits on a Unix
+socket. `python -m stages …` (stages/__main__.py, the client) checks params.yaml, then sends its
+argv, working directory, environment and stdin/stdout/stderr here; the server forks a child that
+runs the stage as a fresh process would: the project's own code imported fresh from the client's
+working directory, with the client's environment, streams and interpreter settings. The client
+relays Ctrl-C and SIGTERM to the child and exits with the child's status, so DVC sees the process
+it started behave as the stage itself.
+
+What could make a warm stage differ from a cold one sends it back to run cold: another virtual
+environment or a changed install (the server then exits), other interpreter flags, or other values
+of the variables that libraries read when they are imported (PYTHON*, OMP_*, CUDA_*, TORCH*, ...).
+
+Safety: the socket sits in a directory only its user can open (0700), the server checks each
+peer's uid (SO_PEERCRED), and there is no TCP. Before forking, the server has started no Python
+thread, initialised no CUDA and opened no store. A child dies with the server (PR_SET_PDEATHSIG),
+and with its client: a client that disappears (SIGKILL) has its child's process group killed.
+
+Linux only (fork, SO_PEERCRED, prctl); elsewhere every stage runs cold. Stdlib only at module
+level: the client imports this module before torch. The server runs this file as a script
+(`python -P pipeline/warm.py serve`), so no project module is ever loaded in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import hashlib
+import importlib
+import io
+import json
+import os
+import random
+import runpy
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+IN_CHILD = False  # set in a forked child before it runs the stage: the stage then never hands off again
+
+# Third-party modules every stage imports, loaded once by the server (never the project's own).
+PRELOAD = (
+    "numpy", "torch", "torch.nn.functional", "torch.distributed", "safetensors.torch",
+    "pandas", "pyarrow", "pyarrow.parquet", "yaml", "pydantic", "tqdm", "requests",
+    "matplotlib", "matplotlib.figure", "matplotlib.ticker", "matplotlib.backends.backend_agg",
+    "sqlalchemy", "alembic", "mlflow", "mlflow.tracking", "mlflow.pyfunc", "mlflow.models",
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+)
+# Variables read when those modules (or the interpreter) start: a request with other values runs cold.
+STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH",
+                    "PYTORCH_", "LD_", "MPL", "ARROW_", "JE_")
+PER_REQUEST = frozenset({"PYTHONUNBUFFERED"})  # applied to the child's own streams
+DEFAULT_IDLE_MINUTES = 15.0
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HEADER = struct.Struct("!Q")
+PR_SET_PDEATHSIG = 1
+
+
+class WarmError(Exception):
+    """The warm server cannot be used here; the message says why and what to do."""
+
+
+# --- where it lives ---------------------------------------------------------------------------------
+
+def runtime_dir() -> Path:
+    """The private folder of this user's servers: PIPELINE_WARM_DIR, else $XDG_RUNTIME_DIR/…, else /tmp/…-<uid>."""
+    if chosen := os.environ.get("PIPELINE_WARM_DIR"):
+        return Path(chosen)
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "regression-pipeline"
+    return Path(tempfile.gettempdir()) / f"regression-pipeline-{os.getuid()}"
+
+
+def private_dir() -> Path:
+    """runtime_dir(), made if missing; refused unless it is a real folder of this user that nobody else can open."""
+    folder = runtime_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise WarmError(f"{folder} is not a folder of this user with mode 0700 (found {stat.filemode(info.st_mode)}, "
+                        f"uid {info.st_uid}); remove it, or set PIPELINE_WARM_DIR to another folder")
+    return folder
+
+
+def _venv_key() -> str:
+    """One server per virtual environment: a short hash of its prefix."""
+    return hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+
+
+def paths(folder: Path | None = None) -> dict[str, Path]:
+    """The server's socket, its state file (pid, socket, idle time) and its log, for this venv."""
+    base = (folder or runtime_dir()) / f"warm-{_venv_key()}"
+    return {kind: base.with_suffix(f".{kind}") for kind in ("sock", "json", "log", "lock")}
+
+
+def install_stamp() -> str:
+    """What the venv holds: interpreter, prefix, and every installed distribution (name and version)."""
+    sites = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    names = sorted(name for site in sites if os.path.isdir(site) for name in os.listdir(site)
+                   if name.endswith((".dist-info", ".egg-info", ".pth")))
+    return hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, *names]).encode()).hexdigest()[:16]
+
+
+def startup_env(environ: dict[str, str]) -> dict[str, str]:
+    """The variables that libraries and the interpreter read when they start."""
+    return {k: v for k, v in environ.items() if k.startswith(STARTUP_PREFIXES) and k not in PER_REQUEST}
+
+
+def interpreter() -> dict[str, Any]:
+    """The interpreter's own settings that a forked child cannot change: flags (-O, -X ...), warning options."""
+    flags = {name: getattr(sys.flags, name) for name in type(sys.flags).__match_args__ if name != "safe_path"}
+    return {"executable": sys.executable, "flags": flags, "warnoptions": list(sys.warnoptions),
+            "xoptions": {k: str(v) for k, v in sys._xoptions.items()}}
+
+
+def idle_minutes(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """PIPELINE_WARM_IDLE (minutes; default 15): how long a server waits for work before it exits."""
+    raw = environ.get("PIPELINE_WARM_IDLE", str(DEFAULT_IDLE_MINUTES))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise WarmError(f"PIPELINE_WARM_IDLE: got {raw!r}; allowed: minutes, a number > 0 (default 15)")
+    return value
+
+
+def enabled() -> bool:
+    """Whether stages may use a warm server: PIPELINE_WARM=0 runs everything cold; only Linux has one."""
+    return os.environ.get("PIPELINE_WARM", "1") != "0" and sys.platform.startswith("linux") and not IN_CHILD
+
+
+# --- the client (stages/__main__.py) -------------------------------------------------------------------
+
+def _stream_settings(stream: TextIO | None) -> list[Any] | None:
+    if stream is None:
+        return None
+    return [stream.encoding, stream.errors, stream.line_buffering, getattr(stream, "write_through", False)]
+
+
+def _request(argv: list[str]) -> bytes:
+    return json.dumps({
+        "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "stamp": install_stamp(),
+        "interpreter": interpreter(),
+        "streams": [_stream_settings(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
+    }).encode()
+
+
+def _connect(path: Path, timeout: float) -> socket.socket | None:
+    """A connection to the server at `path`, or None when none answers there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _readline(sock: socket.socket) -> str:
+    """One reply line ('' when the server closed the connection first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            return ""
+        data += chunk
+    return data.decode().strip()
+
+
+def handoff(label: str) -> int | None:
+    """Run this process's stage (sys.argv) in a warm server's child; its exit status, None to run it here, cold.
+
+    Where no server runs, one is started in the background for the stages that follow (this
+    one runs cold); PIPELINE_WARM=0 runs cold and starts none.
+    """
+    if not enabled():
+        return None
+    try:
+        where = paths(private_dir())
+    except (OSError, WarmError):
+        return None
+    sock = _connect(where["sock"], timeout=30)
+    if sock is None:
+        start_in_background()
+        return None
+    child: list[int] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        """Ctrl-C, SIGTERM, SIGHUP reach the child as if it were this process (held until it is known)."""
+        if not child:
+            pending.append(signum)
+            return
+        try:
+            os.kill(child[0], signum)
+        except ProcessLookupError:
+            pass
+
+    with sock:
+        before = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        try:
+            for fd in (0, 1, 2):
+                os.fstat(fd)
+            socket.send_fds(sock, [HEADER.pack(len(payload := _request(sys.argv)))], [0, 1, 2])
+            sock.sendall(payload)
+            reply = _readline(sock)
+        except OSError:
+            reply = ""
+        if not reply.startswith("run "):
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+            if reply == "cold stale":
+                start_in_background()
+            for signum in pending:  # arrived before the server answered: this process handles it, cold
+                os.kill(os.getpid(), signum)
+            return None
+        child.append(int(reply.split()[1]))
+        for signum in pending:
+            forward(signum, None)
+        return _wait(sock, label)
+
+
+def _wait(sock: socket.socket, label: str) -> int:
+    """The child's exit code, once it ends (a death by signal is repeated on this process)."""
+    sock.settimeout(None)
+    reply = _readline(sock)
+    if not reply.startswith("exit "):
+        print(f"{label}: the warm stage server stopped while the stage ran, and the stage with it (its MLflow run is "
+              "closed KILLED by the next stage); run it again: it runs cold until a server starts", file=sys.stderr)
+        return 137
+    code = os.waitstatus_to_exitcode(int(reply.split()[1]))
+    if code < 0:  # killed by a signal: die of the same one, as the stage process would have
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+def _server_command() -> list[str]:
+    """The server runs this file as a script with -P: nothing of the project is on its import path."""
+    return [sys.executable, "-P", os.path.abspath(__file__), "serve"]
+
+
+def start_in_background() -> None:
+    """Start a server for this venv, fully detached (double fork): no stream of the caller held, no child to reap."""
+    log = paths(private_dir())["log"]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDONLY)
+                out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                for target, fd in ((0, null), (1, out), (2, out)):
+                    os.dup2(fd, target)
+                os.closerange(3, 1 << 16)
+                os.chdir("/")
+                os.execv(sys.executable, _server_command())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+# --- the server --------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """What a client sent: its command line, folder, environment, import path, streams (as received fds)."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    path: list[str]
+    streams: list[list[Any] | None]
+    fds: list[int]
+
+
+class Server:
+    """The accept-fork-reap loop: one process, no threads, one select over the socket, clients and SIGCHLD."""
+
+    def __init__(self, folder: Path, idle_seconds: float, startup: dict[str, str]) -> None:
+        self.where = paths(folder)
+        self.idle_seconds = idle_seconds
+        self.stamp = install_stamp()
+        self.startup = startup
+        self.interpreter = interpreter()
+        self.children: dict[int, socket.socket] = {}
+        self.last_work = time.monotonic()
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.wake_r, self.wake_w = os.pipe()
+
+    def listen(self) -> None:
+        """Bind the socket (a dead server's stale one is replaced), owner-only, and say where it is."""
+        path = self.where["sock"]
+        if path.exists():
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        self.socket_ino = os.stat(path).st_ino
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._stop)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        state = {"pid": os.getpid(), "socket": str(path), "idle_minutes": self.idle_seconds / 60,
+                 "started": time.time(), "stamp": self.stamp, "executable": sys.executable}
+        tmp = self.where["json"].with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.where["json"])
+
+    def _stop(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+
+    def serve(self) -> Request | None:
+        """Run until idle, stopped or outdated (None); in a forked child, return that child's request."""
+        while True:
+            if not self.children and install_stamp() != self.stamp:
+                self.stopping = True  # the venv changed under it: an outdated server exits
+            if self.stopping or (not self.children and time.monotonic() - self.last_work > self.idle_seconds):
+                self._close_listener()
+                if not self.children:
+                    return None
+            for key, _ in self.selector.select(timeout=5):
+                if key.data == "accept":
+                    request = self._accept()
+                    if request is not None:
+                        return request  # in the child
+                elif key.data == "wake":
+                    self._drain_wake()
+                else:
+                    self._client_event(key.fileobj, key.data)  # type: ignore[arg-type]
+            self._reap()
+
+    def _close_listener(self) -> None:
+        """Take no more requests: the socket file goes (if still ours), so new stages run cold."""
+        if self.listener.fileno() < 0:
+            return
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        try:
+            if os.stat(self.where["sock"]).st_ino == self.socket_ino:
+                self.where["sock"].unlink()
+                self.where["json"].unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> Request | None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return None
+        conn.setblocking(True)
+        conn.settimeout(10)
+        try:
+            return self._handle(conn)
+        except (OSError, ValueError, KeyError) as exc:
+            self._answer(conn, f"cold bad request ({exc})")
+            conn.close()
+            return None
+
+    def _answer(self, conn: socket.socket, line: str) -> None:
+        try:
+            conn.sendall(f"{line}\n".encode())
+        except OSError:
+            pass
+
+    def _handle(self, conn: socket.socket) -> Request | None:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        if uid != os.getuid():
+            self._answer(conn, f"refused: peer uid {uid} is not this server's user")
+            conn.close()
+            return None
+        header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 3)
+        try:
+            if len(header) != HEADER.size or len(fds) != 3:
+                raise ValueError("no header or streams")
+            (size,) = HEADER.unpack(header)
+            payload = b""
+            while len(payload) < size:
+                chunk = conn.recv(min(1 << 20, size - len(payload)))
+                if not chunk:
+                    raise ValueError("short request")
+                payload += chunk
+            req = json.loads(payload)
+            reason = self._cold_reason(req)
+            if reason:
+                self._answer(conn, f"cold {reason}")
+                conn.close()
+                if reason == "stale":
+                    self.stopping = True
+                return None
+            self.last_work = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                self._become_child(conn)
+                return Request(req["argv"], req["cwd"], req["env"], req["path"], req["streams"], fds)
+        finally:
+            if fds and (not IN_CHILD):
+                for fd in fds:
+                    os.close(fd)
+        self._answer(conn, f"run {pid}")
+        conn.setblocking(False)
+        self.children[pid] = conn
+        self.selector.register(conn, selectors.EVENT_READ, pid)
+        return None
+
+    def _cold_reason(self, req: dict[str, Any]) -> str | None:
+        """Why this request must run cold (None: it may run here)."""
+        if self.stopping:
+            return "stopping"
+        if req["stamp"] != self.stamp or install_stamp() != self.stamp:
+            return "stale"
+        if req["interpreter"] != self.interpreter:
+            return "other interpreter settings"
+        if startup_env(req["env"]) != self.startup:
+            return "other start-up variables"
+        return None
+
+    def _become_child(self, conn: socket.socket) -> None:
+        """In the fresh child: die with the server, own process group, signals and files as a new process has."""
+        global IN_CHILD
+        IN_CHILD = True
+        server = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server:  # the server died before prctl took effect
+            os._exit(137)
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        self.listener.close()
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        for other in self.children.values():
+            other.close()
+        conn.close()
+
+    def _client_event(self, conn: socket.socket, child: int) -> None:
+        """A client's connection became readable: it is gone (EOF), so its stage is stopped at once."""
+        try:
+            data = conn.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            self.last_work = time.monotonic()
+            if conn is not None:
+                self.selector.unregister(conn)
+                conn.setblocking(True)
+                self._answer(conn, f"exit {status}")
+                conn.close()
+
+
+def preload() -> None:
+    """Import the third-party modules the stages use; nothing runs: no thread, no CUDA, no store."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def serve(idle_seconds: float) -> Request | None:
+    """Be the server for this venv until idle, stopped or outdated; returns a request only in a forked child."""
+    folder = private_dir()
+    where = paths(folder)
+    lock = open(where["lock"], "w")  # held for the server's life: a second server for this venv exits at once
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    startup = startup_env(dict(os.environ))  # as the server started, before any import could change it
+    preload()
+    server = Server(folder, idle_seconds, startup)
+    server.listen()
+    request = server.serve()
+    if request is None:
+        lock.close()
+    return request
+
+
+def _text_stream(fd: int, settings: list[Any] | None, unbuffered: bool) -> TextIO | None:
+    """A text stream on fd as Python makes it for a new process with the client's settings."""
+    if settings is None:
+        return None
+    encoding, errors, line_buffering, write_through = settings
+    mode = "rb" if fd == 0 else "wb"
+    binary: BinaryIO = io.open(fd, mode, buffering=0 if unbuffered and fd else -1, closefd=False)  # type: ignore[assignment]
+    return io.TextIOWrapper(binary, encoding=encoding, errors=errors,  # type: ignore[return-value]
+                            line_buffering=line_buffering, write_through=write_through)
+
+
+def run_child(request: Request) -> None:
+    """In the forked child: take the client's streams, folder, environment and import path, then run the stage."""
+    for target, fd in enumerate(request.fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    sys.argv[:] = request.argv
+    sys.path[:] = request.path
+    unbuffered = bool(request.env.get("PYTHONUNBUFFERED"))
+    streams = [_text_stream(fd, s, unbuffered) for fd, s in enumerate(request.streams)]
+    sys.stdin, sys.stdout, sys.stderr = streams  # type: ignore[assignment]
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
+    random.seed()  # a fresh process draws its own; the children must not share the server's state
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    importlib.invalidate_caches()
+    importlib.import_module("pipeline.warm").IN_CHILD = True  # the project's own copy, fresh from the cwd
+    runpy.run_module("stages", run_name="__main__", alter_sys=True)
+
+
+# --- the command line: ./tasks.sh warm [stop|status] ----------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not; one that is our own child is reaped here)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _state() -> dict[str, Any] | None:
+    """The running server's state file, when its process is alive and answers on its socket."""
+    where = paths(runtime_dir())
+    try:
+        state = json.loads(where["json"].read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not _alive(int(state.get("pid", 0))):
+        return None
+    sock = _connect(Path(state["socket"]), timeout=2)
+    if sock is None:
+        return None
+    sock.close()
+    return state
+
+
+def _describe(state: dict[str, Any]) -> str:
+    return (f"warm stage server: pid {state['pid']}, socket {state['socket']}, stops after "
+            f"{state['idle_minutes']:g} idle minutes (./tasks.sh warm stop stops it now)")
+
+
+def start(timeout: float = 180) -> dict[str, Any]:
+    """Start this venv's server unless one runs; return its state once it answers."""
+    if (state := _state()) is not None:
+        return state
+    idle_minutes()  # a bad PIPELINE_WARM_IDLE is refused here, in one line
+    log = paths(private_dir())["log"]
+    with open(log, "wb") as out:  # a new log for each server started by hand
+        proc = subprocess.Popen(_server_command(), cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (state := _state()) is not None:
+            return state
+        if proc.poll() is not None and (state := _state()) is None:
+            if proc.returncode == 0:  # another server for this venv took the lock first: wait for it
+                time.sleep(0.05)
+                continue
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise WarmError(f"the warm stage server exited {proc.returncode} before it answered"
+                            + (f": {tail[0]}" if tail else "") + f" (log: {log})")
+        time.sleep(0.05)
+    raise WarmError(f"the warm stage server did not answer within {timeout:.0f} s (log: {log})")
+
+
+def stop(timeout: float = 60) -> int | None:
+    """Stop this venv's server (it finishes the stages it runs first); its pid, None when none ran."""
+    state = _state()
+    if state is None:
+        return None
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return pid
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`./tasks.sh warm [start|stop|status]`: one line each."""
+    parser = argparse.ArgumentParser(prog="./tasks.sh warm", description="the warm stage server of this venv")
+    parser.add_argument("action", nargs="?", default="start", choices=("start", "stop", "status", "serve"))
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "serve":
+            raise WarmError("`serve` is how the server runs itself: python -P pipeline/warm.py serve")
+        if args.action == "stop":
+            pid = stop()
+            print(f"warm stage server: stopped (pid {pid})" if pid else "warm stage server: none was running")
+        elif args.action == "status":
+            state = _state()
+            print(_describe(state) if state else "warm stage server: none running (./tasks.sh warm starts one)")
+            return 0 if state else 1
+        else:
+            print(_describe(start()))
+    except WarmError as exc:
+        print(f"warm: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        try:
+            _request_in_child = serve(idle_minutes() * 60)
+        except WarmError as exc:
+            print(f"warm: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if _request_in_child is None:
+            sys.exit(0)
+        run_child(_request_in_child)
+    else:
+        sys.exit(main())
