@@ -13,6 +13,7 @@ usage: ./tasks.sh <command> [arguments]
   install   install the project and its tools into .venv (done by every command below when needed)
   repro     install, then `dvc repro` (the whole pipeline); arguments go to dvc repro
   test      install, then run the test suite; arguments go to pytest (e.g. -m "not slow")
+  warm      start the warm stage server (stages start in a second); `warm stop` stops it, `warm status` shows it
   ui        the MLflow UI on the workspace's mlflow.db at http://127.0.0.1:5000 (PORT to change)
   compare   table of the trained models, best test MSE first (--format csv|json|markdown, --limit N, --study S)
   search    an Optuna search over params.yaml's search: space, each trial a DVC experiment (--trials, --jobs)
@@ -27,6 +28,11 @@ help_line() {
   # `./tasks.sh <command> --help` for the commands tasks.sh runs itself: their line of the table.
   usage | sed -n '1p'
   usage | grep -E "^  $1 "
+}
+
+warm_up() {
+  # The warm stage server for the command's stages (pipeline/warm.py): one line on stderr; PIPELINE_WARM=0: none.
+  (( help )) || [[ "${PIPELINE_WARM:-1}" == 0 ]] || python -m pipeline.warm start >&2 || true
 }
 
 check_port() {
@@ -87,8 +93,9 @@ fi
 
 case "$cmd" in
   install) [[ $# -eq 0 ]] || { echo "tasks.sh install: takes no arguments, got: $*" >&2; exit 2; }; install ;;
-  repro)   install; dvc repro "$@" ;;
-  test)    install; python -m pytest "$@" ;;
+  repro)   install; warm_up; dvc repro "$@" ;;
+  test)    install; warm_up; python -m pytest "$@" ;;
+  warm)    install; exec python -m pipeline.warm "$@" ;;
   ui)
     [[ $# -eq 0 ]] || { echo "tasks.sh ui: takes no arguments (PORT picks the port), got: $*" >&2; exit 2; }
     port="$(check_port ui)"
@@ -98,7 +105,7 @@ case "$cmd" in
       --host 127.0.0.1 --port "$port" --workers 1 ;;
   bench)   install; python -m bench "$@" ;;
   compare) install; python -m pipeline.compare "$@" ;;
-  search)  install; python -m pipeline.search "$@" ;;
+  search)  install; warm_up; python -m pipeline.search "$@" ;;
   server)  (( help )) || check_port server --host "${HOST:-127.0.0.1}" >/dev/null; install; exec scripts/mlflow-server.sh "$@" ;;
   sync)    install; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
   serve)   (( help )) || check_port serve >/dev/null; install; exec python -m pipeline.serve "$@" ;;

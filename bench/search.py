@@ -54,7 +54,7 @@ def with_point(cfg: config.Config, point: dict[str, Any]) -> config.Config:
 def train_point(cfg: config.Config, point: dict[str, Any], splits: training.Splits) -> training.TrainResult:
     """train@mlp's training at `point`: seeded as the stage seeds, pruned when a trial's environment is set."""
     c = with_point(cfg, point)
-    device.prepare("cpu", c.seed)
+    device.prepare("cpu", c.seed, torch.get_num_threads())
     result, _ = train.fit(c, "mlp", splits, Group(torch.device("cpu")), progress=False)
     return result
 

@@ -21,10 +21,11 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def prepare(requested: str, seed: int) -> torch.device:
-    """The device to train on, with torch seeded and deterministic kernels on: a stage's one call here."""
+def prepare(requested: str, seed: int, threads: int) -> torch.device:
+    """The device to train on, with torch seeded, deterministic kernels on, and `threads` CPU threads at most."""
     device = resolve_device(requested)
     seed_everything(seed)
+    torch.set_num_threads(threads)
     return device
 
 
@@ -41,8 +42,10 @@ def seed_everything(seed: int) -> None:
     torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
-# Steps with fewer multiply-adds than this (batch rows x parameters) run on one CPU thread.
-SMALL_STEP = 1 << 22
+# Steps with fewer multiply-adds than this (batch rows x parameters) run on one CPU thread: measured here
+# (bench/RESULTS.md, issue 27), two threads first pay at about 16M (an MLP [256,256] at batch 256);
+# at [128,128] and batch 256 (4.6M) one thread is as fast, and leaves the other core free.
+SMALL_STEP = 1 << 24
 
 
 @contextmanager

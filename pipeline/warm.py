@@ -46,6 +46,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -64,6 +65,9 @@ PRELOAD = (
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH",
                     "PYTORCH_", "LD_", "MPL", "ARROW_", "JE_")
 PER_REQUEST = frozenset({"PYTHONUNBUFFERED"})  # applied to the child's own streams
+# Every stage process starts with these (a value the user set wins), cold or warm, before torch loads:
+# OpenMP threads that wait spin briefly, then sleep (pipeline/cores.py says what it was measured against).
+STAGE_ENV = {"GOMP_SPINCOUNT": "1000"}
 DEFAULT_IDLE_MINUTES = 15.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 HEADER = struct.Struct("!Q")
@@ -109,11 +113,20 @@ def paths(folder: Path | None = None) -> dict[str, Path]:
 
 
 def install_stamp() -> str:
-    """What the venv holds: interpreter, prefix, and every installed distribution (name and version)."""
+    """What the venv holds (interpreter, prefix, every installed distribution and version) and this file's code.
+
+    A server compares it with its own at every request and every few seconds: a reinstall, an
+    upgrade or an edit of this file makes it exit, and the request runs cold.
+    """
     sites = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
     names = sorted(name for site in sites if os.path.isdir(site) for name in os.listdir(site)
                    if name.endswith((".dist-info", ".egg-info", ".pth")))
-    return hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, *names]).encode()).hexdigest()[:16]
+    try:
+        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    except OSError:
+        code = "gone"
+    digest = hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, code, *names]).encode())
+    return digest.hexdigest()[:16]
 
 
 def startup_env(environ: dict[str, str]) -> dict[str, str]:
@@ -138,6 +151,12 @@ def idle_minutes(environ: dict[str, str] | os._Environ[str] = os.environ) -> flo
     if not value > 0:
         raise WarmError(f"PIPELINE_WARM_IDLE: got {raw!r}; allowed: minutes, a number > 0 (default 15)")
     return value
+
+
+def stage_environment(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Give this process the environment every stage starts with (STAGE_ENV); call before torch is imported."""
+    for key, value in STAGE_ENV.items():
+        environ.setdefault(key, value)
 
 
 def enabled() -> bool:
@@ -519,7 +538,8 @@ def serve(idle_seconds: float) -> Request | None:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return None
         raise
-    startup = startup_env(dict(os.environ))  # as the server started, before any import could change it
+    stage_environment()
+    startup = startup_env(dict(os.environ))  # as a stage process starts, before any import could change it
     preload()
     server = Server(folder, idle_seconds, startup)
     server.listen()
@@ -577,8 +597,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _state() -> dict[str, Any] | None:
-    """The running server's state file, when its process is alive and answers on its socket."""
+def running() -> dict[str, Any] | None:
+    """This venv's server's state (pid, socket, idle minutes) when it is alive and answers; None when none runs."""
     where = paths(runtime_dir())
     try:
         state = json.loads(where["json"].read_text())
@@ -598,20 +618,20 @@ def _describe(state: dict[str, Any]) -> str:
             f"{state['idle_minutes']:g} idle minutes (./tasks.sh warm stop stops it now)")
 
 
-def start(timeout: float = 180) -> dict[str, Any]:
-    """Start this venv's server unless one runs; return its state once it answers."""
-    if (state := _state()) is not None:
+def start(environ: dict[str, str] | None = None, timeout: float = 180) -> dict[str, Any]:
+    """Start this venv's server (in `environ`, default this process's) unless one runs; its state once it answers."""
+    if (state := running()) is not None:
         return state
-    idle_minutes()  # a bad PIPELINE_WARM_IDLE is refused here, in one line
+    idle_minutes(environ or os.environ)  # a bad PIPELINE_WARM_IDLE is refused here, in one line
     log = paths(private_dir())["log"]
     with open(log, "wb") as out:  # a new log for each server started by hand
-        proc = subprocess.Popen(_server_command(), cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(_server_command(), cwd="/", env=environ, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (state := _state()) is not None:
+        if (state := running()) is not None:
             return state
-        if proc.poll() is not None and (state := _state()) is None:
+        if proc.poll() is not None and (state := running()) is None:
             if proc.returncode == 0:  # another server for this venv took the lock first: wait for it
                 time.sleep(0.05)
                 continue
@@ -624,7 +644,7 @@ def start(timeout: float = 180) -> dict[str, Any]:
 
 def stop(timeout: float = 60) -> int | None:
     """Stop this venv's server (it finishes the stages it runs first); its pid, None when none ran."""
-    state = _state()
+    state = running()
     if state is None:
         return None
     pid = int(state["pid"])
@@ -650,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             pid = stop()
             print(f"warm stage server: stopped (pid {pid})" if pid else "warm stage server: none was running")
         elif args.action == "status":
-            state = _state()
+            state = running()
             print(_describe(state) if state else "warm stage server: none running (./tasks.sh warm starts one)")
             return 0 if state else 1
         else:

@@ -20,6 +20,8 @@ from types import FrameType, ModuleType
 from pipeline import config, warm
 from pipeline.errors import PipelineError, interrupted
 
+warm.stage_environment()  # before torch loads: the same settings here and in the warm server
+
 USAGE = f"usage: python -m stages {{generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
 
 

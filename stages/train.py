@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, config, data, device, dvc_params, files, models, plots, tracking, training
+from pipeline import checkpoint, config, cores, data, device, dvc_params, files, models, plots, tracking, training
 from pipeline.errors import PipelineError
 from pipeline.tracking import study
 from stages import distributed, paths
@@ -37,7 +37,7 @@ def run(cfg: config.Config, name: str) -> None:
     """Train model `name` here, or the mlp over `mlp.distributed.nproc` torchrun ranks."""
     nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
     rank = distributed.launched()
-    where = device.prepare(cfg.device, cfg.seed)
+    where = device.prepare(cfg.device, cfg.seed, cores.claim(torch.get_num_threads()))
     if rank is None and nproc > 1:
         distributed.check_devices(where, nproc, "mlp.distributed.nproc")
         distributed.launch(nproc, "train", name)  # every rank runs this stage again, and lands below

@@ -15,10 +15,32 @@ from typing import Any
 
 import pytest
 
+from pipeline import warm
 from tests.helpers import (
     PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, background, committed_params,
     copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any] | None]:
+    """Every stage of the suite starts warm (pipeline/warm.py): from the server `./tasks.sh test` started for this
+    venv, else from one this worker starts in a folder of its own and stops at the end. PIPELINE_WARM=0: all cold."""
+    if os.environ.get("PIPELINE_WARM") == "0":
+        yield None
+        return
+    if (state := warm.running()) is not None:
+        yield state
+        return
+    folder = tmp_path_factory.mktemp("warm")
+    folder.chmod(0o700)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_WARM_DIR", str(folder))  # the stages the tests start find it through their environment
+        state = warm.start(run_env())
+        try:
+            yield state
+        finally:
+            warm.stop()
 
 
 @pytest.fixture(scope="session")

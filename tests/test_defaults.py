@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import config, data, device, dvc_params, evaluation, models
 from stages import distributed, paths, train
@@ -22,11 +23,11 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
         d = cfg.data
         truth = data.generate(data.split_files(paths.DATA), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
                               noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
-        cpu = device.prepare("cpu", cfg.seed)
+        cpu = device.prepare("cpu", cfg.seed, torch.get_num_threads())
         splits = train.read_splits(truth, cpu)
         trained = {}
         for name in config.MODEL_NAMES:  # what stages/train.py computes, and in the same order of seeding
-            device.prepare("cpu", cfg.seed)
+            device.prepare("cpu", cfg.seed, torch.get_num_threads())
             trained[name] = train.fit(cfg, name, splits, distributed.Group(cpu), progress=False)[0].model
         X_test, y_test = data.read_split(paths.split_path("test"))
         X_train, y_train = splits.X.numpy(), splits.y.numpy().ravel()

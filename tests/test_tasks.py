@@ -48,6 +48,7 @@ HELP_STARTS = {
     "serve": "usage: python -m pipeline.serve ",
     "bench": "usage: python -m bench ",
     "sync": "usage: ./tasks.sh sync ",
+    "warm": "usage: ./tasks.sh warm ",
 }
 
 
