@@ -84,7 +84,7 @@ def measure(repo: Path, stage: tuple[str, ...], repeats: int) -> tuple[float, di
             start = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, "-X", "importtime", "-m", "cProfile", "-o", str(prof), "-m", "stages", *stage],
-                cwd=repo, env=env(), capture_output=True, text=True,
+                cwd=repo, env=env(PIPELINE_WARM="0"), capture_output=True, text=True,  # profiled in its own process
             )
             wall = time.perf_counter() - start
             if proc.returncode != 0:

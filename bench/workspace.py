@@ -84,8 +84,8 @@ class Timed:
     stdout: str
 
 
-def timed(repo: Path, *cmd: str, peak_rss: bool = False) -> Timed:
-    """Run a command to completion in `repo`; fail loudly with its output if it fails.
+def timed(repo: Path, *cmd: str, peak_rss: bool = False, extra: dict[str, str] | None = None) -> Timed:
+    """Run a command to completion in `repo` (its environment: env(**extra)); fail loudly with its output if it fails.
 
     With `peak_rss`, the command runs under bench/peak.py, which reports its own
     child's wall time and peak memory (so the benchmark's memory does not leak in).
@@ -94,7 +94,8 @@ def timed(repo: Path, *cmd: str, peak_rss: bool = False) -> Timed:
         result = Path(tmp) / "peak.json"
         full = (sys.executable, str(ROOT / "bench" / "peak.py"), str(result), *cmd) if peak_rss else cmd
         start = time.perf_counter()
-        proc = subprocess.run(full, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(full, cwd=repo, env=env(**(extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} in {repo}:\n{proc.stdout[-4000:]}")

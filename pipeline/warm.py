@@ -45,6 +45,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -53,9 +54,11 @@ from typing import Any, BinaryIO, TextIO
 
 IN_CHILD = False  # set in a forked child before it runs the stage: the stage then never hands off again
 
-# Third-party modules every stage imports, loaded once by the server (never the project's own).
+# Third-party modules every stage imports, loaded once by the server (never the project's own); torch's compiler
+# too, which torch.use_deterministic_algorithms and the optimizers import (tests/test_stage_deps.py checks the list).
 PRELOAD = (
-    "numpy", "torch", "torch.nn.functional", "torch.distributed", "safetensors.torch",
+    "numpy", "torch", "torch.nn.functional", "torch.distributed", "torch._dynamo", "torch._inductor.config",
+    "safetensors.torch",
     "pandas", "pyarrow", "pyarrow.parquet", "yaml", "pydantic", "tqdm", "requests",
     "matplotlib", "matplotlib.figure", "matplotlib.ticker", "matplotlib.backends.backend_agg",
     "sqlalchemy", "alembic", "mlflow", "mlflow.tracking", "mlflow.pyfunc", "mlflow.models",
@@ -113,20 +116,21 @@ def paths(folder: Path | None = None) -> dict[str, Path]:
 
 
 def install_stamp() -> str:
-    """What the venv holds (interpreter, prefix, every installed distribution and version) and this file's code.
+    """What the venv holds: its interpreter, prefix, and every installed distribution (name and version).
 
-    A server compares it with its own at every request and every few seconds: a reinstall, an
-    upgrade or an edit of this file makes it exit, and the request runs cold.
+    A server compares it with its own at every request and every few seconds: a reinstall or an
+    upgrade makes it exit, and the request runs cold.
     """
     sites = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
     names = sorted(name for site in sites if os.path.isdir(site) for name in os.listdir(site)
                    if name.endswith((".dist-info", ".egg-info", ".pth")))
-    try:
-        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    except OSError:
-        code = "gone"
-    digest = hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, code, *names]).encode())
+    digest = hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, *names]).encode())
     return digest.hexdigest()[:16]
+
+
+# This file's code as it was loaded: a server whose code differs from a client's is outdated (it exits, the
+# request runs cold). Read once, so a server started from a folder that goes away (a queued experiment's) stays.
+CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def startup_env(environ: dict[str, str]) -> dict[str, str]:
@@ -174,7 +178,8 @@ def _stream_settings(stream: TextIO | None) -> list[Any] | None:
 
 def _request(argv: list[str]) -> bytes:
     return json.dumps({
-        "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "stamp": install_stamp(),
+        "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "prefix": sys.prefix,
+        "stamp": install_stamp(), "code": CODE,
         "interpreter": interpreter(),
         "streams": [_stream_settings(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
     }).encode()
@@ -322,7 +327,7 @@ class Server:
         self.interpreter = interpreter()
         self.children: dict[int, socket.socket] = {}
         self.last_work = time.monotonic()
-        self.stopping = False
+        self.stopping = ""  # why it stops taking requests: stopped, outdated, idle
         self.selector = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.wake_r, self.wake_w = os.pipe()
@@ -354,18 +359,20 @@ class Server:
         tmp.replace(self.where["json"])
 
     def _stop(self, _signum: int, _frame: Any) -> None:
-        self.stopping = True
+        self.stopping = "stopped (SIGTERM)"
 
     def serve(self) -> Request | None:
         """Run until idle, stopped or outdated (None); in a forked child, return that child's request."""
         while True:
             if not self.children and install_stamp() != self.stamp:
-                self.stopping = True  # the venv changed under it: an outdated server exits
-            if self.stopping or (not self.children and time.monotonic() - self.last_work > self.idle_seconds):
+                self.stopping = "outdated (the venv changed)"
+            if not self.children and time.monotonic() - self.last_work > self.idle_seconds:
+                self.stopping = self.stopping or f"idle for {self.idle_seconds / 60:g} min"
+            if self.stopping:
                 self._close_listener()
                 if not self.children:
                     return None
-            for key, _ in self.selector.select(timeout=5):
+            for key, _ in self.selector.select(timeout=min(5.0, self.idle_seconds)):
                 if key.data == "accept":
                     request = self._accept()
                     if request is not None:
@@ -410,20 +417,25 @@ class Server:
             conn.close()
             return None
 
-    def _answer(self, conn: socket.socket, line: str) -> None:
+    def _answer(self, conn: socket.socket, line: str, about: str = "") -> None:
+        """Send one reply line, and log it (the log says which stages ran warm, which cold and why)."""
+        log(f"{about}-> {line}" if about else line)
         try:
             conn.sendall(f"{line}\n".encode())
         except OSError:
             pass
 
     def _handle(self, conn: socket.socket) -> Request | None:
-        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+        peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                               struct.calcsize("3i")))
         if uid != os.getuid():
-            self._answer(conn, f"refused: peer uid {uid} is not this server's user")
+            self._answer(conn, f"refused: peer uid {uid} is not this server's user", f"pid {peer} ")
             conn.close()
             return None
         header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 3)
+        if not header and not fds:  # a probe (`./tasks.sh warm status`): connected, sent nothing
+            conn.close()
+            return None
         try:
             if len(header) != HEADER.size or len(fds) != 3:
                 raise ValueError("no header or streams")
@@ -435,12 +447,13 @@ class Server:
                     raise ValueError("short request")
                 payload += chunk
             req = json.loads(payload)
+            about = f"pid {peer} in {req['cwd']}: {' '.join(req['argv'][1:])} "
             reason = self._cold_reason(req)
             if reason:
-                self._answer(conn, f"cold {reason}")
+                self._answer(conn, f"cold {reason}", about)
                 conn.close()
                 if reason == "stale":
-                    self.stopping = True
+                    self.stopping = "outdated (a request from another install or pipeline/warm.py)"
                 return None
             self.last_work = time.monotonic()
             pid = os.fork()
@@ -451,7 +464,7 @@ class Server:
             if fds and (not IN_CHILD):
                 for fd in fds:
                     os.close(fd)
-        self._answer(conn, f"run {pid}")
+        self._answer(conn, f"run {pid}", about)
         conn.setblocking(False)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
@@ -461,12 +474,15 @@ class Server:
         """Why this request must run cold (None: it may run here)."""
         if self.stopping:
             return "stopping"
-        if req["stamp"] != self.stamp or install_stamp() != self.stamp:
+        if req["prefix"] != sys.prefix:
+            return "other venv"
+        if req["stamp"] != self.stamp or req["code"] != CODE or install_stamp() != self.stamp:
             return "stale"
         if req["interpreter"] != self.interpreter:
             return "other interpreter settings"
-        if startup_env(req["env"]) != self.startup:
-            return "other start-up variables"
+        if (theirs := startup_env(req["env"])) != self.startup:
+            names = sorted(k for k in theirs.keys() | self.startup.keys() if theirs.get(k) != self.startup.get(k))
+            return f"other start-up variables ({', '.join(names)})"
         return None
 
     def _become_child(self, conn: socket.socket) -> None:
@@ -499,6 +515,7 @@ class Server:
         except OSError:
             data = b""
         if not data:
+            log(f"child {child}: its client is gone; killing its process group")
             try:
                 os.killpg(child, signal.SIGKILL)
             except ProcessLookupError:
@@ -517,8 +534,13 @@ class Server:
             if conn is not None:
                 self.selector.unregister(conn)
                 conn.setblocking(True)
-                self._answer(conn, f"exit {status}")
+                self._answer(conn, f"exit {status}", f"child {pid} ")
                 conn.close()
+
+
+def log(line: str) -> None:
+    """A line in the server's log (its stderr): `warm-<venv>.log` in its folder."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
 def preload() -> None:
@@ -540,11 +562,19 @@ def serve(idle_seconds: float) -> Request | None:
         raise
     stage_environment()
     startup = startup_env(dict(os.environ))  # as a stage process starts, before any import could change it
+    started = time.monotonic()
     preload()
+    torch = sys.modules["torch"]
+    threads = threading.active_count()
+    if threads != 1 or torch.cuda.is_initialized():  # a fork would copy a half-held lock or a CUDA context
+        raise WarmError(f"preloading left {threads} threads, CUDA initialised: {torch.cuda.is_initialized()}")
     server = Server(folder, idle_seconds, startup)
     server.listen()
+    log(f"ready: pid {os.getpid()}, {len(PRELOAD)} modules in {time.monotonic() - started:.1f} s, python threads "
+        f"{threads}, CUDA initialised False, no store opened; idle exit after {idle_seconds / 60:g} min")
     request = server.serve()
     if request is None:
+        log(f"exit: {server.stopping}")
         lock.close()
     return request
 

@@ -39,6 +39,7 @@ import bench.workspace
 # One implementation of the throwaway-project helpers, shared with the benchmark; re-exported for the tests.
 from bench.workspace import ROOT, TINY, committed_params, free_port, set_params, update_params  # noqa: F401
 from bench.workspace import env as run_env
+from pipeline import warm
 from pipeline.files import md5_file
 
 
@@ -766,3 +767,30 @@ def proxied_server(folder: Path) -> Iterator[FaultProxy]:
             yield front
         finally:
             front.close()
+
+
+def warm_log(env: dict[str, str] | None = None) -> str:
+    """The log of the warm stage server in `env`'s PIPELINE_WARM_DIR (default: this process's): a line per request."""
+    folder = Path((env or os.environ).get("PIPELINE_WARM_DIR") or warm.runtime_dir())
+    log = warm.paths(folder)["log"]
+    return log.read_text() if log.exists() else ""
+
+
+@contextmanager
+def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """A warm stage server of its own in `folder`, started by `cwd`'s pipeline/warm.py: (its state, the environment
+    that reaches it). The whole block sees it as this venv's server; it is stopped after, and any started in its place.
+
+    Starting it with captured output also checks that the server holds none of its starter's streams.
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    environ = run_env(PIPELINE_WARM_DIR=str(folder), **env)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_WARM_DIR", str(folder))
+        sh(cwd, sys.executable, "-m", "pipeline.warm", "start", env=environ, timeout=180)
+        state = warm.running()
+        assert state is not None, warm_log(environ)
+        try:
+            yield state, environ
+        finally:
+            warm.stop()

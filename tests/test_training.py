@@ -100,51 +100,14 @@ def test_device_resolution() -> None:
             device.resolve_device("cuda")
 
 
-def test_seed_everything_asks_for_deterministic_kernels_without_loading_the_compiler() -> None:
-    """Same flags as torch.use_deterministic_algorithms(True, warn_only=True), minus its 2-4 s import of inductor."""
+def test_seed_everything_asks_for_deterministic_kernels() -> None:
+    """torch's own switch, warnings only (a kernel with no deterministic version warns, it does not stop the stage)."""
     script = """
-import sys, torch
+import torch
 from pipeline.device import seed_everything
 seed_everything(3)
 assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "compiler imported"
-import torch._inductor.config
-assert torch._inductor.config.deterministic, "inductor, imported later, must see the flag"
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=run_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_optimizers_step_as_torch_optim_does_without_loading_the_compiler() -> None:
-    """pipeline.optim's optimizers (which skip torch's compiler import) update bit for bit as torch.optim's do,
-    through a schedule and a state-dict round trip; in a fresh process nothing loads torch._dynamo or inductor."""
-    script = """
-import sys, torch
-from pipeline.optim import make_optimizer, make_schedule
-reference = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-def train(name, ours):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    if ours:
-        opt = make_optimizer(name, model.parameters(), 0.01, 1e-3, torch.device("cpu"))
-    else:
-        opt = reference[name](model.parameters(), lr=0.01, weight_decay=1e-3, fused=True)
-    schedule = make_schedule("cosine", opt, 5)
-    for i in range(20):
-        opt.zero_grad(set_to_none=True)
-        model(torch.randn(32, 10)).pow(2).mean().backward()
-        opt.step()
-        if i % 4 == 3:
-            schedule.step()
-            opt.load_state_dict(opt.state_dict())
-    return [p.detach().clone() for p in model.parameters()]
-
-ours = {name: train(name, True) for name in reference}
-loaded = sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "torch._inductor")))
-assert not loaded, f"compiler imported: {loaded[:5]}"
-for name in reference:
-    assert all(torch.equal(a, b) for a, b in zip(ours[name], train(name, False))), name
+assert torch.initial_seed() == 3
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
