@@ -447,6 +447,7 @@ class Server:
                     raise ValueError("short request")
                 payload += chunk
             req = json.loads(payload)
+            self.last_work = time.monotonic()  # asked, even if it answers "cold": not idle
             about = f"pid {peer} in {req['cwd']}: {' '.join(req['argv'][1:])} "
             reason = self._cold_reason(req)
             if reason:
@@ -455,7 +456,6 @@ class Server:
                 if reason == "stale":
                     self.stopping = "outdated (a request from another install or pipeline/warm.py)"
                 return None
-            self.last_work = time.monotonic()
             pid = os.fork()
             if pid == 0:
                 self._become_child(conn)

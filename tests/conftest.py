@@ -9,7 +9,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             yield state
         finally:
             warm.stop()
+            for other in folder.glob("warm-*.json"):  # servers of other venvs (the docs test's linked .venv)
+                with suppress(OSError, ValueError, KeyError):
+                    os.kill(json.loads(other.read_text())["pid"], signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
