@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from bench.report import Row
-from bench.workspace import ROOT, copy_project, set_params, timed
+from bench.workspace import ROOT, copy_project, env, set_params, timed
 from pipeline import warm
 
 PY = sys.executable
@@ -45,7 +45,7 @@ def warm_server(folder: Path) -> Iterator[float]:
     os.environ["PIPELINE_WARM_DIR"] = str(folder)
     try:
         start = time.perf_counter()
-        warm.start()
+        warm.start(env())  # the environment the timed commands get
         yield time.perf_counter() - start
     finally:
         warm.stop()
@@ -104,10 +104,11 @@ def startup(repo: Path, repeats: int) -> Row:
 WIDE = {"mlp.hidden": [128, 128]}  # a choice of the committed search space; more work per step than the default
 
 
-def queue_rows(work: Path, updates: dict[str, Any]) -> Row:
-    """Two queued `[128,128]` experiments run two at a time, against one such experiment alone (warm server)."""
-    repo = copy_project(work / "queue", {**updates, **WIDE})
-    timed(repo, PY, "-m", "dvc", "repro")  # the baseline: each experiment reruns train@mlp and evaluate
+def queue_row(repo: Path) -> Row:
+    """Two queued `[128,128]` experiments run two at a time, against one such experiment alone (warm server).
+
+    `repo` is reproduced at WIDE: each experiment reruns train@mlp and evaluate.
+    """
     lr = yaml.safe_load((repo / "params.yaml").read_text())["mlp"]["lr"]
 
     def run_queued(*values: float) -> float:
@@ -120,12 +121,10 @@ def queue_rows(work: Path, updates: dict[str, Any]) -> Row:
     return Row("2 queued [128,128] experiments, -j 2", two, one, "s", "one such experiment alone", ("<=", 1.5))
 
 
-def sharing_rows(work: Path, updates: dict[str, Any], repeats: int) -> list[Row]:
-    """The same `[128,128]` train@mlp stage alone, two at once (two workspaces), and beside a busy process (warm)."""
-    repos = [copy_project(work / f"share{i}", {**updates, **WIDE}) for i in range(2)]
+def sharing_rows(repos: list[Path], repeats: int) -> list[Row]:
+    """The same `[128,128]` train@mlp stage alone, two at once (two workspaces reproduced at WIDE), and beside a
+    busy process (warm)."""
     stage = (PY, "-m", "stages", "train", "mlp")
-    for repo in repos:
-        timed(repo, PY, "-m", "dvc", "repro")
     alone = _best(repeats, repos[0], {"alone": (stage, {})})["alone"]
     together = []
     for _ in range(repeats):
@@ -191,8 +190,11 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
             Row("first ./tasks.sh repro (server start + repro)", server_start + first, None, "s", target=("<=", 24),
                 note=f"server start {server_start:.1f} s, dvc repro {first:.1f} s"),
             stage, *user_loop(repo, repeats, bare), startup(repo, repeats),
-            queue_rows(work, updates), *sharing_rows(work, updates, repeats),
         ]
+        wide = [copy_project(work / f"wide{i}", {**updates, **WIDE}) for i in range(2)]
+        for each in wide:
+            timed(each, PY, "-m", "dvc", "repro")
+        rows += [*sharing_rows(wide, repeats), queue_row(wide[0])]
     if with_suite:
         rows.append(suite())
     else:

@@ -45,12 +45,9 @@ def env(**extra: str) -> dict[str, str]:
     """Environment for project commands: this venv first, a git identity, no outside MLflow/DVC state.
 
     PYTEST_CURRENT_TEST is left out too: MLflow turns on checks of its own test suite when it
-    sees it, and the commands must run as they do in a user's shell; so is TORCHINDUCTOR_CACHE_DIR,
-    which torch writes into this process's environment once a test has used its compiler (a stage
-    with it would not start from the warm server started before: another start-up variable).
+    sees it, and the commands must run as they do in a user's shell.
     """
-    dropped = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in dropped}
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTEST_CURRENT_TEST"}
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
     out.update(
         GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.invalid",

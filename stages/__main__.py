@@ -1,10 +1,13 @@
 """`python -m stages <stage> [model]`: the one entry point of every DVC stage.
 
 It reads params.yaml first, with only light modules loaded, so a bad file costs a
-fraction of a second and one line (exit 2). Only then does it import the stage module,
-whose imports (torch, mlflow) sit at its top: this is the one lazy boundary. Known
-failures end as one line and exit 1; Ctrl-C and SIGTERM as one line naming what the
-stage had already written, and exit 130.
+fraction of a second and one line (exit 2). Then it hands the stage to the warm stage
+server of this venv when one runs (pipeline/warm.py: a child forked from a process with
+torch and mlflow loaded runs this same module, and this process relays signals and exits
+with its status). Else, or in that child, it imports the stage module, whose imports
+(torch, mlflow) sit at its top: this is the one lazy boundary. Known failures end as one
+line and exit 1; Ctrl-C and SIGTERM as one line naming what the stage had already
+written, and exit 130.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 from pipeline import warm
 from tests.helpers import (
     PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, background, committed_params,
-    copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name,
+    copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
 )
 
 
@@ -44,6 +44,19 @@ def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             for other in folder.glob("warm-*.json"):  # servers of other venvs (the docs test's linked .venv)
                 with suppress(OSError, ValueError, KeyError):
                     os.kill(json.loads(other.read_text())["pid"], signal.SIGTERM)
+
+
+@pytest.fixture
+def stage_start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """How the test's stages start, set by indirect parametrization: 'warm' (from the session's server, as everywhere)
+    or 'cold' (PIPELINE_WARM=0: each stage a process of its own). The signal, resume, outage and fault tests run both."""
+    start: str = getattr(request, "param", "warm")
+    if start == "cold":
+        monkeypatch.setenv("PIPELINE_WARM", "0")  # the environment every command of the test gets (run_env)
+    before = len(warm_log())
+    yield start
+    if start == "warm" and os.environ.get("PIPELINE_WARM") != "0":
+        assert " -> run " in warm_log()[before:], "no stage of this test started from the warm server"
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,10 @@ def _server_runs(uri: str) -> list[Any]:
 
 
 @pytest.mark.slow
-def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(tmp_path: Path, spawn: Any) -> None:
+@pytest.mark.parametrize("stage_start", ["warm", "cold"], indirect=True)
+def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(
+    tmp_path: Path, spawn: Any, stage_start: str,
+) -> None:
     repo = copy_project(tmp_path / "repo", {"data.n_samples": 20000, "mlp.epochs": 60, "mlp.patience": 100})
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -50,7 +50,10 @@ def test_divergence_fails_the_run_with_its_curve_and_writes_no_model(baseline: P
 
 
 @pytest.mark.slow
-def test_interrupted_stage_is_killed_and_next_repro_completes(baseline: Path, tmp_path: Path, spawn: Any) -> None:
+@pytest.mark.parametrize("stage_start", ["warm", "cold"], indirect=True)
+def test_interrupted_stage_is_killed_and_next_repro_completes(
+    baseline: Path, tmp_path: Path, spawn: Any, stage_start: str,
+) -> None:
     """SIGINT to a stage run by hand, then SIGTERM to a stage under `dvc repro`; then `dvc repro` completes."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()

@@ -79,11 +79,13 @@ def resumed_from(text: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "data-parallel"])
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(("sig", "nproc", "stage_start"), [
+    (sig, nproc, start) for start, nprocs in (("warm", (1, 2)), ("cold", (1,))) for nproc in nprocs
+    for sig in (signal.SIGKILL, signal.SIGTERM)  # data-parallel ranks start cold anyway (torchrun's variables)
+], ids=lambda v: {1: "single", 2: "data-parallel"}.get(v, getattr(v, "name", v)), indirect=["stage_start"])
 def test_killed_training_resumes_to_the_same_outputs_and_the_same_run(
     baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]],
-    sig: signal.Signals, nproc: int,
+    sig: signal.Signals, nproc: int, stage_start: str,
 ) -> None:
     repo = clone(baseline, tmp_path / "repo")
     set_params(repo, LONG | {"mlp.distributed.nproc": nproc})

@@ -145,9 +145,10 @@ def now_ms() -> int:
 # ---------------------------------------------------------------- a fault at each phase
 
 
-@pytest.mark.parametrize("name", list(STAGE_PHASES))
+@pytest.mark.parametrize(("name", "stage_start"), [(name, "warm") for name in STAGE_PHASES] + [("train@linear", "cold")],
+                         indirect=["stage_start"])
 def test_a_fault_at_each_phase_keeps_the_outputs_and_sync_restores_the_store(
-    name: str, project: Path, proxy: FaultProxy, tmp_path: Path,
+    name: str, project: Path, proxy: FaultProxy, tmp_path: Path, stage_start: str,
 ) -> None:
     """Each phase in turn: exit 0, the outputs an undisturbed run writes, one line naming the spool; after sync the
     store holds what the undisturbed run left (params, metric points, tags, artifacts, models, registry, champion)."""

@@ -160,7 +160,8 @@ def preflight(wait: float = 0.0, who: str = "") -> str:
         path = sqlite_file(uri)
         if not path.parent.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {path.parent} does not exist; create it or fix MLFLOW_TRACKING_URI")
-        check_sqlite_store(path)
+        with store_lock(workspace_root(), required=False):  # a store another stage is creating is waited for
+            check_sqlite_store(path)
     return uri
 
 
@@ -249,9 +250,21 @@ def upgrade_store() -> int:
 
 
 @contextmanager
-def store_lock(root: Path) -> Iterator[None]:
-    """Serialise store creation (concurrent first-time SQLite migrations crash) and registry promotions."""
-    with open(root / f"{STORE_FILE}.lock", "a") as fh:
+def store_lock(root: Path, required: bool = True) -> Iterator[None]:
+    """Serialise store creation (concurrent first-time SQLite migrations crash) and registry promotions.
+
+    Pre-flight takes it too, so a store that another stage is creating is waited for, never
+    called broken. `required=False`: where no lock file can be made (a read-only workspace),
+    go on without it.
+    """
+    try:
+        fh = open(root / f"{STORE_FILE}.lock", "a")
+    except OSError:
+        if required:
+            raise
+        yield
+        return
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
