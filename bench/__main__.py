@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
             rows += search_rows(search_params, work, args.search_trials)
         if "workflow" in args.only:
             print("measuring the train stage, stage start-up, the DVC loop and the test suite ...", flush=True)
-            rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not (args.tiny or args.no_suite))
+            rows += workflow.workflow_rows(work, updates, args.repeats, with_suite=not (args.tiny or args.no_suite),
+                                           tiny=args.tiny)
         if "scale" in args.only:
             print(f"measuring generation and training at {args.scale_rows:,} rows ...", flush=True)
             rows += workflow.scale(work, updates, args.scale_rows, args.scale_features)

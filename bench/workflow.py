@@ -174,10 +174,14 @@ def scale(work: Path, updates: dict[str, Any], rows: int, features: int) -> list
     ]
 
 
-def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite: bool) -> list[Row]:
+def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite: bool, tiny: bool = False) -> list[Row]:
     """The everyday loop: cold and first repros, the train stage against a bare script, start-up, the DVC loop,
-    queued experiments and stages sharing the cores, and the test suite; each in throwaway repos."""
-    cold = timed(copy_project(work / "cold", updates), PY, "-m", "dvc", "repro", extra=COLD).seconds
+    queued experiments and stages sharing the cores, and the test suite; each in throwaway repos.
+
+    `tiny`: the sharing and queue rows reuse the two repos already reproduced (tiny MLPs) instead of
+    reproducing two at WIDE: they check that the code runs, as every --tiny figure does.
+    """
+    cold = None if tiny else timed(copy_project(work / "cold", updates), PY, "-m", "dvc", "repro", extra=COLD).seconds
     first_repo = copy_project(work / "first", updates)
     with warm_server(work / "warm") as server_start:
         first = timed(first_repo, PY, "-m", "dvc", "repro").seconds
@@ -186,15 +190,18 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
         stage, bare = train_stage(repo, repeats)  # rewrites the same bytes: DVC sees nothing changed
         rows = [
             Row("cold dvc repro (5 stages), warm server", warm_repro, None, "s", target=("<=", 15),
-                note=f"without a server (PIPELINE_WARM=0): {cold:.1f} s"),
+                note=f"without a server (PIPELINE_WARM=0): {cold:.1f} s" if cold else "not timed without a server: --tiny"),
             Row("first ./tasks.sh repro (server start + repro)", server_start + first, None, "s", target=("<=", 24),
                 note=f"server start {server_start:.1f} s, dvc repro {first:.1f} s"),
             stage, *user_loop(repo, repeats, bare), startup(repo, repeats),
         ]
-        wide = [copy_project(work / f"wide{i}", {**updates, **WIDE}) for i in range(2)]
-        for each in wide:
+        wide = [repo, first_repo] if tiny else [copy_project(work / f"wide{i}", {**updates, **WIDE}) for i in range(2)]
+        for each in [] if tiny else wide:
             timed(each, PY, "-m", "dvc", "repro")
-        rows += [*sharing_rows(wide, repeats), queue_row(wide[0])]
+        rows += sharing_rows(wide, repeats)
+        rows.append(Row("2 queued [128,128] experiments, -j 2", None, None, "s", note="skipped (--tiny): 30 s of DVC's "
+                        "queue per experiment here; tests/test_experiments.py runs queued experiments") if tiny
+                    else queue_row(wide[0]))
     if with_suite:
         rows.append(suite())
     else:

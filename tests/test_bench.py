@@ -53,9 +53,10 @@ def test_tiny_benchmark_prints_every_row() -> None:
             name = "mlp loop on CUDA (graphs)"
         line = next((ln for ln in table.splitlines() if ln.strip().startswith(name)), None)
         assert line is not None, f"row {name!r} missing from:\n{table}"
-        if name not in ("GPU throughput", "full test suite (pytest, fresh clone)"):
+        if name not in ("GPU throughput", "full test suite (pytest, fresh clone)", "2 queued [128,128] experiments, -j 2"):
             assert re.search(r"\d", line[len(name) + 2 :]), f"row {name!r} has no figure: {line}"
     assert "full test suite (pytest, fresh clone): skipped (--tiny or --no-suite)" in out, out
+    assert "2 queued [128,128] experiments, -j 2: skipped (--tiny)" in out, out
     # a real DVC run: changing mlp.lr reruns exactly train@mlp and evaluate
     assert re.search(r"stages rerun after mlp\.lr changed: train@mlp, evaluate", out), table
 
