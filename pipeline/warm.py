@@ -479,6 +479,8 @@ class Server:
             if fds and (not IN_CHILD):
                 for fd in fds:
                     os.close(fd)
+        with suppress(OSError):  # the child does it too: whichever runs first, a killpg finds the group
+            os.setpgid(pid, pid)
         self._answer(conn, f"run {pid}", about)
         conn.setblocking(False)
         self.children[pid] = conn
@@ -508,7 +510,8 @@ class Server:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != server:  # the server died before prctl took effect
             os._exit(137)
-        os.setpgid(0, 0)
+        with suppress(OSError):
+            os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -531,10 +534,9 @@ class Server:
             data = b""
         if not data:
             log(f"child {child}: its client is gone; killing its process group")
-            try:
-                os.killpg(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for kill in (os.killpg, os.kill):
+                with suppress(ProcessLookupError, PermissionError):
+                    kill(child, signal.SIGKILL)
 
     def _reap(self) -> None:
         while self.children:
