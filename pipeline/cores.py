@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import warm
 
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. under taskset or a container's cpuset)."""
     try:

@@ -32,7 +32,7 @@ def seed_everything(seed: int) -> None:
     """One place that seeds torch and asks for deterministic kernels (bit-for-bit reruns)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
-    # It imports torch's compiler (torch._inductor: 1.7 s here): the warm stage server has it loaded already.
+    # It imports torch's compiler (1.0-1.8 s in a process of its own): the warm stage server has it loaded already.
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 

@@ -58,11 +58,10 @@ from typing import Any, BinaryIO, TextIO
 
 IN_CHILD = False  # set in a forked child before it runs the stage: the stage then never hands off again
 
-# Third-party modules every stage imports, loaded once by the server (never the project's own); torch's compiler
-# too, which torch.use_deterministic_algorithms and the optimizers import (tests/test_stage_deps.py checks the list).
+# Third-party modules every stage imports, loaded once by the server (never the project's own). torch's compiler,
+# which the stages' public calls import, is loaded through the same calls (preload; tests/test_stage_deps.py).
 PRELOAD = (
-    "numpy", "torch", "torch.nn.functional", "torch.distributed", "torch._dynamo", "torch._inductor.config",
-    "safetensors.torch",
+    "numpy", "torch", "torch.nn.functional", "torch.distributed", "safetensors.torch",
     "pandas", "pyarrow", "pyarrow.parquet", "yaml", "pydantic", "tqdm", "requests",
     "matplotlib", "matplotlib.figure", "matplotlib.ticker", "matplotlib.backends.backend_agg",
     "sqlalchemy", "alembic", "mlflow", "mlflow.tracking", "mlflow.pyfunc", "mlflow.models",
@@ -145,7 +144,10 @@ def startup_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def interpreter() -> dict[str, Any]:
-    """The interpreter's own settings that a forked child cannot change: flags (-O, -X ...), warning options."""
+    """The interpreter's own settings that a forked child cannot change: flags (-O, -X ...), warning options.
+
+    `sys._xoptions` is the only place Python gives the -X options (CPython, documented in `sys`).
+    """
     flags = {name: getattr(sys.flags, name) for name in type(sys.flags).__match_args__ if name != "safe_path"}
     return {"executable": sys.executable, "flags": flags, "warnoptions": list(sys.warnoptions),
             "xoptions": {k: str(v) for k, v in sys._xoptions.items()}}
@@ -563,7 +565,8 @@ def log(line: str) -> None:
 
 
 def preload() -> None:
-    """Import the third-party modules the stages use, and fill MLflow's map of this venv's packages.
+    """Import the third-party modules the stages use (torch's compiler too), and fill MLflow's map of this venv's
+    packages.
 
     Nothing else runs: no thread, no CUDA, no store. MLflow maps every installed distribution to
     its modules the first time a process saves a model (0.2-0.6 s of reading each distribution's
@@ -574,6 +577,12 @@ def preload() -> None:
     """
     for name in PRELOAD:
         importlib.import_module(name)
+    # torch.use_deterministic_algorithms (every stage calls it) imports torch's compiler, 1.0-1.8 s; its flags
+    # are put back as they were, so each stage sets them itself as a fresh process would
+    torch = sys.modules["torch"]
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
     pyfunc = importlib.import_module("mlflow.pyfunc")
     with tempfile.TemporaryDirectory(prefix="warm-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -765,11 +774,9 @@ def stop(timeout: float = 60) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """`./tasks.sh warm [start|stop|status]`: one line each."""
     parser = argparse.ArgumentParser(prog="./tasks.sh warm", description="the warm stage server of this venv")
-    parser.add_argument("action", nargs="?", default="start", choices=("start", "stop", "status", "serve"))
+    parser.add_argument("action", nargs="?", default="start", choices=("start", "stop", "status"))
     args = parser.parse_args(argv)
     try:
-        if args.action == "serve":
-            raise WarmError("`serve` is how the server runs itself: python -P pipeline/warm.py serve")
         if args.action == "stop":
             pid = stop()
             print(f"warm stage server: stopped (pid {pid})" if pid else "warm stage server: none was running")
