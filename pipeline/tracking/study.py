@@ -136,12 +136,13 @@ def open_storage(url: str) -> Any:
 
 
 def make_sampler(seed: int) -> Any:
-    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, seeded, modelling the
-    keys jointly (multivariate: a good lr depends on the width and weight decay drawn with it) and, for --jobs and
-    shared studies, treating running trials as bad (constant liar) so that trials at once do not draw one point."""
-    import optuna
+    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, modelling the keys
+    jointly (multivariate: a good lr depends on the width and weight decay drawn with it), treating running trials
+    as bad (constant liar) so that trials at once do not draw one point, and seeded per trial (`seed + k` for
+    trial k) so that two processes of one study draw different points (pipeline/sampler.py)."""
+    from pipeline.sampler import TrialSeededTPE
 
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    return TrialSeededTPE(seed)
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:
