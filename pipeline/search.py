@@ -197,7 +197,7 @@ class Search:
             self.study.set_user_attr("space", described)
             self.study.set_user_attr("pruner", pruner_cfg)
         self.failed_stale = self._fail_stale()
-        self.removed_stale = self._remove_stale_queued()
+        self.removed_stale = self._clear_queue()
         self.parent = open_study_run(cfg.mlflow.experiment, args.study, described, self.url)
         self.env = {**os.environ, trial_env.STORAGE_ENV: self.url, trial_env.STUDY_ENV: args.study,
                     trial_env.PARENT_ENV: self.parent.run_id}
@@ -218,16 +218,33 @@ class Search:
             failed += 1
         return failed
 
-    def _remove_stale_queued(self) -> list[str]:
-        """Drop this study's DVC queue entries still waiting for a trial that is over (a killed --jobs search):
-        run later, they would train points whose trials are already FAILED."""
+    def _clear_queue(self) -> list[str]:
+        """Make the workspace's DVC queue this search's own; the stale entries it removed or stopped.
+
+        This study's entries whose trial is over (a killed search's) are removed, or stopped when
+        running: they would train for FAILED trials. Entries of others, queued or running, refuse
+        the search in one line: their workers would run its trials with their environment (no
+        study, another parent run). Idle workers are told to stop, for the same reason; this
+        search starts its own.
+        """
         from optuna.trial import TrialState
 
         pattern = re.compile(rf"^{re.escape(self.args.study)}-t(\d+)$")
         running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        stale = [n for n, (state, _) in experiments_state(self.root).items()
-                 if state == "queued" and (m := pattern.match(n)) and int(m.group(1)) not in running]
-        return stop_trials(self.root, stale)[0]
+        busy = {n: state for n, (state, _) in experiments_state(self.root).items() if state in ("queued", "running")}
+        stale = [n for n in busy if (m := pattern.match(n)) and int(m.group(1)) not in running]
+        removed, stopped = stop_trials(self.root, stale)
+        deadline, left = time.monotonic() + 60, stopped
+        while left and time.monotonic() < deadline:  # `dvc queue kill` interrupts them as Ctrl-C would: wait
+            time.sleep(2)
+            left = [n for n in left if experiments_state(self.root).get(n, ("", None))[0] == "running"]
+        others = sorted(n for n in busy if n not in removed and n not in stopped) + left
+        if others:
+            raise SearchError(f"the DVC queue of this workspace is busy ({', '.join(others)}): its workers would run "
+                              "this search's trials without the search's settings; wait for them (dvc exp show) or "
+                              "stop them (dvc queue kill <name>) first")
+        _dvc(self.root, "queue", "stop")
+        return removed + stopped
 
     def finished(self) -> int:
         """Trials that count towards --trials: COMPLETE and PRUNED."""
@@ -398,7 +415,7 @@ def _search(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
     print(f"search: study {args.study!r} in {_hide(search.url)}: "
           f"{search.finished()} of {args.trials} trials finished"
           + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else "")
-          + (f"; stale queued trial(s) {', '.join(search.removed_stale)} removed from the DVC queue"
+          + (f"; stale trial(s) {', '.join(search.removed_stale)} cleared from the DVC queue (their trials are over)"
              if search.removed_stale else ""),
           flush=True)
     failures, complete = 0, False

@@ -794,3 +794,23 @@ def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[di
             yield state, environ
         finally:
             warm.stop()
+
+
+def trial_runs_against_experiments(repo: Path, study: str) -> dict[str, tuple[dict[str, Any], dict[str, Any], str]]:
+    """{DVC experiment: (its train@mlp MLflow run's mlp params, the experiment's mlp params, the run's weights digest
+    == the experiment's dvc.lock md5 ? 'same' : 'differ')} for every train@mlp run of `study` in the workspace's store:
+    what a run says it trained with against what DVC recorded for the same weights."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("regression").experiment_id
+    exps = experiments(repo)
+    out = {}
+    for run in client.search_runs([exp_id], filter_string=f"tags.`search.study` = '{study}' and tags.stage = 'train@mlp'"):
+        name = run.data.tags["dvc.exp_name"]
+        lock = yaml.safe_load(sh(repo, "git", "show", f"{exps[name]['rev']}:dvc.lock").stdout)
+        md5 = next(o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".safetensors"))
+        logged = {k.split(".", 1)[1]: v for k, v in run.data.params.items() if k.startswith("mlp.")}
+        recorded = {k: str(v) for k, v in exps[name]["params"]["mlp"].items() if f"mlp.{k}" in run.data.params}
+        out[name] = (logged, recorded, "same" if run.data.tags.get("model.digest") == md5 else "differ")
+    return out
