@@ -6,10 +6,12 @@
     python -m pipeline.search --storage postgresql+psycopg://user@db/optuna   # a team's shared study
 
 Each trial is `dvc exp run --queue -S key=value ... --name <study>-t<k>`, run by
-`dvc queue start -j <jobs>` in a temp workspace of its own (.dvc/tmp/exps/): no trial reads
-or writes the workspace's params.yaml while it trains, so two searches in one workspace (or
-a search beside `dvc repro`) cannot mix their params, and the params DVC and MLflow record
-for a trial are those it trained with. `dvc exp show` lists every trial and
+`dvc queue start -j <jobs>` in a temp workspace of its own (.dvc/tmp/exps/): nothing rewrites
+its params.yaml while it trains (not another trial, not an edit or `dvc repro` in the
+workspace), so the params DVC and MLflow record for a trial are those it trained with. One
+search runs per workspace (search.lock); a clone joins a study through its storage. Trial k
+is drawn from the sampler seeded `seed + k`, so processes of one study draw different points.
+`dvc exp show` lists every trial and
 `dvc exp apply <study>-t<k>` restores it. The objective is
 train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
 split stays for reporting the chosen model. train@mlp reports its validation loss per
@@ -50,6 +52,7 @@ METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
 PRUNED_STAGE = "train@mlp"  # the stage a pruner cuts short
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
+KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 
 
 class SearchError(PipelineError):
@@ -234,7 +237,7 @@ class Search:
         busy = {n: state for n, (state, _) in experiments_state(self.root).items() if state in ("queued", "running")}
         stale = [n for n in busy if (m := pattern.match(n)) and int(m.group(1)) not in running]
         removed, stopped = stop_trials(self.root, stale)
-        deadline, left = time.monotonic() + 60, stopped
+        deadline, left = time.monotonic() + KILL_WAIT_S, stopped
         while left and time.monotonic() < deadline:  # `dvc queue kill` interrupts them as Ctrl-C would: wait
             time.sleep(2)
             left = [n for n in left if experiments_state(self.root).get(n, ("", None))[0] == "running"]

@@ -810,7 +810,14 @@ def trial_runs_against_experiments(repo: Path, study: str) -> dict[str, tuple[di
         name = run.data.tags["dvc.exp_name"]
         lock = yaml.safe_load(sh(repo, "git", "show", f"{exps[name]['rev']}:dvc.lock").stdout)
         md5 = next(o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".safetensors"))
-        logged = {k.split(".", 1)[1]: v for k, v in run.data.params.items() if k.startswith("mlp.")}
-        recorded = {k: str(v) for k, v in exps[name]["params"]["mlp"].items() if f"mlp.{k}" in run.data.params}
+        logged = {k: v for k, v in run.data.params.items() if k.startswith("mlp.")}
+        recorded = {k: str(_dotted(exps[name]["params"], k)) for k in logged}
         out[name] = (logged, recorded, "same" if run.data.tags.get("model.digest") == md5 else "differ")
     return out
+
+
+def _dotted(params: dict[str, Any], key: str) -> Any:
+    """params['a']['b'] for 'a.b' (None where absent): the nested params by the dotted name MLflow logs them under."""
+    for part in key.split("."):
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
