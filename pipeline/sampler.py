@@ -1,9 +1,10 @@
 """The study's sampler: Optuna's TPE, seeded per trial number rather than per process.
 
-One seed per process makes two processes of one study (two searches in a workspace, two
-machines on one PostgreSQL study) draw the same points in the same order. Trial numbers
-are unique within a study, so trial k drawn from `seed + k` is its own draw wherever it
-runs, and the same draw when the study is run again from scratch.
+One seed per process makes two processes of one study (two clones, two machines on one
+PostgreSQL study) draw the same points in the same order. Trial numbers are unique within a
+study, so trial k drawn from a seed made of (seed, k) is its own draw wherever it runs, and
+the same draw when the study is run again from scratch. The two are mixed (numpy's
+SeedSequence), not added: with `seed + k`, seed 43 would draw seed 42's points, one trial on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.study import Study
@@ -18,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE (keys modelled jointly; running trials count as bad: constant liar) with trial k seeded `seed + k`."""
+    """TPE (keys modelled jointly; running trials count as bad: constant liar) with trial k seeded from (seed, k)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -27,8 +29,8 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def _tpe(self, trial: FrozenTrial) -> optuna.samplers.TPESampler:
         # one sampler per trial, kept while the trial is asked: its draws for the keys come from one random stream
         if trial.number not in self._by_trial:
-            self._by_trial[trial.number] = optuna.samplers.TPESampler(
-                seed=self.seed + trial.number, multivariate=True, constant_liar=True)
+            seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            self._by_trial[trial.number] = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         return self._by_trial[trial.number]
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:

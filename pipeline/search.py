@@ -10,7 +10,7 @@ Each trial is `dvc exp run --queue -S key=value ... --name <study>-t<k>`, run by
 its params.yaml while it trains (not another trial, not an edit or `dvc repro` in the
 workspace), so the params DVC and MLflow record for a trial are those it trained with. One
 search runs per workspace (search.lock); a clone joins a study through its storage. Trial k
-is drawn from the sampler seeded `seed + k`, so processes of one study draw different points.
+is drawn from the sampler seeded from (seed, k), so processes of one study draw different points.
 `dvc exp show` lists every trial and
 `dvc exp apply <study>-t<k>` restores it. The objective is
 train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
@@ -192,7 +192,7 @@ class Search:
                 f"study {args.study!r} exists with another space ({_show(existing.user_attrs.get('space'))}; "
                 f"params.yaml now: {_show(described)}); pick a new --study or restore that space"
             )
-        sampler = trial_env.make_sampler(cfg.seed)  # trial k drawn from seed + k: no process redraws another's points
+        sampler = trial_env.make_sampler(cfg.seed)  # trial k drawn from (seed, k): no process redraws another's points
         pruner_cfg = cfg.search.pruner.model_dump()
         self.study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler, direction="minimize",
                                          pruner=trial_env.make_pruner(pruner_cfg), load_if_exists=True)

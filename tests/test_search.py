@@ -201,7 +201,9 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_search_resumes(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+    # seed 2: trials 0, 1 and 2 draw three different points (a point drawn again comes from DVC's run cache, and
+    # trial 1 must train to be killed while it does)
+    repo = copy_project(tmp_path / "repo", {**TRIAL_PARAMS, "seed": 2})
     cmd = [sys.executable, "-m", "pipeline.search", "--trials", "2", "--study", "k"]
     proc = subprocess.Popen(cmd, cwd=repo, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -230,7 +232,7 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
     assert after[1].state.name == "FAIL"
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 2 and len(after) == 3
     assert not [t for t in after.values() if t.state.name == "RUNNING"]
-    # the resumed sampler is reseeded: seeded as the first run, it would draw trial 0's point again
+    # trial k is drawn from (seed, k): the resumed search does not draw trial 0's point again
     assert after[2].params != after[0].params
 
 

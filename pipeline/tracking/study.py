@@ -138,7 +138,7 @@ def open_storage(url: str) -> Any:
 def make_sampler(seed: int) -> Any:
     """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, modelling the keys
     jointly (multivariate: a good lr depends on the width and weight decay drawn with it), treating running trials
-    as bad (constant liar) so that trials at once do not draw one point, and seeded per trial (`seed + k` for
+    as bad (constant liar) so that trials at once do not draw one point, and seeded per trial (from `(seed, k)` for
     trial k) so that two processes of one study draw different points (pipeline/sampler.py)."""
     from pipeline.sampler import TrialSeededTPE
 
