@@ -425,7 +425,7 @@ def test_two_searches_in_one_workspace(tmp_path: Path) -> None:
         for name, (logged, recorded, weights) in checked.items():
             trial = trials[int(name.rsplit("-t", 1)[1])]
             assert logged == recorded and weights == "same", (name, logged, recorded, weights)
-            assert float(logged["lr"]) == trial.params["mlp.lr"], (name, logged, trial.params)
+            assert float(logged["mlp.lr"]) == trial.params["mlp.lr"], (name, logged, trial.params)
     # DVC's run cache: a trial's params, run again by hand, give back that trial's weights without training
     best = min(trials.values(), key=lambda t: t.value)
     repo = repos[0] if best.number in ran[0] else repos[1]
