@@ -237,11 +237,13 @@ class Search:
         busy = {n: state for n, (state, _) in experiments_state(self.root).items() if state in ("queued", "running")}
         stale = [n for n in busy if (m := pattern.match(n)) and int(m.group(1)) not in running]
         removed, stopped = stop_trials(self.root, stale)
-        deadline, left = time.monotonic() + KILL_WAIT_S, stopped
-        while left and time.monotonic() < deadline:  # `dvc queue kill` interrupts them as Ctrl-C would: wait
+        # those stopped, and any that was ending as it was killed: wait until they are over
+        deadline, left = time.monotonic() + KILL_WAIT_S, [n for n in stale if n not in removed]
+        while left and time.monotonic() < deadline:
             time.sleep(2)
-            left = [n for n in left if experiments_state(self.root).get(n, ("", None))[0] == "running"]
-        others = sorted(n for n in busy if n not in removed and n not in stopped) + left
+            now = experiments_state(self.root)
+            left = [n for n in left if now.get(n, ("", None))[0] in ("queued", "running")]
+        others = sorted(n for n in busy if n not in stale) + left
         if others:
             raise SearchError(f"the DVC queue of this workspace is busy ({', '.join(others)}): its workers would run "
                               "this search's trials without the search's settings; wait for them (dvc exp show) or "
