@@ -794,3 +794,17 @@ def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[di
             yield state, environ
         finally:
             warm.stop()
+
+
+def edit_checkpoint_state(path: Path, edit: Callable[[str], str]) -> None:
+    """Rewrite the JSON state in a checkpoint's safetensors header with `edit`, as a hand with an editor would:
+    the file stays valid safetensors (header length and padding fixed), its tensors and digest untouched."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    before = header["__metadata__"]["state"]
+    header["__metadata__"]["state"] = edit(before)
+    assert header["__metadata__"]["state"] != before, "the edit changed nothing"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])

@@ -6,6 +6,7 @@ Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import clone, dvc, output_of, runs, set_params
+from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, runs, set_params
 
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
@@ -135,6 +136,27 @@ def test_a_checkpoint_of_other_params_or_a_damaged_one_is_not_used(
     assert "resuming from" not in text and "Traceback" not in text
     statuses = sorted(r.info.status for r in runs(repo) if r.data.tags.get("stage") == "train@mlp")
     assert statuses == ["FINISHED", "FINISHED", "KILLED"]  # no resumed run: each rerun opened its own
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize("edit", [
+    lambda s: re.sub(r'\["done", (\d+)\]', lambda m: f'["done", {int(m[1]) + 10}]', s),  # "resume" ten epochs on
+    lambda s: re.sub(r'(\["train_loss", \[\d+\.)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), s, count=1),
+], ids=["done", "history digit"])
+def test_a_checkpoint_with_edited_state_is_refused_and_training_starts_over(
+    baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]], edit: Any,
+) -> None:
+    repo = clone(baseline, tmp_path / "repo")
+    set_params(repo, LONG)
+    kill_mid_training(repo, spawn, signal.SIGTERM)
+    edit_checkpoint_state(repo / CHECKPOINT, edit)  # a valid file, its tensors and digest as saved
+    text = output_of(dvc(repo, "repro", "train@mlp"))
+    lines = [line for line in text.splitlines() if "checkpoint not used" in line]
+    assert lines == [f"train@mlp: checkpoint not used: {CHECKPOINT} is damaged (its state or tensors do not match "
+                     "their digest); training from scratch"]
+    assert "resuming from" not in text and "Traceback" not in text
+    assert mlp_outs(repo) == reference[1]  # the clean run's bytes: no epoch skipped, no loss from the edited history
 
 
 @pytest.mark.slow
