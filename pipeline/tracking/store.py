@@ -31,8 +31,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 
-# A new store announces its table creation at INFO on every first run; stages keep stderr for problems.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# MLflow's SQL store announces a new store's tables at INFO, and logs every SQLite error it catches (a locked,
+# full or read-only store) at ERROR with its SQL and two tracebacks (some 65 lines) before raising it. Every
+# such error reaches the project as an exception and is reported here in one line (pre-flight's TrackingError,
+# failure_reason when a run moves to the spool), so that logger stays silent: stderr is kept for that one line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
