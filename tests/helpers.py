@@ -808,3 +808,16 @@ def edit_checkpoint_state(path: Path, edit: Callable[[str], str]) -> None:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
     path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def post_chunked(url: str, chunks: list[bytes], content_type: str) -> tuple[int, str]:
+    """POST a body in chunks (Transfer-Encoding: chunked, no Content-Length) to /invocations; status and body."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        conn.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": content_type},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
