@@ -45,7 +45,6 @@ def _server_runs(uri: str) -> list[Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage_start", ["warm", "cold"], indirect=True)
 def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(
     tmp_path: Path, spawn: Any, stage_start: str,
 ) -> None:
@@ -199,7 +198,6 @@ def test_unwritable_and_locked_store_fail_in_one_line(baseline: Path, tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage_start", ["warm", "cold"], indirect=True)
 def test_a_store_locked_mid_run_is_one_line_without_mlflow_tracebacks(
     baseline: Path, tmp_path: Path, spawn: Any, stage_start: str,
 ) -> None:
