@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config
+from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError
 
 STORE_FILE = "optuna.db"
@@ -62,7 +63,8 @@ class SearchError(PipelineError):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
-    parser.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (default 1; >1 queues them)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trials at once on this machine (default 1; >1 queues them; at most the usable cores)")
     parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default {DEFAULT_STUDY!r}); trials are <study>-t<k>")
     parser.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
     parser.add_argument("--storage", default=None,
@@ -74,8 +76,9 @@ def check_args(args: argparse.Namespace) -> None:
     """One line per bad option, before any work."""
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1, got {args.trials}")
-    if args.jobs < 1:
-        raise SearchError(f"--jobs must be at least 1, got {args.jobs}")
+    most = usable_cores()  # more trials at once than cores only slows each one down (and starts idle queue workers)
+    if not 1 <= args.jobs <= most:
+        raise SearchError(f"--jobs must be between 1 and {most} (the cores this process may use), got {args.jobs}")
     if args.timeout is not None and not args.timeout > 0:
         raise SearchError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
     if not NAME.match(args.study):

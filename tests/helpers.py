@@ -796,6 +796,33 @@ def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[di
             warm.stop()
 
 
+def edit_checkpoint_state(path: Path, edit: Callable[[str], str]) -> None:
+    """Rewrite the JSON state in a checkpoint's safetensors header with `edit`, as a hand with an editor would:
+    the file stays valid safetensors (header length and padding fixed), its tensors and digest untouched."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    before = header["__metadata__"]["state"]
+    header["__metadata__"]["state"] = edit(before)
+    assert header["__metadata__"]["state"] != before, "the edit changed nothing"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def post_chunked(url: str, chunks: list[bytes], content_type: str) -> tuple[int, str]:
+    """POST a body in chunks (Transfer-Encoding: chunked, no Content-Length) to /invocations; status and body."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        conn.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": content_type},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
 def trial_runs_against_experiments(repo: Path, study: str) -> dict[str, tuple[dict[str, Any], dict[str, Any], str]]:
     """{DVC experiment: (its train@mlp MLflow run's mlp params, the experiment's mlp params, the run's weights digest
     == the experiment's dvc.lock md5 ? 'same' : 'differ')} for every train@mlp run of `study` in the workspace's store:

@@ -23,8 +23,8 @@ import yaml
 
 from pipeline import config
 from tests.helpers import (
-    PG_PASSWORD, PG_USER, copy_project, dvc, experiments, pg_bin, run_checked, run_env, set_params, sh, tiny_params,
-    trial_runs_against_experiments,
+    PG_PASSWORD, PG_USER, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
+    tiny_params, trial_runs_against_experiments,
 )
 
 # An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
@@ -104,7 +104,7 @@ def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path:
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})
     for args, fragment in (
         (["--trials", "0"], "--trials must be at least 1, got 0"),
-        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--jobs", "0"], "--jobs must be between 1 and"),
         (["--study", "a b"], "--study 'a b': a name of letters"),
         (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
     ):
@@ -120,6 +120,29 @@ def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path:
     assert "study 'old' exists with another space (mlp.lr: log [0.001, 0.1]" in proc.stderr
     assert not (repo / "mlflow.db").exists(), "nothing ran before the line"
     assert experiments(repo) == {}
+
+
+@pytest.mark.bad_input
+def test_too_many_jobs_and_a_bad_storage_are_one_line_before_any_work(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    repo = copy_project(tmp_path / "repo", {"search": SEARCH})
+    cores, port = len(os.sched_getaffinity(0)), free_port()  # nothing listens on that port
+    cases = (
+        (["--jobs", str(cores + 1)], 2, f"--jobs must be between 1 and {cores} (the cores this process may use), got {cores + 1}"),
+        (["--storage", "not-a-url"], 1, "Optuna storage 'not-a-url' is not a database URL; use sqlite:///<path> or postgresql"),
+        (["--storage", "mysql://u@127.0.0.1/optuna"], 1, "mysql is not supported; use sqlite:///<path> or postgresql"),
+        (["--storage", f"sqlite:///{tmp_path / 'absent' / 'o.db'}"], 1, f"folder {tmp_path / 'absent'} does not exist"),
+        (["--storage", f"sqlite:///{repo / 'params.yaml'}"], 1, "cannot be opened (file is not a database); give a new file"),
+        (["--storage", f"postgresql+psycopg://u:pw-never-shown@127.0.0.1:{port}/optuna"], 1,
+         f"postgresql+psycopg://u:***@127.0.0.1:{port}/optuna cannot be opened (connection failed: connection to server "
+         f'at "127.0.0.1", port {port} failed: Connection refused); check that the server runs'),
+    )
+    for args, code, fragment in cases:
+        proc = _search(repo, *args, check=False)
+        assert proc.returncode == code and proc.stderr.count("\n") == 1 and fragment in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.startswith("search: ") and "pw-never-shown" not in proc.stdout + proc.stderr
+    assert not (repo / "mlflow.db").exists() and not (repo / "optuna.db").exists(), "nothing ran before the line"
+    assert experiments(repo) == {}
+    request.node.user_properties.append(("bad_input_cases", len(cases)))
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@
     pyfunc_model.py that logged model's code, run by MLflow when it loads the model (rows checked, CPU)
     study.py       a search in MLflow (a parent run per study) and a trial's pruning reports
     reading.py     the read side of `python -m pipeline.compare`
+    serving.py     the model server `python -m pipeline.serve` starts: MLflow's scoring app behind request limits
 
-Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance and study stand alone.
+Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance, study and serving stand alone.
 Callers use the names below; none is a stage dependency in dvc.yaml (logging changes no output).
 """
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shutil
 import socket
@@ -116,9 +115,6 @@ class StageRun:
         """Around a write into the open spool: when its disk fails there (full, read-only), the half-kept run is
         dropped and the stage stops in one line, as when the spool cannot be opened (`SpoolFailed`)."""
         assert self.spool is not None
-        db_log = logging.getLogger("mlflow.store.db.utils")  # it logs a caught SQLite error with its traceback
-        level = db_log.level
-        db_log.setLevel(logging.CRITICAL)
         try:
             yield
         except OUTAGE as exc:
@@ -128,8 +124,6 @@ class StageRun:
             shutil.rmtree(folder, ignore_errors=True)  # no half entry for sync: it would replay a run cut short
             self._give_up(f"the spool failed while it kept the run ({unwritable(folder, exc)}), so the part kept "
                           "there was removed")
-        finally:
-            db_log.setLevel(level)
 
     def _give_up(self, why: str) -> NoReturn:
         """Nothing more of the run can be kept: note its end for sync when the store has it, and stop the stage."""

@@ -31,8 +31,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 
-# A new store announces its table creation at INFO on every first run; stages keep stderr for problems.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# MLflow's SQL store announces a new store's tables at INFO, and logs every SQLite error it catches (a locked,
+# full or read-only store) at ERROR with its SQL and two tracebacks (some 65 lines) before raising it. Every
+# such error reaches the project as that exception and is reported in one line (a TrackingError, or the spool's
+# line through failure_reason), so that logger stays silent: stderr is kept for the one line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
