@@ -40,7 +40,7 @@ def command(model: str, port: str) -> tuple[list[str], str]:
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", port]
     name = tracking.registered_name(model)
-    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.tracking_uri()}"
+    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.redact(tracking.tracking_uri())}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
