@@ -94,6 +94,8 @@ def test_health_check_sends_the_credentials_as_mlflows_client_does(
         assert health == f"/health {api.split(' ', 1)[1]}", seen
         assert health.endswith(f"{USER}:{PASSWORD}" if tracking == uri else "bob:b0b"), seen
 
+    assert store.login_tag(uri) == {"mlflow.user": USER} and store.login_tag(plain) == {}  # whose runs they are
+
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", plain)
@@ -141,3 +143,21 @@ def test_a_server_that_is_down_is_named_without_its_password_by_every_command(tm
         "reachable ([Errno 111] Connection refused)" in output, output
     assert quote(PASSWORD, safe="") not in output and PASSWORD not in output
     assert not (project / spool.SPOOL_DIR).exists()
+
+
+def test_a_server_failing_while_runs_are_read_is_one_line_without_the_password(
+    guarded_health: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """compare's reads: a server whose /health answers but whose API fails is one line (not MLflow's traceback, which
+    names the URL as given)."""
+    from pipeline.tracking import reading
+
+    port, _ = guarded_health
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri_with_credentials(port))
+    monkeypatch.setattr(store, "_answered", set())
+    for read in (lambda: reading.stage_runs("regression"), lambda: reading.running_after_cleanup("regression", "compare")):
+        with pytest.raises(store.TrackingError) as failed:
+            read()
+        line = str(failed.value)
+        assert line.startswith(f"MLflow store at http://***@127.0.0.1:{port} failed while reading runs ("), line
+        assert PASSWORD not in line and quote(PASSWORD, safe="") not in line and "\n" not in line, line

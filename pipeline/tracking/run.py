@@ -35,8 +35,8 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_server, is_sqlite, now_ms,
-    permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link, redact, sqlite_file,
+    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_server, is_sqlite, login_tag,
+    now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link, redact, sqlite_file,
     tracking_uri, workspace_root,
 )
 
@@ -319,7 +319,7 @@ def stage_run(
     `resumed.from_run_id`.
     """
     uri = preflight(wait, stage)
-    all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
+    all_tags = {"stage": stage, **context_tags(), **process_tags(), **login_tag(uri), **tags}
     name = name or run_name(stage)
     tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
     try:

@@ -120,6 +120,16 @@ def credentials(uri: str) -> tuple[str, str] | None:
     return (user, password) if user and password else None
 
 
+def login_tag(uri: str) -> dict[str, str]:
+    """The tag `mlflow.user` naming the user a server URI logs in as (its userinfo); else no tag.
+
+    MLflow's client names a run's user after MLFLOW_TRACKING_USERNAME, else the system's user,
+    never after the URI's: with this tag a URI with userinfo works as the variables do.
+    """
+    user = urlsplit(uri).username if is_server(uri) else None
+    return {"mlflow.user": unquote(user)} if user is not None else {}
+
+
 def _health_request(uri: str) -> urllib.request.Request:
     """GET <server>/health with the credentials as MLflow's client sends them, not as part of the host name.
 
