@@ -252,8 +252,9 @@ def test_a_refusal_mid_run_is_one_line_and_never_spooled(project: Path, proxy: F
     finally:
         proxy.heal()
     (line,) = proc.stderr.splitlines() or [""]
-    assert proc.returncode == 1 and line.startswith(f"train@linear: MLflow server at {proxy.url} answered HTTP 403 "), \
-        proc.stderr
+    assert proc.returncode == 1 and line.startswith(
+        f"train@linear: MLflow server at {proxy.url} answered HTTP 403 when logging to run "), proc.stderr
+    assert "(log_params)" in line, line  # the first refusal is the line, not those of closing the run after it
     assert "a permission problem (not an outage)" in line and "Traceback" not in proc.stderr
     assert not (repo / ".mlflow-spool").exists()
 

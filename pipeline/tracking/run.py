@@ -35,9 +35,9 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_server, is_sqlite, login_tag,
-    now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link, redact, sqlite_file,
-    tracking_uri, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_server,
+    is_sqlite, login_tag, now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link,
+    redact, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -345,7 +345,11 @@ def stage_run(
         status, reason = RunStatus.to_string(RunStatus.FAILED), f"{stage}: {_one_line(exc)}"
         raise
     finally:
-        tracked.finish(status, reason)
+        try:
+            tracked.finish(status, reason)
+        except PermissionRefused:
+            if not reason:  # else the stage failed already (on that refusal, most likely): its line is the one to print
+                raise
         if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
             print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
                   f"experiment {experiment!r} at {redact(tracking_uri())}", file=sys.stderr)
