@@ -98,8 +98,8 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     create_user(server, admin, alice)
     create_user(server, admin, bob)
     server.auth = alice
-    # Why evaluate creates the registered model before it reads its alias: to a user who is not an admin, MLflow's
-    # auth app answers 403 for the alias of a model that does not exist, 404 for the model (fails if MLflow changes).
+    # Why the registry asks for the model when its alias is refused: to a user who is not an admin, MLflow's auth app
+    # answers 403 for the alias of a model that does not exist, 404 for the model (fails if MLflow changes that).
     for endpoint, query, status in (("registered-models/alias", {"alias": "champion"}, 403), ("registered-models/get", {}, 404)):
         with pytest.raises(urllib.error.HTTPError) as absent:
             server.api(endpoint, name="regression-mlp", **query)

@@ -159,22 +159,21 @@ def registered_name(model: str) -> str:
 def champion(model: str) -> tuple[str, str]:
     """`models:/regression-<model>@champion` and the version it names, checked to exist, so serving fails in one line.
 
-    The registered model is asked for first: MLflow's auth app answers a user who is not an admin
-    403 for the alias of a model that does not exist, and 404 for the model itself. So 401/403 is
-    a permission problem, and anything else missing is "no champion yet".
+    A refusal (401/403 for a model that exists) is a permission problem; anything else is "no champion yet".
     """
     uri = tracking_uri()
     client = open_existing(uri)
     name = registered_name(model)
     try:
-        client.get_registered_model(name)
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        version = _champion(client, name)
     except MlflowException as exc:
         if status := permission_status(exc):
             raise permission_refused(uri, status, f"reading {name}@{CHAMPION}", f"registered model {name}") from None
+        version = None
+    if version is None:
         raise TrackingError(
             f"no {name}@{CHAMPION} in the model registry at {uri}; run `dvc repro` (evaluate registers the models)"
-        ) from None
+        )
     return f"models:/{name}@{CHAMPION}", str(version.version)
 
 
@@ -200,40 +199,38 @@ def register_model(
         return None
     name = registered_name(model)
     with store_lock(workspace_root()) if is_sqlite(tracking_uri()) else nullcontext():
-        existing = client.search_model_versions(f"name = '{name}' and run_id = '{train_run}'")
-        logged = None if existing else client.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"source_run_id = '{train_run}'", max_results=1
-        )
-        if not existing and not logged:
+        before = _champion(client, name)
+        version = _version_for_run(client, name, train_run, experiment_id, test_mse, data_digest)
+        if version is None:
             report = f"{name}: training run {train_run} logged no model; nothing registered"
         else:
-            new_model = not existing and _created(client, name)
-            before = None if new_model else _champion(client, name)
-            tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
-            version = existing[0] if existing else client.create_model_version(
-                name, source=logged[0].model_uri, run_id=train_run, tags=tags, model_id=logged[0].model_id,
-                await_creation_for=0,
-            )
             after = _elect(client, name, data_digest)
             report = f"{name} v{version.version}: {_report(str(version.version), test_mse, data_digest, before, after)}"
     client.set_tag(run_id, f"registry.{model}", report)
     return report
 
 
-def _created(client: MlflowClient, name: str) -> bool:
-    """Create registered model `name` (its creator may then manage it); False when it was there already.
-
-    This comes before the alias is read: MLflow's auth app answers a user who is not an admin
-    403, not 404, for the alias of a model that does not exist yet, and only an existing
-    model has the permissions it checks. A new model has no champion.
-    """
-    try:
+def _version_for_run(
+    client: MlflowClient, name: str, run_id: str, experiment_id: str, test_mse: float, data_digest: str,
+) -> Any:
+    """The registry version made from `run_id`'s logged model, created (with its scores as tags) when new."""
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return existing[0]
+    logged = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
+    )
+    if not logged:
+        return None
+    try:  # its creator may then manage it (MLflow's auth app): a user who is not an admin owns what evaluate made
         client.create_registered_model(name, description="Trained by the regression pipeline; alias champion = lowest test MSE")
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") and not _lost_race(exc):
             raise
-        return False
-    return True
+    tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
+    return client.create_model_version(
+        name, source=logged[0].model_uri, run_id=run_id, tags=tags, model_id=logged[0].model_id, await_creation_for=0,
+    )
 
 
 MAX_ROUNDS = 50  # each round that is not stable follows a write by a racing evaluate; a few settle any race
@@ -259,13 +256,30 @@ def _score(version: Any) -> float | None:
 
 
 def _champion(client: MlflowClient, name: str) -> Any:
-    """The version `champion` points at now, or None when there is none (any other failure is raised)."""
+    """The version `champion` points at now, or None when there is none (any other failure is raised).
+
+    MLflow's auth app answers a user who is not an admin 403, not 404, for the alias of a model
+    that does not exist yet: a 403 is a refusal only when the model itself is there.
+    """
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in exc.message:
             return None
+        if permission_status(exc) and not _registered(client, name):
+            return None
         raise
+
+
+def _registered(client: MlflowClient, name: str) -> bool:
+    """Whether registered model `name` exists (asked where the auth app's 403 cannot tell)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _same_data(client: MlflowClient, name: str, data_digest: str) -> list[Any]:
