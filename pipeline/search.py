@@ -491,9 +491,10 @@ def _point(point: dict[str, Any]) -> str:
 
 
 def _hide(url: str) -> str:
-    from pipeline.tracking.study import _without_password
+    """The storage URL with its credentials shown as *** (the one redaction of pipeline/tracking)."""
+    from pipeline.tracking.store import redact
 
-    return _without_password(url)
+    return redact(url)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

@@ -39,7 +39,7 @@ def command(model: str, port: str) -> tuple[list[str], str]:
     uri, version = tracking.champion(model)
     cmd = [sys.executable, "-m", "pipeline.tracking.serving", uri, "--host", "127.0.0.1", "--port", port]
     name = tracking.registered_name(model)
-    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.tracking_uri()}"
+    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.redact(tracking.tracking_uri())}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -848,3 +848,17 @@ def _dotted(params: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         params = params.get(part) if isinstance(params, dict) else None
     return params
+
+
+def create_user(server: Server, admin: tuple[str, str], user: tuple[str, str]) -> None:
+    """Create a user who is not an admin on a basic-auth `server`, as docs/team.md does (the auth app's REST API)."""
+    created = json.loads(server.request("/api/2.0/mlflow/users/create", {"username": user[0], "password": user[1]},
+                                        auth=admin))
+    assert created["user"] == {"id": created["user"]["id"], "is_admin": False, "username": user[0]}, created
+
+
+def files_holding(secret: str, *roots: Path) -> list[Path]:
+    """Every file under `roots` (or a root that is a file) whose bytes hold `secret`, as written or URL-quoted."""
+    needles = {secret.encode(), urllib.parse.quote(secret, safe="").encode()}
+    files = [f for root in roots for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()]
+    return [f for f in files if any(n in f.read_bytes() for n in needles)]

@@ -274,7 +274,7 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
     first = subprocess.Popen(cmd, cwd=repos[0], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         opening = first.stdout.readline()  # the study and its MLflow parent exist: the second joins them
-        assert "search: study 'team' in postgresql+psycopg://mlflow:***@" in opening, opening + first.stderr.read()
+        assert "search: study 'team' in postgresql+psycopg://***@" in opening, opening + first.stderr.read()
         second = sh(repos[1], *cmd, env=env, timeout=1200)
         out, err = first.communicate(timeout=1200)
     finally:

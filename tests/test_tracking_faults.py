@@ -244,6 +244,23 @@ def test_a_permission_error_is_one_line_before_work_and_sync_says_so(project: Pa
     assert sync(repo, proxy).returncode == 0
 
 
+def test_a_refusal_mid_run_is_one_line_and_never_spooled(project: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """403 once the run is open (from its params on): a permission problem in one line, exit 1, nothing spooled, as
+    at the start; waiting or a sync could not help."""
+    repo = copy_of(project, tmp_path / "repo", "faults-refused-mid-run")
+    proxy.fail_when(log_batch("params"), "403")
+    try:
+        proc = stage(repo, proxy, "train@linear")
+    finally:
+        proxy.heal()
+    (line,) = proc.stderr.splitlines() or [""]
+    assert proc.returncode == 1 and line.startswith(
+        f"train@linear: MLflow server at {proxy.url} answered HTTP 403 when logging to run "), proc.stderr
+    assert "(log_params)" in line, line  # the first refusal is the line, not those of closing the run after it
+    assert "a permission problem (not an outage)" in line and "Traceback" not in proc.stderr
+    assert not (repo / ".mlflow-spool").exists()
+
+
 # ---------------------------------------------------------------- sync killed, and run again
 
 

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.tracking.run import VIEW_TAG_PREFIX
-from pipeline.tracking.store import connect, now_ms
+from pipeline.tracking.store import connect, now_ms, redact
 
 ROLE = ("search.role", "study")
 
@@ -77,7 +77,7 @@ def open_study_run(experiment: str, study: str, space: dict[str, str], storage: 
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
         run = client.create_run(exp_id, run_name=f"search {study}", tags={
-            "search.study": study, ROLE[0]: ROLE[1], "search.storage": _without_password(storage),
+            "search.study": study, ROLE[0]: ROLE[1], "search.storage": redact(storage),
         })
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(f"space.{k}", v) for k, v in space.items()])
@@ -109,16 +109,6 @@ def study_trials(experiment: str, study: str) -> list[dict[str, Any]]:
          "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
         for r in runs
     ]
-
-
-def _without_password(url: str) -> str:
-    """A storage URL fit for a tag: any password replaced by ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split(":", 1)[0] + ":…"
 
 
 STORAGE_ENV = "PIPELINE_SEARCH_STORAGE"  # the Optuna storage URL of the running study
