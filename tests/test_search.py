@@ -133,7 +133,7 @@ def test_too_many_jobs_and_a_bad_storage_are_one_line_before_any_work(tmp_path: 
         (["--storage", f"sqlite:///{tmp_path / 'absent' / 'o.db'}"], 1, f"folder {tmp_path / 'absent'} does not exist"),
         (["--storage", f"sqlite:///{repo / 'params.yaml'}"], 1, "cannot be opened (file is not a database); give a new file"),
         (["--storage", f"postgresql+psycopg://u:pw-never-shown@127.0.0.1:{port}/optuna"], 1,
-         f"postgresql+psycopg://u:***@127.0.0.1:{port}/optuna cannot be opened (connection failed: connection to server "
+         f"postgresql+psycopg://***@127.0.0.1:{port}/optuna cannot be opened (connection failed: connection to server "
          f'at "127.0.0.1", port {port} failed: Connection refused); check that the server runs'),
     )
     for args, code, fragment in cases:

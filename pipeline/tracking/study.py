@@ -137,7 +137,7 @@ def open_storage(url: str) -> Any:
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
-    shown = _without_password(url) if "@" in url else url
+    shown = redact(url)
     try:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError:
