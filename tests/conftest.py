@@ -17,7 +17,8 @@ import pytest
 
 from pipeline import warm
 from tests.helpers import (
-    PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, background, committed_params,
+    PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports, background,
+    committed_params,
     copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
 )
 
@@ -70,26 +71,37 @@ def defaults_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
-    """The one cold `dvc repro` of the session: a tiny project, reproduced and committed. Tests read it, or copy it.
+    """The session's `dvc repro` of a tiny project (stages from the warm server), committed. Tests read it, or copy it.
 
     Secrets are in every stage's environment and a token in the git remote's URL (the
-    secrets tests look for them in the store). tests/import_probe is a sitecustomize on
-    PYTHONPATH: every stage's process records, at exit, which modules under pipeline/
-    and stages/ it loaded, and which torch compiler modules (the stage-deps tests read them).
+    secrets tests look for them in the store).
     """
     repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
     sh(repo, "git", "remote", "add", "origin", f"https://ci:{REMOTE_TOKEN}@example.invalid/team/pipeline.git")
-    out = tmp_path_factory.mktemp("imports")
-    env = run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out), **SECRETS)
-    proc = dvc(repo, "repro", env=env)
+    proc = dvc(repo, "repro", env=run_env(**SECRETS))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline run")
+    return Reproduced(repo, proc.stdout + proc.stderr, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def stage_imports(tmp_path_factory: pytest.TempPathFactory) -> StageImports:
+    """What each stage's process imports: a tiny project reproduced with every stage a process of its own.
+
+    tests/import_probe is a sitecustomize on PYTHONPATH (so the stages start cold: a warm
+    server's child would show the server's preloaded modules): every stage's process records,
+    at exit, which modules under pipeline/ and stages/ it loaded, and which torch compiler
+    modules. Only tests/test_stage_deps.py asks for it (one worker, one repro).
+    """
+    repo = copy_project(tmp_path_factory.mktemp("imports-repo") / "repo")
+    out = tmp_path_factory.mktemp("imports")
+    dvc(repo, "repro", env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
     modules: dict[str, set[str]] = {}
     compiler: dict[str, set[str]] = {}
     for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
         modules.setdefault(stage_name(record["argv"]), set()).update(record["modules"])
         compiler.setdefault(stage_name(record["argv"]), set()).update(record["compiler"])
-    return Reproduced(repo, proc.stdout + proc.stderr, modules, proc.stderr, compiler)
+    return StageImports(repo, modules, compiler)
 
 
 @pytest.fixture(scope="session")

@@ -68,12 +68,19 @@ def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
 
 @dataclass
 class Reproduced:
-    """A tiny project after one cold `dvc repro`: its path, DVC's output, and the project modules each stage ran."""
+    """A tiny project after one `dvc repro`: its path, and what DVC printed (all of it, and stderr alone)."""
 
     repo: Path
     output: str
-    modules: dict[str, set[str]]
     stderr: str
+
+
+@dataclass
+class StageImports:
+    """A tiny project reproduced with each stage a process of its own, and what each stage's process imported."""
+
+    repo: Path
+    modules: dict[str, set[str]]  # the project's modules (pipeline/, stages/), by stage
     compiler: dict[str, set[str]]  # the torch._dynamo, torch._inductor, torch.export modules each stage loaded
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 from dvc.repo import Repo
-from tests.helpers import ROOT, Reproduced
+from tests.helpers import ROOT, StageImports
 
 
 pytestmark = pytest.mark.slow
@@ -36,9 +36,9 @@ def _code_deps(stages: dict) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def ran(reproduced: Reproduced) -> dict[str, set[str]]:
-    """Project modules each stage's process loaded in the shared repro, package markers with no code left out."""
-    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in reproduced.modules.items()}
+def ran(stage_imports: StageImports) -> dict[str, set[str]]:
+    """Project modules each stage's process loaded, package markers with no code left out."""
+    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in stage_imports.modules.items()}
 
 
 def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, set[str]]) -> None:
@@ -52,14 +52,15 @@ def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
-    reproduced: Reproduced, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
+    stage_imports: StageImports, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(reproduced.repo)  # DVC names stages relative to the working directory
-    path = reproduced.repo / module
+    repo = stage_imports.repo
+    monkeypatch.chdir(repo)  # DVC names stages relative to the working directory
+    path = repo / module
     before = path.read_text()
     path.write_text(before + "\n# an edit\n")
     try:
-        with Repo(str(reproduced.repo)) as dvc_repo:  # `dvc status`, in-process: no second of CLI start-up per module
+        with Repo(str(repo)) as dvc_repo:  # `dvc status`, in-process: no second of CLI start-up per module
             status = dvc_repo.status()
     finally:
         path.write_text(before)
@@ -70,14 +71,14 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
 COMPILER = ("torch._dynamo", "torch._inductor", "torch.export")
 
 
-def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(reproduced: Reproduced) -> None:
+def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(stage_imports: StageImports) -> None:
     """torch.use_deterministic_algorithms and the optimizers import torch's compiler (seconds, cold): a stage
     started warm finds every such module loaded already, so it imports none anew."""
     probe = (f"import runpy, sys; runpy.run_path({str(ROOT / 'pipeline' / 'warm.py')!r}, run_name='probe')['preload']()\n"
              f"print('\\n'.join(m for m in sys.modules if m.startswith({COMPILER!r})))")
     preloaded = set(subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, check=True,
                                    cwd="/").stdout.split())
-    assert set(reproduced.compiler) == set(reproduced.modules), "every stage process was probed"
-    assert any(reproduced.compiler.values()), "no stage loaded the compiler: the probe saw nothing"
-    for stage, loaded in reproduced.compiler.items():
+    assert set(stage_imports.compiler) == set(stage_imports.modules), "every stage process was probed"
+    assert any(stage_imports.compiler.values()), "no stage loaded the compiler: the probe saw nothing"
+    for stage, loaded in stage_imports.compiler.items():
         assert loaded <= preloaded, f"{stage} loads {sorted(loaded - preloaded)[:10]}, which the warm server does not"
