@@ -138,14 +138,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "bad_input: a bad-input case (params, data, store); counted in the summary")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker more than the cores, at most 4 (pyproject's --maxprocesses). Much of a test's time is
+    spent waiting on other processes (servers starting, DVC's queue, a store's outage): on 2 cores, 3 workers ran the
+    suite in 12 min 53 s where 2 took 19 min 22 s and 4 took 15 min 38 s (same commit; bench/RESULTS.md)."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Keep a module's tests in one xdist worker when they share a module-scoped fixture (a server, a project).
 
     The suite runs with `--dist loadgroup` (pyproject.toml): every other test is dealt to
     whichever worker is free, so no worker is left with a whole file of long tests at the end;
-    a module-scoped fixture is built once, by the worker that runs its group.
+    a module-scoped fixture is built once, by the worker that runs its group. A test that names
+    its own group (long cases of a module, split across workers) keeps it: each worker that runs
+    one of the module's groups builds the module's fixtures for itself.
     """
     for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
         fixtures = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
         if any(defs[-1].scope == "module" for defs in fixtures):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
