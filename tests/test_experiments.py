@@ -56,7 +56,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
         stages = sorted(r.data.tags["stage"] for r in mine)
         # Exactly one run per stage DVC ran; stages restored from the run cache add none.
         ran = sorted(re.findall(r"Running stage '([^']+)'", dvc(project, "queue", "logs", name).stdout))
-        assert stages == ran, (name, stages, ran)
+        assert stages == [s for s in ran if s != "params"], (name, stages, ran)  # the params check opens no run
         assert {"train@mlp", "evaluate"} <= set(stages), (name, stages)
         for run in mine:
             assert run.data.tags["pipeline"] == f"{name}@{baseline[:7]}"

@@ -14,7 +14,7 @@ from tests.helpers import Reproduced, check_logged_models, copy_with_store, dvc,
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate"]
+STAGES = ["generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate", "params"]
 
 
 def _ran(output: str) -> list[str]:
