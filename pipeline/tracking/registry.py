@@ -32,7 +32,7 @@ from pipeline.tracking.lineage import training_run
 
 if TYPE_CHECKING:
     from torch import nn
-from pipeline.tracking.store import TrackingError, is_sqlite, open_existing, store_lock, tracking_uri, workspace_root
+from pipeline.tracking.store import TrackingError, is_sqlite, open_existing, sqlite_file, store_lock, tracking_uri
 
 PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -191,7 +191,8 @@ def register_model(
     if train_run is None:
         return None
     name = registered_name(model)
-    with store_lock(workspace_root()) if is_sqlite(tracking_uri()) else nullcontext():
+    uri = tracking_uri()
+    with store_lock(sqlite_file(uri)) if is_sqlite(uri) else nullcontext():
         before = _champion(client, name)
         version = _version_for_run(client, name, train_run, experiment_id, val_mse, test_mse, data_digest)
         if version is None:
