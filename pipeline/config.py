@@ -170,14 +170,15 @@ class EvaluateConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Where runs go; not a DVC dependency, so renaming the experiment reruns nothing."""
+    """Where runs go; only dvc.yaml's params check depends on it, so renaming the experiment retrains nothing."""
 
     experiment: str = Field(min_length=1, max_length=MAX_NAME)
     wait_seconds: float = Field(default=60.0, ge=0, le=MAX_WAIT)  # a server down at a stage's start is asked again this long
 
 
 class CheckpointConfig(_Strict):
-    """How often training saves a checkpoint; not a DVC dependency: it changes no output, so editing it reruns nothing."""
+    """How often training saves a checkpoint; it changes no output and only the params check depends on it: editing
+    it retrains nothing."""
 
     every_epochs: int = Field(default=1, ge=0)
     every_steps: int = Field(default=100, ge=0)
@@ -257,7 +258,8 @@ class PrunerConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """`./tasks.sh search`: the space an Optuna study draws from. No stage depends on it (editing it reruns nothing)."""
+    """`./tasks.sh search`: the space an Optuna study draws from. Only the params check depends on it (editing it
+    retrains nothing)."""
 
     space: dict[str, SearchRange] = Field(min_length=1)
     pruner: PrunerConfig = PrunerConfig(kind="median")
