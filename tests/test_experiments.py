@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -136,11 +135,10 @@ def test_queued_experiments_started_together_on_a_workspace_without_a_store(base
     each experiment, and four evaluates open the store together, cheaply."""
     from mlflow.tracking import MlflowClient
 
-    repo = clone(baseline, tmp_path / "repo")
     for number, busy in enumerate(ROUNDS_BUSY):
-        for leftover in ("mlflow.db", "mlflow.db.lock"):
-            (repo / leftover).unlink(missing_ok=True)
-        shutil.rmtree(repo / "mlartifacts", ignore_errors=True)
+        # a fresh copy each round: no store, and a store path this process's MLflow has no engine cached for
+        repo = clone(baseline, tmp_path / f"repo{number + 1}")
+        assert not (repo / "mlflow.db").exists()
         names = []
         for i in range(QUEUED_AT_ONCE):
             queued = dvc(repo, "exp", "run", "--queue", "-S", f"evaluate.plot_points={100 + 10 * (QUEUED_AT_ONCE * number + i)}")
