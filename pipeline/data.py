@@ -259,8 +259,8 @@ def read_truth(path: str | Path) -> Truth:
 def verify_digests(truth: Truth, files: Mapping[str, str | Path]) -> None:
     """Refuse, before any work, a split whose bytes are not those generate wrote (truth.json's md5 of it).
 
-    One md5 pass over each file (about 0.5 GB/s): a flipped byte or a value rewritten with
-    pandas leaves a readable file of the right shape, so only its digest tells it apart.
+    One md5 pass over each file (0.6 GB/s here: 1.4 ms for the default data). A flipped byte or a
+    value rewritten with pandas leaves a readable file of the right shape: only its digest tells.
     """
     for split, path in files.items():
         if not Path(path).exists():

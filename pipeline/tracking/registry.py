@@ -182,9 +182,9 @@ def register_model(
     an unbiased report; the test MSE is tagged and reported beside. A champion scored on other
     data is reported, not compared, and left alone. The registry has no lock, so the version is
     registered first (its scores as tags, in the same request) and then elected by `_elect`,
-    which repeats read-all / set / re-read until what it reads is stable: however many evaluates race on one server, the
-    last one to settle sees every version and leaves the alias on the best. The report says
-    what is true when this evaluate ends. The embedded store keeps its file lock around it
+    which repeats read-all / set / re-read until what it reads is stable: however many
+    evaluates race on one server, the last one to settle sees every version and leaves the
+    alias on the best. The report says what is true when this evaluate ends. The embedded store keeps its file lock around it
     (queued experiments evaluate in parallel on it), which makes the loop run once.
     """
     train_run = training_run(client, experiment_id, model, model_digest)
