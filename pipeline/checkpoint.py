@@ -5,10 +5,12 @@ best weights) as tensors, everything else (epoch, histories, scheduler state, th
 run id) as JSON in the file's header. No pickle. One file, written through
 `files.atomic_path`, so a checkpoint is either the old one or the new one, never half of each.
 
-The header also holds a format version and a `key`: a digest of what the result depends on
-(the stage's params, its dependency files: code and data). `load` returns None, with one
-line saying why, for a file that is missing, damaged, from another version of the project, or
-keyed to other params, data or code: the caller then trains from scratch.
+The header also holds a format version, a `key`: a digest of what the result depends on
+(the stage's params, its dependency files: code and data), and a `digest` over the whole content
+(key, JSON state and every tensor), so a changed epoch count or history is caught like a changed
+weight. `load` returns None, with one line saying why, for a file that is missing, damaged, from
+another version of the project, or keyed to other params, data or code: the caller then trains
+from scratch.
 
 `Checkpoints` is what a loop calls once per epoch (or per logged step): it saves every
 `every` epochs (no sooner than `min_seconds` after the last save), and, inside `deferring_interrupts()`, turns SIGINT/SIGTERM into "save at the
@@ -35,7 +37,7 @@ from safetensors.torch import save_file
 
 from pipeline.files import atomic_path, md5_file
 
-FORMAT = 1  # bump when the saved state changes shape: older files are then refused, not misread
+FORMAT = 2  # bump when the saved state changes shape: older files are then refused, not misread
 FOLDER = Path(".checkpoints")  # at the workspace root; ignored by git and DVC
 
 
@@ -85,9 +87,14 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes: catches damage inside the data, not only truncation."""
+def _digest(key: str, state: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the key, the JSON state and every tensor's name, dtype, shape and bytes.
+
+    The whole content: a resume trusts the epoch count and histories as much as the weights, so an
+    edited "done" or a flipped digit in a saved loss must be caught like damage inside a tensor.
+    """
     digest = hashlib.sha256()
+    digest.update(f"{len(key)}|{key}|{len(state)}|{state}|".encode())
     for name in sorted(tensors):
         t = tensors[name]
         digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
@@ -99,7 +106,8 @@ def save(path: Path, state: dict[str, Any], key: str) -> None:
     """Write `state` (nested dicts/lists of tensors and plain values) as one safetensors file, atomically."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(state, "s", tensors)
-    header = {"format": str(FORMAT), "key": key, "state": json.dumps(tree), "digest": _tensor_digest(tensors)}
+    text = json.dumps(tree)
+    header = {"format": str(FORMAT), "key": key, "state": text, "digest": _digest(key, text, tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
 
@@ -117,8 +125,8 @@ def load(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
             if header.get("key") != key:
                 return None, f"{path} belongs to other params, data or code than this run's"
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        if _tensor_digest(tensors) != header.get("digest"):
-            return None, f"{path} is damaged (its tensors do not match their digest)"
+        if _digest(key, header["state"], tensors) != header.get("digest"):
+            return None, f"{path} is damaged (its state or tensors do not match their digest)"
         return _join(json.loads(header["state"]), tensors), ""
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{running} run(s) still RUNNING are not shown", file=sys.stderr)
     rows = select(runs, args.limit, args.model or ())
     if not rows:
-        print(f"compare: no finished training runs in MLflow experiment {experiment!r} at {tracking.tracking_uri()}", file=sys.stderr)
+        print(f"compare: no finished training runs in MLflow experiment {experiment!r} at {tracking.redact(tracking.tracking_uri())}", file=sys.stderr)
     if rows or args.format in ("csv", "json"):
         sys.stdout.write(render(rows, args.format))
     return 0

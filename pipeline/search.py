@@ -5,8 +5,14 @@
     python -m pipeline.search --study lr-width --timeout 3600
     python -m pipeline.search --storage postgresql+psycopg://user@db/optuna   # a team's shared study
 
-Each trial is `dvc exp run -S key=value ... --name <study>-t<k>` (queued with --jobs > 1),
-so `dvc exp show` lists it and `dvc exp apply <study>-t<k>` restores it. The objective is
+Each trial is `dvc exp run --queue -S key=value ... --name <study>-t<k>`, run by
+`dvc queue start -j <jobs>` in a temp workspace of its own (.dvc/tmp/exps/): nothing rewrites
+its params.yaml while it trains (not another trial, not an edit or `dvc repro` in the
+workspace), so the params DVC and MLflow record for a trial are those it trained with. One
+search runs per workspace (search.lock); a clone joins a study through its storage. Trial k
+is drawn from the sampler seeded from (seed, k), so processes of one study draw different points.
+`dvc exp show` lists every trial and
+`dvc exp apply <study>-t<k>` restores it. The objective is
 train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
 split stays for reporting the chosen model. train@mlp reports its validation loss per
 epoch to the trial (pipeline/tracking/study.py) and stops when the pruner says so.
@@ -20,6 +26,7 @@ are marked FAILED first; a DVC experiment of such a trial may remain (`dvc exp r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -28,14 +35,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline import config
+from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError
 
 STORE_FILE = "optuna.db"
+LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
 DEFAULT_STUDY = "search"
 STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is not given
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
@@ -43,6 +53,7 @@ METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
 PRUNED_STAGE = "train@mlp"  # the stage a pruner cuts short
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
+KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 
 
 class SearchError(PipelineError):
@@ -52,7 +63,8 @@ class SearchError(PipelineError):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="finished trials the study should reach (default 20)")
-    parser.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (default 1; >1 queues them)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trials at once on this machine (default 1; >1 queues them; at most the usable cores)")
     parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default {DEFAULT_STUDY!r}); trials are <study>-t<k>")
     parser.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
     parser.add_argument("--storage", default=None,
@@ -64,8 +76,9 @@ def check_args(args: argparse.Namespace) -> None:
     """One line per bad option, before any work."""
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1, got {args.trials}")
-    if args.jobs < 1:
-        raise SearchError(f"--jobs must be at least 1, got {args.jobs}")
+    most = usable_cores()  # more trials at once than cores only slows each one down (and starts idle queue workers)
+    if not 1 <= args.jobs <= most:
+        raise SearchError(f"--jobs must be between 1 and {most} (the cores this process may use), got {args.jobs}")
     if args.timeout is not None and not args.timeout > 0:
         raise SearchError(f"--timeout must be a number of seconds above 0, got {args.timeout:g}")
     if not NAME.match(args.study):
@@ -76,6 +89,33 @@ def check_args(args: argparse.Namespace) -> None:
 def storage_url(given: str | None, root: Path) -> str:
     """--storage, else $OPTUNA_STORAGE (a team's PostgreSQL), else optuna.db beside the workspace's mlflow.db."""
     return given or os.environ.get(STORAGE_VAR) or f"sqlite:///{root / STORE_FILE}"
+
+
+@contextmanager
+def workspace_lock(root: Path, study: str) -> Iterator[None]:
+    """One search per workspace, or a refusal in one line before any work.
+
+    Trials run in the DVC queue's temp workspaces, and DVC's queue workers are shared by the
+    whole workspace: a worker started by one search would run another's trials with its own
+    environment (study, parent run). The lock (flock, gone with the process, even on SIGKILL)
+    keeps a second search out; a second machine, or a clone, joins a study through its storage.
+    """
+    handle = (root / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another search"
+            raise SearchError(f"{holder} is running in this workspace: one search at a time per workspace; wait for "
+                              "it to end, or run this one from a clone of the repository (its --storage may name the "
+                              "same study: then the two share the trials)") from None
+        handle.truncate(0)
+        handle.write(f"search of study {study!r} (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def describe_space(space: dict[str, config.SearchRange]) -> dict[str, str]:
@@ -107,9 +147,22 @@ def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
 
 
-def _tail(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else f"exit {proc.returncode}"
+def error_line(output: str) -> str:
+    """The real error in a DVC command's output (a queued experiment's log, or stderr): the failing stage's own
+    line (`train@mlp: training diverged: …`, the one line every stage ends with), else DVC's first `ERROR:` line,
+    else the last line. Never DVC's progress ("Reproducing experiment …"), which tells nothing."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR: ")]
+    if not errors:
+        return lines[-1] if lines else "no output"
+    first = errors[0].removeprefix("ERROR: ")
+    stage = re.match(r"failed to reproduce '([^']+)'", first)
+    own = [ln for ln in lines[:lines.index(errors[0])] if stage and ln.startswith(f"{stage.group(1)}: ")]
+    return own[-1] if own else first
+
+
+def _failure(proc: subprocess.CompletedProcess[str]) -> str:
+    return error_line(proc.stderr) if proc.stderr.strip() else error_line(proc.stdout)
 
 
 def _process_started() -> str:
@@ -142,9 +195,7 @@ class Search:
                 f"study {args.study!r} exists with another space ({_show(existing.user_attrs.get('space'))}; "
                 f"params.yaml now: {_show(described)}); pick a new --study or restore that space"
             )
-        done_before = len(existing.trials) if existing else 0
-        # Seeded, and reseeded by how far the study is, so a resume does not redraw the first points.
-        sampler = trial_env.make_sampler(cfg.seed + done_before)
+        sampler = trial_env.make_sampler(cfg.seed)  # trial k drawn from (seed, k): no process redraws another's points
         pruner_cfg = cfg.search.pruner.model_dump()
         self.study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler, direction="minimize",
                                          pruner=trial_env.make_pruner(pruner_cfg), load_if_exists=True)
@@ -152,7 +203,7 @@ class Search:
             self.study.set_user_attr("space", described)
             self.study.set_user_attr("pruner", pruner_cfg)
         self.failed_stale = self._fail_stale()
-        self.removed_stale = self._remove_stale_queued()
+        self.removed_stale = self._clear_queue()
         self.parent = open_study_run(cfg.mlflow.experiment, args.study, described, self.url)
         self.env = {**os.environ, trial_env.STORAGE_ENV: self.url, trial_env.STUDY_ENV: args.study,
                     trial_env.PARENT_ENV: self.parent.run_id}
@@ -173,15 +224,35 @@ class Search:
             failed += 1
         return failed
 
-    def _remove_stale_queued(self) -> list[str]:
-        """Drop this study's DVC queue entries still waiting for a trial that is over (a killed --jobs search):
-        run later, they would train points whose trials are already FAILED."""
+    def _clear_queue(self) -> list[str]:
+        """Make the workspace's DVC queue this search's own; the stale entries it removed or stopped.
+
+        This study's entries whose trial is over (a killed search's) are removed, or stopped when
+        running: they would train for FAILED trials. Entries of others, queued or running, refuse
+        the search in one line: their workers would run its trials with their environment (no
+        study, another parent run). Idle workers are told to stop, for the same reason; this
+        search starts its own.
+        """
         from optuna.trial import TrialState
 
         pattern = re.compile(rf"^{re.escape(self.args.study)}-t(\d+)$")
         running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        stale = [n for n in queued_names(self.root) if (m := pattern.match(n)) and int(m.group(1)) not in running]
-        return remove_queued(self.root, stale)
+        busy = {n: state for n, (state, _) in experiments_state(self.root).items() if state in ("queued", "running")}
+        stale = [n for n in busy if (m := pattern.match(n)) and int(m.group(1)) not in running]
+        removed, stopped = stop_trials(self.root, stale)
+        # those stopped, and any that was ending as it was killed: wait until they are over
+        deadline, left = time.monotonic() + KILL_WAIT_S, [n for n in stale if n not in removed]
+        while left and time.monotonic() < deadline:
+            time.sleep(2)
+            now = experiments_state(self.root)
+            left = [n for n in left if now.get(n, ("", None))[0] in ("queued", "running")]
+        others = sorted(n for n in busy if n not in stale) + left
+        if others:
+            raise SearchError(f"the DVC queue of this workspace is busy ({', '.join(others)}): its workers would run "
+                              "this search's trials without the search's settings; wait for them (dvc exp show) or "
+                              "stop them (dvc queue kill <name>) first")
+        _dvc(self.root, "queue", "stop")
+        return removed + stopped
 
     def finished(self) -> int:
         """Trials that count towards --trials: COMPLETE and PRUNED."""
@@ -205,38 +276,37 @@ class Search:
             trial.set_user_attr(key, value)
         return trial, name, point
 
-    def run_workspace(self, name: str, point: dict[str, Any]) -> tuple[float | None, str]:
-        """One trial in the workspace (`dvc exp run`); (objective or None, error line)."""
-        proc = _dvc(self.root, "exp", "run", *set_args(point), "--name", name, env=self.env)
-        if proc.returncode != 0:
-            return None, _tail(proc)
-        return float(json.loads((self.root / METRICS).read_text())[OBJECTIVE]), ""
-
-    def run_queued(self, batch: list[tuple[Any, str, dict[str, Any]]]) -> list[tuple[float | None, str]]:
-        """A batch of trials through the DVC queue, `dvc queue start -j J`; wait for all, read `dvc exp show`."""
+    def run_batch(self, batch: list[tuple[Any, str, dict[str, Any]]]) -> list[tuple[float | None, str]]:
+        """Trials through the DVC queue (`dvc queue start -j J`), each in a temp workspace of its own; wait for all
+        of them in `dvc exp show --json`; (objective or None, error line) per trial."""
         for _, name, point in batch:
-            proc = _dvc(self.root, "exp", "run", "--queue", *set_args(point), "--name", name, env=self.env)
+            # --wait-for-lock: queueing holds the repo lock a moment; another search queueing then waits its turn
+            proc = _dvc(self.root, "--wait-for-lock", "exp", "run", "--queue", *set_args(point), "--name", name,
+                        env=self.env)
             if proc.returncode != 0:
-                raise SearchError(f"cannot queue trial {name}: {_tail(proc)}")
-        proc = _dvc(self.root, "queue", "start", "-j", str(self.args.jobs), env=self.env)
-        if proc.returncode != 0:
-            raise SearchError(f"dvc queue start failed: {_tail(proc)}")
-        names = {name for _, name, _ in batch}
+                raise SearchError(f"cannot queue trial {name}: {_failure(proc)}")
+        names, polls = [name for _, name, _ in batch], 0
         while True:
-            status = _dvc(self.root, "queue", "status").stdout
-            busy = [ln for ln in status.splitlines() if any(s in ln for s in ("Queued", "Running"))
-                    and any(re.search(rf"\b{re.escape(n)}\b", ln) for n in names)]
-            if not busy:
+            found = experiments_state(self.root)
+            states = {found.get(n, ("failed", None))[0] for n in names}
+            if "queued" in states and polls % 5 == 0:
+                # now and then while one of ours waits: a worker that went idle and quit just as we queued would
+                # leave it stranded (workers already running are not started twice)
+                proc = _dvc(self.root, "queue", "start", "-j", str(self.args.jobs), env=self.env)
+                if proc.returncode != 0:
+                    raise SearchError(f"dvc queue start failed: {_failure(proc)}")
+            elif not states & {"queued", "running"}:
                 break
+            polls += 1
             time.sleep(2)
-        found = _exp_metrics(self.root)
         out = []
         for _, name, _ in batch:
-            if name in found and found[name] is not None:
-                out.append((found[name], ""))
+            state, value = found.get(name, ("failed", None))
+            if state != "failed" and value is not None:
+                out.append((value, ""))
             else:
                 logs = _dvc(self.root, "queue", "logs", name)
-                out.append((None, _tail(logs) if logs.returncode == 0 else "the queued experiment failed"))
+                out.append((None, error_line(logs.stdout) if logs.returncode == 0 else _failure(logs)))
         return out
 
     def tell(self, trial: Any, name: str, point: dict[str, Any], value: float | None, error: str) -> str:
@@ -299,44 +369,40 @@ def forget_pruned_outputs(root: Path, exp_name: str) -> int:
     return removed
 
 
-def queued_names(root: Path) -> list[str]:
-    """The names of the DVC queue's entries still waiting (`dvc queue status`: Task Name Created... Status)."""
-    if not (root / ".dvc" / "tmp" / "exps" / "celery").is_dir():
-        return []  # no experiment was ever queued here: spare the dvc call
-    proc = _dvc(root, "queue", "status")
-    if proc.returncode != 0:
-        raise SearchError(f"dvc queue status failed: {_tail(proc)}")
-    rows = [ln.split() for ln in proc.stdout.splitlines()[1:]]
-    return [row[1] for row in rows if len(row) > 2 and row[-1] == "Queued"]
-
-
-def remove_queued(root: Path, names: Sequence[str]) -> list[str]:
-    """`dvc queue remove` these entries; the names removed (an entry that has started meanwhile stays).
-
-    Best effort: it runs while a search is being stopped, where a failing `dvc` must not hide why.
-    """
-    try:
-        waiting = [n for n in queued_names(root) if n in set(names)] if names else []
-    except SearchError:
-        return []
-    if waiting and _dvc(root, "queue", "remove", *waiting).returncode != 0:
-        return []
-    return waiting
-
-
-def _exp_metrics(root: Path) -> dict[str, float | None]:
-    """{experiment name: its train@mlp best_val_loss} from `dvc exp show --json` (the experiments' own metrics)."""
+def experiments_state(root: Path) -> dict[str, tuple[str, float | None]]:
+    """{experiment name: (state, train@mlp's best_val_loss)} of the workspace's experiments, from
+    `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed), success for
+    an experiment run outside the queue."""
     proc = _dvc(root, "exp", "show", "--json")
     if proc.returncode != 0:
-        raise SearchError(f"dvc exp show failed: {_tail(proc)}")
-    out: dict[str, float | None] = {}
+        raise SearchError(f"dvc exp show failed: {_failure(proc)}")
+    out: dict[str, tuple[str, float | None]] = {}
     for baseline in json.loads(proc.stdout):
         for exp in baseline.get("experiments") or []:
             rev = exp["revs"][0]
+            name = exp.get("name") or rev.get("name")
+            state = (exp.get("executor") or {}).get("state") or ("failed" if rev.get("error") else "success")
             data = ((rev.get("data") or {}).get("metrics") or {}).get(METRICS, {}).get("data") or {}
-            if rev.get("name"):
-                out[rev["name"]] = data.get(OBJECTIVE)
+            if name:
+                out[name] = (state, data.get(OBJECTIVE))
     return out
+
+
+def stop_trials(root: Path, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`dvc queue remove` these entries still waiting and `dvc queue kill` those running (as Ctrl-C would):
+    (removed, stopped). Best effort: it runs while a search is being stopped, where a failing `dvc` must not
+    hide why."""
+    try:
+        found = experiments_state(root) if names else {}
+    except SearchError:
+        return [], []
+    waiting = [n for n in names if found.get(n, ("", None))[0] == "queued"]
+    running = [n for n in names if found.get(n, ("", None))[0] == "running"]
+    if waiting and _dvc(root, "queue", "remove", *waiting).returncode != 0:
+        waiting = []
+    if running and _dvc(root, "queue", "kill", *running).returncode != 0:
+        running = []
+    return waiting, running
 
 
 def _show(space: Any) -> str:
@@ -344,13 +410,20 @@ def _show(space: Any) -> str:
 
 
 def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
-    """The search loop: ask, run as DVC experiments, tell, print; until --trials are finished or --timeout."""
+    """The search, holding the workspace's lock: ask, run as DVC experiments, tell, print; until --trials are
+    finished or --timeout."""
+    with workspace_lock(root, args.study):
+        return _search(args, cfg, root)
+
+
+def _search(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
+    """The loop of `run`."""
     search = Search(args, cfg, root)
     start = time.monotonic()
     print(f"search: study {args.study!r} in {_hide(search.url)}: "
           f"{search.finished()} of {args.trials} trials finished"
           + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else "")
-          + (f"; stale queued trial(s) {', '.join(search.removed_stale)} removed from the DVC queue"
+          + (f"; stale trial(s) {', '.join(search.removed_stale)} cleared from the DVC queue (their trials are over)"
              if search.removed_stale else ""),
           flush=True)
     failures, complete = 0, False
@@ -368,20 +441,18 @@ def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
                 continue
             batch = [search.ask() for _ in range(min(args.jobs, left))]
             try:
-                if args.jobs == 1:
-                    results = [search.run_workspace(batch[0][1], batch[0][2])]
-                else:
-                    results = search.run_queued(batch)
+                results = search.run_batch(batch)
             except BaseException:  # Ctrl-C, SIGTERM or an error: these trials end FAILED, not RUNNING
                 from optuna.trial import TrialState
 
                 for trial, _, _ in batch:
                     search.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                if args.jobs > 1:  # and the queue forgets those not started, which would run for FAILED trials
-                    removed = remove_queued(root, [name for _, name, _ in batch])
-                    if removed:
-                        print(f"search: removed queued trial(s) {', '.join(removed)} from the DVC queue",
-                              file=sys.stderr, flush=True)
+                # and the queue forgets them: run later, or on, they would train for FAILED trials
+                removed, stopped = stop_trials(root, [name for _, name, _ in batch])
+                said = ([f"removed queued trial(s) {', '.join(removed)} from the DVC queue"] if removed else []) \
+                    + ([f"stopped running trial(s) {', '.join(stopped)} (dvc queue kill)"] if stopped else [])
+                if said:
+                    print(f"search: {'; '.join(said)}", file=sys.stderr, flush=True)
                 raise
             for (trial, name, point), (value, error) in zip(batch, results):
                 state = search.tell(trial, name, point, value, error)
@@ -420,9 +491,10 @@ def _point(point: dict[str, Any]) -> str:
 
 
 def _hide(url: str) -> str:
-    from pipeline.tracking.study import _without_password
+    """The storage URL with its credentials shown as *** (the one redaction of pipeline/tracking)."""
+    from pipeline.tracking.store import redact
 
-    return _without_password(url)
+    return redact(url)
 
 
 def _terminate(signum: int, _frame: Any) -> None:

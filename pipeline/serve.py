@@ -1,11 +1,12 @@
 """Serve a model's registered champion over HTTP: `python -m pipeline.serve [model]` (`./tasks.sh serve`).
 
-Runs MLflow's own `mlflow models serve` on `models:/regression-<model>@champion`
-from the store every stage uses (MLFLOW_TRACKING_URI, else the workspace's
-mlflow.db), in this environment (`--env-manager local`), on 127.0.0.1 and the
-port in PORT (default 5002, so it runs beside `./tasks.sh ui` on 5000). A bad
-model name, a bad or taken port, or a missing champion is one line on stderr
-before MLflow starts; the URL is printed once the server answers.
+Serves `models:/regression-<model>@champion` from the store every stage uses
+(MLFLOW_TRACKING_URI, else the workspace's mlflow.db) with MLflow's own scoring app,
+what `mlflow models serve --env-manager local` runs, behind limits on a request's
+size and JSON nesting (pipeline/tracking/serving.py: 413 or 400, one line), on
+127.0.0.1 and the port in PORT (default 5002, so it runs beside `./tasks.sh ui` on
+5000). A bad model name, a bad or taken port, or a missing champion is one line on
+stderr before MLflow starts; the URL is printed once the server answers.
 
     curl -s http://127.0.0.1:5002/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]}'
@@ -14,7 +15,6 @@ before MLflow starts; the URL is printed once the server answers.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -26,7 +26,7 @@ DEFAULT_MODEL = "mlp"
 
 
 def command(model: str, port: str) -> tuple[list[str], str]:
-    """The `mlflow models serve` command line for `model`'s champion, and a line saying what it serves.
+    """The model server's command line for `model`'s champion, and a line saying what it serves.
 
     Raises PipelineError on bad input.
     """
@@ -37,10 +37,9 @@ def command(model: str, port: str) -> tuple[list[str], str]:
     from pipeline import tracking
 
     uri, version = tracking.champion(model)
-    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    cmd = [mlflow, "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", port]
+    cmd = [sys.executable, "-m", "pipeline.tracking.serving", uri, "--host", "127.0.0.1", "--port", port]
     name = tracking.registered_name(model)
-    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.tracking_uri()}"
+    return cmd, f"serve: {name} version {version} (alias @{tracking.CHAMPION}) from {tracking.redact(tracking.tracking_uri())}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,8 @@ def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 @pytest.fixture
 def stage_start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """How the test's stages start, set by indirect parametrization: 'warm' (from the session's server, as everywhere)
-    or 'cold' (PIPELINE_WARM=0: each stage a process of its own). The signal, resume, outage and fault tests run both."""
+    or 'cold' (PIPELINE_WARM=0: each stage a process of its own). The interrupt, resume and fault tests run
+    both (cold where the stage being its own process changes what is tested); the rest start warm."""
     start: str = getattr(request, "param", "warm")
     if start == "cold":
         monkeypatch.setenv("PIPELINE_WARM", "0")  # the environment every command of the test gets (run_env)

@@ -796,6 +796,74 @@ def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[di
             warm.stop()
 
 
+def edit_checkpoint_state(path: Path, edit: Callable[[str], str]) -> None:
+    """Rewrite the JSON state in a checkpoint's safetensors header with `edit`, as a hand with an editor would:
+    the file stays valid safetensors (header length and padding fixed), its tensors and digest untouched."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    before = header["__metadata__"]["state"]
+    header["__metadata__"]["state"] = edit(before)
+    assert header["__metadata__"]["state"] != before, "the edit changed nothing"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def post_chunked(url: str, chunks: list[bytes], content_type: str) -> tuple[int, str]:
+    """POST a body in chunks (Transfer-Encoding: chunked, no Content-Length) to /invocations; status and body."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        conn.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": content_type},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def trial_runs_against_experiments(repo: Path, study: str) -> dict[str, tuple[dict[str, Any], dict[str, Any], str]]:
+    """{DVC experiment: (its train@mlp MLflow run's mlp params, the experiment's mlp params, the run's weights digest
+    == the experiment's dvc.lock md5 ? 'same' : 'differ')} for every train@mlp run of `study` in the workspace's store:
+    what a run says it trained with against what DVC recorded for the same weights."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("regression").experiment_id
+    exps = experiments(repo)
+    out = {}
+    for run in client.search_runs([exp_id], filter_string=f"tags.`search.study` = '{study}' and tags.stage = 'train@mlp'"):
+        name = run.data.tags["dvc.exp_name"]
+        lock = yaml.safe_load(sh(repo, "git", "show", f"{exps[name]['rev']}:dvc.lock").stdout)
+        md5 = next(o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".safetensors"))
+        logged = {k: v for k, v in run.data.params.items() if k.startswith("mlp.")}
+        recorded = {k: str(_dotted(exps[name]["params"], k)) for k in logged}
+        out[name] = (logged, recorded, "same" if run.data.tags.get("model.digest") == md5 else "differ")
+    return out
+
+
+def _dotted(params: dict[str, Any], key: str) -> Any:
+    """params['a']['b'] for 'a.b' (None where absent): the nested params by the dotted name MLflow logs them under."""
+    for part in key.split("."):
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
+
+
+def create_user(server: Server, admin: tuple[str, str], user: tuple[str, str]) -> None:
+    """Create a user who is not an admin on a basic-auth `server`, as docs/team.md does (the auth app's REST API)."""
+    created = json.loads(server.request("/api/2.0/mlflow/users/create", {"username": user[0], "password": user[1]},
+                                        auth=admin))
+    assert created["user"] == {"id": created["user"]["id"], "is_admin": False, "username": user[0]}, created
+
+
+def files_holding(secret: str, *roots: Path) -> list[Path]:
+    """Every file under `roots` (or a root that is a file) whose bytes hold `secret`, as written or URL-quoted."""
+    needles = {secret.encode(), urllib.parse.quote(secret, safe="").encode()}
+    files = [f for root in roots for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()]
+    return [f for f in files if any(n in f.read_bytes() for n in needles)]
+
+
 @contextmanager
 def busy_cpus(count: int | None = None) -> Iterator[int]:
     """Keep `count` CPUs (default: every one) busy with spinning processes for a block; they are killed after it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint, models, training
+from tests.helpers import edit_checkpoint_state
 
 
 class Stop(Exception):
@@ -89,11 +91,14 @@ def test_nested_state_round_trips_without_pickle(tmp_path: Path) -> None:
     (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "damaged or truncated"),
     (lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 0xFF])), "do not match their digest"),
     (lambda p: p.write_bytes(b"not a checkpoint"), "damaged or truncated"),
-])
+    (lambda p: p.write_bytes(p.read_bytes().replace(b'[\\"done\\", 121]', b'[\\"done\\", 131]')), "its state or tensors"),
+], ids=["truncated", "a tensor byte", "not safetensors", "done 121 -> 131"])
 def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path: Path, damage: Any, reason: str) -> None:
     path = tmp_path / "ck.safetensors"
-    checkpoint.save(path, {"w": torch.arange(64.0)}, "k")
+    checkpoint.save(path, {"w": torch.arange(64.0), "done": 121}, "k")
+    before = path.read_bytes()
     damage(path)
+    assert path.read_bytes() != before
     saved, why = checkpoint.load(path, "k")
     assert saved is None and reason in why and str(path) in why and "\n" not in why
 
@@ -146,3 +151,20 @@ def test_an_unwritable_checkpoint_says_so_once_and_training_goes_on(tmp_path: Pa
     hook(2, lambda: {"done": 2})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "training goes on" in lines[0]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("edit", [
+    lambda s: s.replace('["done", 3]', '["done", 13]'),  # resume ten epochs later than the weights are
+    lambda s: re.sub(r'(\["train_loss", \[\d+\.)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), s, count=1),
+    lambda s: s.replace('"r1"', '"r2"'),  # another run id: the resumed stage would log into another run
+], ids=["done", "history digit", "run id"])
+def test_an_edited_state_is_refused_like_damaged_tensors(tmp_path: Path, edit: Any) -> None:
+    """The digest covers the JSON state (epoch, histories, scheduler, run id) as well as the tensors."""
+    path = tmp_path / "ck.safetensors"
+    with pytest.raises(Stop):
+        fit_mlp(stop_after(path, 3))
+    assert checkpoint.load(path, "k")[0] is not None
+    edit_checkpoint_state(path, edit)
+    saved, why = checkpoint.load(path, "k")
+    assert saved is None and why == f"{path} is damaged (its state or tensors do not match their digest)"

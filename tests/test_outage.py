@@ -45,7 +45,6 @@ def _server_runs(uri: str) -> list[Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage_start", ["warm", "cold"], indirect=True)
 def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(
     tmp_path: Path, spawn: Any, stage_start: str,
 ) -> None:
@@ -196,6 +195,28 @@ def test_unwritable_and_locked_store_fail_in_one_line(baseline: Path, tmp_path: 
         subprocess.run(["chattr", "-i", str(db)], check=True)
     (line,) = proc.stderr.splitlines()
     assert proc.returncode == 1 and "attempt to write a readonly database" in line and "lsattr" in line
+
+
+@pytest.mark.slow
+def test_a_store_locked_mid_run_is_one_line_without_mlflow_tracebacks(
+    baseline: Path, tmp_path: Path, spawn: Any, stage_start: str,
+) -> None:
+    repo = copy_with_store(baseline, tmp_path / "repo")
+    set_params(repo, {"mlp.epochs": 60, "mlp.patience": 60, "mlp.batch_size": 8})  # still training once RUNNING
+    stage = spawn([sys.executable, "-m", "stages", "train", "mlp"], repo)
+    wait_for_running(repo, "train@mlp", stage)
+    con = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # another process holds the store past MLflow's 20 s busy timeout
+    try:
+        _, err = stage.communicate(timeout=600)
+    finally:
+        con.close()
+    lines = err.splitlines()
+    assert stage.returncode == 0 and "Traceback" not in err and "SQLAlchemy" not in err, err[:3000]
+    assert len(lines) == 2 and lines[1].startswith("train@mlp: run by hand"), err[:3000]
+    assert lines[0].startswith("train@mlp: the MLflow store failed during the run (database is locked); the run "
+                               "(FINISHED) is kept in .mlflow-spool/"), lines[0]
+    assert all((repo / out).is_file() for out in TRAIN_OUTS)
 
 
 def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

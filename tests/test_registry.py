@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import serve, tracking
 from pipeline.errors import PipelineError
-from tests.helpers import background, dvc, free_port, run_env, set_params
+from tests.helpers import background, dvc, free_port, post, post_chunked, run_env, set_params
 
 EXPERIMENT = "registry-test"
 DATA, OTHER_DATA = "d" * 32, "e" * 32
@@ -162,6 +162,53 @@ def _serve(project: Path, model: str, rows: list[list[float]]) -> tuple[list[flo
         else:
             raise AssertionError(f"no line {ready!r} in:\n{log.read_text(errors='replace')}")
     return [p[0] for p in answer["predictions"]], log.read_text()
+
+
+def test_request_limits_count_structure_and_numbers_not_strings() -> None:
+    from pipeline.tracking.serving import MAX_DEPTH, MAX_DIGITS, json_problem
+
+    assert json_problem(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH) == ""
+    assert "nested more than" in json_problem(b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1))
+    assert json_problem(b'{"inputs": [["' + b"[{" * 100 + b'\\"' + b"7" * 5000 + b'"]]}') == ""  # inside a string
+    assert json_problem(b"[[" + b"7" * MAX_DIGITS + b"]]") == ""
+    assert f"more than {MAX_DIGITS} digits" in json_problem(b"[[" + b"7" * (MAX_DIGITS + 1) + b"]]")
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_served_champion_refuses_huge_or_deep_requests_in_one_line(workspace: Path, request: pytest.FixtureRequest) -> None:
+    """A body over the cap is 413, JSON nested too deep or a number of thousands of digits 400: one line, no traceback
+    in the server's log, and the server answers the next request (MLflow alone answered such bodies 500)."""
+    from pipeline.tracking.serving import MAX_BODY_BYTES, MAX_DEPTH, MAX_DIGITS
+
+    _register("mlp", _trained("mlp"), 1.0)  # a champion of 3 features
+    port = str(free_port())
+    url, log, good = f"http://127.0.0.1:{port}", workspace / "serve.log", b'{"inputs": [[0.5, 0.5, 0.5]]}'
+    row = b"[0.5, 0.5, 0.5],"
+    cases: dict[str, tuple[Any, str, int, str]] = {  # name -> (body or chunks, content type, status, the line says)
+        "20 MB integer": (b'{"inputs": [[' + b"7" * 20_000_000 + b", 1, 1]]}", "application/json", 413,
+                          f"the request body has 20000022 bytes; at most {MAX_BODY_BYTES} bytes are accepted"),
+        "rows over the cap": (b'{"inputs": [' + row * (MAX_BODY_BYTES // len(row)) + b"[0.5, 0.5, 0.5]]}",
+                              "application/json", 413, "send the rows in smaller batches"),
+        "20 MB integer as CSV": (b"x0,x1,x2\n" + b"7" * 20_000_000 + b",1,1\n", "text/csv", 413, "at most"),
+        "nested 5,000 deep": (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
+                              f"nested more than {MAX_DEPTH} levels deep; at most {MAX_DEPTH} are accepted"),
+        "an integer of 5,000 digits": (b'{"inputs": [[' + b"7" * 5000 + b", 1, 1]]}", "application/json", 400,
+                                       f"a number of more than {MAX_DIGITS} digits"),
+        "chunked, over the cap": ([b'{"inputs": [' + row * 100_000] * 11, "application/json", 413,  # no length given
+                                  f"the request body has more than {MAX_BODY_BYTES} bytes"),
+    }
+    with background([sys.executable, "-m", "pipeline.serve", "mlp"], f"{url}/health", log, workspace,
+                    run_env(PORT=port, DVC_ROOT=str(workspace))):
+        answers = {name: post_chunked(url, body, kind) if isinstance(body, list) else post(url, body, kind)
+                   for name, (body, kind, _, _) in cases.items()}
+        assert post(url, good, "application/json")[0] == 200  # still serving
+    for name, (_, _, status, says) in cases.items():
+        got, body = answers[name]
+        assert got == status and "\n" not in body.strip() and says in json.loads(body)["message"], (name, got, body[:500])
+    served = log.read_text()
+    assert "Traceback" not in served and " 500 " not in served, served[-3000:]
+    request.node.user_properties.append(("bad_input_cases", len(cases)))
 
 
 @pytest.mark.slow

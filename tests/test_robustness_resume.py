@@ -6,6 +6,7 @@ Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import clone, dvc, output_of, runs, set_params
+from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, runs, set_params
 
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
@@ -80,8 +81,10 @@ def resumed_from(text: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "nproc", "stage_start"), [
-    (sig, nproc, start) for start, nprocs in (("warm", (1, 2)), ("cold", (1,))) for nproc in nprocs
-    for sig in (signal.SIGKILL, signal.SIGTERM)  # data-parallel ranks start cold anyway (torchrun's variables)
+    *((sig, nproc, "warm") for nproc in (1, 2) for sig in (signal.SIGKILL, signal.SIGTERM)),
+    # cold: SIGKILL reaches the stage process itself, not a client (SIGTERM cold: test_robustness_interrupts);
+    # data-parallel ranks start cold anyway (torchrun's variables)
+    (signal.SIGKILL, 1, "cold"),
 ], ids=lambda v: {1: "single", 2: "data-parallel"}.get(v, getattr(v, "name", v)), indirect=["stage_start"])
 def test_killed_training_resumes_to_the_same_outputs_and_the_same_run(
     baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]],
@@ -135,6 +138,25 @@ def test_a_checkpoint_of_other_params_or_a_damaged_one_is_not_used(
     assert "resuming from" not in text and "Traceback" not in text
     statuses = sorted(r.info.status for r in runs(repo) if r.data.tags.get("stage") == "train@mlp")
     assert statuses == ["FINISHED", "FINISHED", "KILLED"]  # no resumed run: each rerun opened its own
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_a_checkpoint_with_edited_state_is_refused_and_training_starts_over(
+    baseline: Path, tmp_path: Path, spawn: Any, reference: dict[int, list[dict[str, Any]]],
+) -> None:
+    """The issue's case end to end ("done" moved ten epochs on); every other edit: tests/test_checkpoint.py."""
+    repo = clone(baseline, tmp_path / "repo")
+    set_params(repo, LONG)
+    kill_mid_training(repo, spawn, signal.SIGTERM)
+    edit_checkpoint_state(repo / CHECKPOINT,  # a valid file, its tensors and digest as saved
+                          lambda s: re.sub(r'\["done", (\d+)\]', lambda m: f'["done", {int(m[1]) + 10}]', s))
+    text = output_of(dvc(repo, "repro", "train@mlp"))
+    lines = [line for line in text.splitlines() if "checkpoint not used" in line]
+    assert lines == [f"train@mlp: checkpoint not used: {CHECKPOINT} is damaged (its state or tensors do not match "
+                     "their digest); training from scratch"]
+    assert "resuming from" not in text and "Traceback" not in text
+    assert mlp_outs(repo) == reference[1]  # the clean run's bytes: no epoch skipped, no loss from the edited history
 
 
 @pytest.mark.slow

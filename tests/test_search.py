@@ -22,7 +22,10 @@ import pytest
 import yaml
 
 from pipeline import config
-from tests.helpers import PG_PASSWORD, PG_USER, copy_project, dvc, experiments, pg_bin, run_checked, run_env, sh, tiny_params
+from tests.helpers import (
+    PG_PASSWORD, PG_USER, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
+    tiny_params, trial_runs_against_experiments,
+)
 
 # An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
 # the median of one finished trial decides from the first epoch on.
@@ -101,7 +104,7 @@ def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path:
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})
     for args, fragment in (
         (["--trials", "0"], "--trials must be at least 1, got 0"),
-        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--jobs", "0"], "--jobs must be between 1 and"),
         (["--study", "a b"], "--study 'a b': a name of letters"),
         (["--timeout", "-1"], "--timeout must be a number of seconds above 0"),
     ):
@@ -117,6 +120,29 @@ def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path:
     assert "study 'old' exists with another space (mlp.lr: log [0.001, 0.1]" in proc.stderr
     assert not (repo / "mlflow.db").exists(), "nothing ran before the line"
     assert experiments(repo) == {}
+
+
+@pytest.mark.bad_input
+def test_too_many_jobs_and_a_bad_storage_are_one_line_before_any_work(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    repo = copy_project(tmp_path / "repo", {"search": SEARCH})
+    cores, port = len(os.sched_getaffinity(0)), free_port()  # nothing listens on that port
+    cases = (
+        (["--jobs", str(cores + 1)], 2, f"--jobs must be between 1 and {cores} (the cores this process may use), got {cores + 1}"),
+        (["--storage", "not-a-url"], 1, "Optuna storage 'not-a-url' is not a database URL; use sqlite:///<path> or postgresql"),
+        (["--storage", "mysql://u@127.0.0.1/optuna"], 1, "mysql is not supported; use sqlite:///<path> or postgresql"),
+        (["--storage", f"sqlite:///{tmp_path / 'absent' / 'o.db'}"], 1, f"folder {tmp_path / 'absent'} does not exist"),
+        (["--storage", f"sqlite:///{repo / 'params.yaml'}"], 1, "cannot be opened (file is not a database); give a new file"),
+        (["--storage", f"postgresql+psycopg://u:pw-never-shown@127.0.0.1:{port}/optuna"], 1,
+         f"postgresql+psycopg://***@127.0.0.1:{port}/optuna cannot be opened (connection failed: connection to server "
+         f'at "127.0.0.1", port {port} failed: Connection refused); check that the server runs'),
+    )
+    for args, code, fragment in cases:
+        proc = _search(repo, *args, check=False)
+        assert proc.returncode == code and proc.stderr.count("\n") == 1 and fragment in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.startswith("search: ") and "pw-never-shown" not in proc.stdout + proc.stderr
+    assert not (repo / "mlflow.db").exists() and not (repo / "optuna.db").exists(), "nothing ran before the line"
+    assert experiments(repo) == {}
+    request.node.user_properties.append(("bad_input_cases", len(cases)))
 
 
 @pytest.mark.slow
@@ -198,7 +224,9 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_search_resumes(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+    # seed 2: trials 0, 1 and 2 draw three different points (a point drawn again comes from DVC's run cache, and
+    # trial 1 must train to be killed while it does)
+    repo = copy_project(tmp_path / "repo", {**TRIAL_PARAMS, "seed": 2})
     cmd = [sys.executable, "-m", "pipeline.search", "--trials", "2", "--study", "k"]
     proc = subprocess.Popen(cmd, cwd=repo, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -227,7 +255,7 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
     assert after[1].state.name == "FAIL"
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after.values()) == 2 and len(after) == 3
     assert not [t for t in after.values() if t.state.name == "RUNNING"]
-    # the resumed sampler is reseeded: seeded as the first run, it would draw trial 0's point again
+    # trial k is drawn from (seed, k): the resumed search does not draw trial 0's point again
     assert after[2].params != after[0].params
 
 
@@ -246,7 +274,7 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
     first = subprocess.Popen(cmd, cwd=repos[0], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         opening = first.stdout.readline()  # the study and its MLflow parent exist: the second joins them
-        assert "search: study 'team' in postgresql+psycopg://mlflow:***@" in opening, opening + first.stderr.read()
+        assert "search: study 'team' in postgresql+psycopg://***@" in opening, opening + first.stderr.read()
         second = sh(repos[1], *cmd, env=env, timeout=1200)
         out, err = first.communicate(timeout=1200)
     finally:
@@ -282,11 +310,12 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
 
 @pytest.mark.slow
 def test_restart_removes_the_studys_stale_queued_trials(tmp_path: Path) -> None:
-    """A killed --jobs search can leave entries queued: the next start drops those whose trial is over, only those."""
+    """A killed search can leave entries queued: the next start drops those whose trial is over, only those; entries
+    of others refuse it in one line (their workers would run its trials), and once they are gone it starts."""
     import optuna
 
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})
-    from pipeline.search import describe_space
+    from pipeline.search import describe_space, experiments_state
 
     study = optuna.create_study(study_name="q", storage=f"sqlite:///{repo / 'optuna.db'}")
     study.set_user_attr("space", describe_space(config.parse(tiny_params() | {"search": SEARCH}).search.space))
@@ -297,11 +326,14 @@ def test_restart_removes_the_studys_stale_queued_trials(tmp_path: Path) -> None:
     for name in ("q-t0", "q-t1", "other"):
         dvc(repo, "exp", "run", "--queue", "-S", "mlp.lr=0.01", "--name", name)
 
+    proc = _search(repo, "--study", "q", "--trials", "1", "--timeout", "1e-9", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "search: the DVC queue of this workspace is busy (other, q-t1): its workers would run" in proc.stderr
+    assert {n for n, (state, _) in experiments_state(repo).items() if state == "queued"} == {"q-t1", "other"}
+
+    dvc(repo, "queue", "remove", "q-t1", "other")
     proc = _search(repo, "--study", "q", "--trials", "1", "--timeout", "1e-9")
-    assert "stale queued trial(s) q-t0 removed from the DVC queue" in proc.stdout, proc.stdout
     assert "--timeout 1e-09 s reached" in proc.stdout, proc.stdout
-    status = dvc(repo, "queue", "status").stdout
-    assert "q-t0" not in status and "q-t1" in status and "other" in status, status
 
 
 def test_on_epoch_stops_fit_and_keeps_the_best_weights() -> None:
@@ -328,3 +360,117 @@ def test_on_epoch_stops_fit_and_keeps_the_best_weights() -> None:
     assert cut.history.step == [0, 1, 2] and cut.stopped_early
     assert cut.history.val_loss == full.history.val_loss[:3]
     assert training.mse(cut.model, X_val, y_val).item() == pytest.approx(min(cut.history.val_loss))
+
+
+# A failing stage's log as `dvc queue logs` gives it (the stage's own line, then DVC's), and DVC's own failure.
+QUEUE_LOG = """Reproducing experiment 'w-t0'
+WARNING: No file hash info found for '/tmp/x/.dvc/tmp/exps/tmp5_1fg83t/models/mlp.safetensors'. It won't be created.
+Stage 'generate' is cached - skipping run, checking out outputs
+Running stage 'train@mlp':
+> python -m stages train mlp
+train@mlp: training diverged: the loss became inf at step 1; try a smaller mlp.lr (now 1e+30, e.g. 1e+29). No model was written.
+ERROR: failed to reproduce 'train@mlp': failed to run: python -m stages train mlp, exited with 1
+ERROR: failed to reproduce 'train@mlp': failed to run: python -m stages train mlp, exited with 1
+"""
+
+
+def test_a_failed_trials_line_is_its_real_error() -> None:
+    from pipeline.search import error_line
+
+    assert error_line(QUEUE_LOG).startswith("train@mlp: training diverged: the loss became inf at step 1")
+    traceback = QUEUE_LOG.replace("train@mlp: training diverged", "ZeroDivisionError: boom")
+    assert error_line(traceback) == "failed to reproduce 'train@mlp': failed to run: python -m stages train mlp, exited with 1"
+    locked = "Reproducing experiment 'w-t7'\nERROR: Unable to acquire lock. Most likely another DVC process is running\n"
+    assert error_line(locked).startswith("Unable to acquire lock")
+    assert error_line("Reproducing experiment 'w-t7'\n\n") == "Reproducing experiment 'w-t7'"  # no error: the last line
+
+
+def test_processes_of_one_study_draw_different_points(tmp_path: Path) -> None:
+    """Two processes of one study (one storage, each its own sampler from the same seed) draw apart, reproducibly."""
+    import optuna
+
+    from pipeline.tracking.study import make_sampler
+
+    def draws(url: str) -> list[tuple[int, float]]:
+        studies = [optuna.load_study(study_name="s", storage=url, sampler=make_sampler(42)) for _ in range(2)]
+        out = []
+        for k in range(12):  # interleaved as two searches ask: past the random start-up trials into TPE's own
+            study = studies[k % 2]
+            trial = study.ask()
+            x = trial.suggest_float("x", 1e-4, 1.0, log=True)
+            study.tell(trial, (x - 0.01) ** 2)
+            out.append((trial.number, x))
+        return out
+
+    urls = [f"sqlite:///{tmp_path / f'{i}.db'}" for i in (1, 2)]
+    for url in urls:
+        optuna.create_study(study_name="s", storage=url)
+    first, again = draws(urls[0]), draws(urls[1])
+    assert len({x for _, x in first}) == len(first), first
+    assert first == again, "seeded: the same study from scratch draws the same points"
+
+
+@pytest.mark.slow
+def test_two_searches_in_one_workspace(tmp_path: Path) -> None:
+    """A second search on a busy workspace is refused before it starts; a clone joins the same study and draws its own
+    points; every MLflow run's params are those its weights were trained with, and DVC's run cache agrees."""
+    search = {"space": {"mlp.lr": {"log": [0.001, 0.03]}, "mlp.hidden": {"choice": [[4], [8]]}},
+              "pruner": {"kind": "none"}}
+    repos = [copy_project(tmp_path / f"clone{i}", {**TRIAL_PARAMS, "search": search}) for i in (1, 2)]
+    storage = f"sqlite:///{repos[0] / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "pipeline.search", "--trials", "4", "--study", "w", "--storage", storage]
+    first = subprocess.Popen(cmd, cwd=repos[0], env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        opening = first.stdout.readline()
+        assert "search: study 'w'" in opening, opening + first.stderr.read()
+        second = _search(repos[0], "--trials", "4", "--study", "w", "--storage", storage, check=False)
+        assert second.returncode == 1 and second.stdout == "" and second.stderr.count("\n") == 1, second
+        assert f"search of study 'w' (pid {first.pid}) is running in this workspace" in second.stderr, second.stderr
+        other = sh(repos[1], *cmd, timeout=1500)  # the clone: the same study, through its storage
+        out, err = first.communicate(timeout=1500)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, out + err
+
+    import optuna
+
+    trials = {t.number: t for t in optuna.load_study(study_name="w", storage=storage).get_trials()}
+    assert sorted(t.state.name for t in trials.values()) == ["COMPLETE"] * 4, trials
+    ran = [{int(k) for k in re.findall(r"^trial (\d+) \[w-t\d+\]", text, re.M)} for text in (out + opening, other.stdout)]
+    assert ran[0] and ran[1] and not ran[0] & ran[1], ran
+    assert len({t.params["mlp.lr"] for t in trials.values()}) == 4, "the two processes drew apart"
+
+    for repo, mine in zip(repos, ran):
+        checked = trial_runs_against_experiments(repo, "w")
+        assert set(checked) == {f"w-t{k}" for k in mine}, checked.keys()
+        for name, (logged, recorded, weights) in checked.items():
+            trial = trials[int(name.rsplit("-t", 1)[1])]
+            assert logged == recorded and weights == "same", (name, logged, recorded, weights)
+            assert float(logged["mlp.lr"]) == trial.params["mlp.lr"], (name, logged, trial.params)
+    # DVC's run cache: a trial's params, run again by hand, give back that trial's weights without training
+    best = min(trials.values(), key=lambda t: t.value)
+    repo = repos[0] if best.number in ran[0] else repos[1]
+    point = {"mlp.lr": best.params["mlp.lr"], "mlp.hidden": json.loads(best.params["mlp.hidden"])}
+    set_params(repo, point)
+    assert "Stage 'train@mlp' is cached" in dvc(repo, "repro", "train@mlp").stdout  # (generate's data, cached too)
+    from pipeline.files import md5_file
+
+    name = f"w-t{best.number}"
+    assert trial_runs_against_experiments(repo, "w")[name][2] == "same"
+    lock = yaml.safe_load(sh(repo, "git", "show", f"{experiments(repo)[name]['rev']}:dvc.lock").stdout)
+    assert md5_file(repo / "models/mlp.safetensors") == next(
+        o["md5"] for o in lock["stages"]["train@mlp"]["outs"] if o["path"].endswith(".safetensors"))
+    assert "search.lock" not in sh(repo, "git", "status", "--porcelain").stdout
+
+
+@pytest.mark.slow
+def test_a_failed_trial_says_the_stages_error(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", {**TRIAL_PARAMS, "search": {"space": {"mlp.lr": {"choice": [1.0e30]}}}})
+    proc = _search(repo, "--trials", "1", "--study", "f", check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("trial ")]
+    assert proc.returncode == 1 and len(lines) == 3, proc.stdout + proc.stderr
+    for line in lines:
+        assert " fail " in line and "train@mlp: training diverged: the loss became" in line, line
+    assert proc.stderr.startswith("search: 3 trials failed in a row; the last: train@mlp: training diverged"), proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -10,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import dvc, run_env, sh
+from pipeline.config import MODEL_NAMES
+from tests.helpers import SYNC, background, create_user, dvc, files_holding, free_port, predict_rest, run_env, sh, warm_log
 
 
 pytestmark = pytest.mark.slow
@@ -81,6 +84,87 @@ def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -
     exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
     runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert [(r["info"]["run_name"], r["info"]["user_id"]) for r in runs] == [("generate", "alice")]
+
+
+def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
+    project: Path, start_server: Any, tmp_path: Path,
+) -> None:
+    """docs/team.md's path for a user who is not an admin, end to end on a basic-auth server, the password inside
+    MLFLOW_TRACKING_URI: generate -> train -> evaluate (the registry included) -> compare, sync -> serve the champion.
+    Nothing is spooled; the password is in no output, log, run, tag, param or file. A second user refused by the
+    registry mid-run gets one line, and nothing is spooled as an outage."""
+    admin, alice, bob = ("admin", "Admin-pass-for-tests-1"), ("alice", "Alice-uri-Pass-9z"), ("bob", "Bob-env-Pass-4k")
+    server = start_server("--auth", MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key", MLFLOW_AUTH_ADMIN_PASSWORD=admin[1])
+    create_user(server, admin, alice)
+    create_user(server, admin, bob)
+    server.auth = alice
+    # Why the registry asks for the model when its alias is refused: to a user who is not an admin, MLflow's auth app
+    # answers 403 for the alias of a model that does not exist, 404 for the model (fails if MLflow changes that).
+    for endpoint, query, status in (("registered-models/alias", {"alias": "champion"}, 403), ("registered-models/get", {}, 404)):
+        with pytest.raises(urllib.error.HTTPError) as absent:
+            server.api(endpoint, name="regression-mlp", **query)
+        assert absent.value.code == status, endpoint
+
+    host = server.url.removeprefix("http://")
+    shown = f"http://***@{host}"
+    as_alice = run_env(MLFLOW_TRACKING_URI=f"http://{alice[0]}:{alice[1]}@{host}")
+    outputs = [dvc(project, "repro", env=as_alice).stdout]
+    assert f"🏃 View run evaluate at: {shown}/#/experiments/" in outputs[0], outputs[0]
+    for model in MODEL_NAMES:
+        assert f"registry: regression-{model} v1: first champion" in outputs[0], outputs[0]
+    assert not (project / ".mlflow-spool").exists()
+
+    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+    runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50})["runs"]
+    assert sorted((r["info"]["run_name"], r["info"]["status"], r["info"]["user_id"]) for r in runs) == sorted(
+        (stage, "FINISHED", "alice") for stage in ("generate", *(f"train@{m}" for m in MODEL_NAMES), "evaluate"))
+    for model in MODEL_NAMES:  # alice created each registered model, so she manages it, and its champion is v1
+        name = f"regression-{model}"
+        assert server.api("registered-models/alias", name=name, alias="champion")["model_version"]["version"] == "1"
+        query = urllib.parse.urlencode({"username": "alice", "resource_type": "registered_model", "resource_id": name})
+        grant = json.loads(server.request(f"/api/3.0/mlflow/users/permissions/get?{query}", auth=admin))
+        assert grant["permission"] == "MANAGE", grant
+
+    compare = sh(project, sys.executable, "-m", "pipeline.compare", env=as_alice)
+    assert all(f"train@{m}" in compare.stdout for m in MODEL_NAMES), compare.stdout
+    synced = sh(project, *SYNC, env=as_alice)
+    assert synced.stdout == f"sync: nothing to sync in .mlflow-spool/; the store at {shown} answers\n", synced.stdout
+    outputs += [compare.stdout + compare.stderr, synced.stdout + synced.stderr]
+
+    # bob may edit the experiment but only read alice's registered models: his new training run's model cannot be
+    # registered; evaluate says so in one line, and spools nothing (the server answered: no outage)
+    server.request("/api/3.0/mlflow/users/permissions/grant", {"username": "bob", "resource_type": "experiment",
+                   "resource_id": exp["experiment_id"], "permission": "EDIT"}, auth=admin)
+    as_bob = run_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=bob[0], MLFLOW_TRACKING_PASSWORD=bob[1])
+    sh(project, sys.executable, "-m", "stages", "train", "linear_gd", env=as_bob)
+    refused = sh(project, sys.executable, "-m", "stages", "evaluate", check=False, env=as_bob)
+    hand, line = refused.stderr.splitlines()  # a stage run by hand names its run first
+    assert refused.returncode == 1 and hand.startswith("evaluate: run by hand") and line == (
+        f"evaluate: MLflow server at {server.url} answered HTTP 403 when running register_model for model linear_gd: "
+        "a permission problem (not an outage); user 'bob' may not write here: ask an admin for EDIT permission on "
+        "registered model regression-linear_gd, or log in as a user who has it"
+    ), refused.stderr
+    assert not (project / ".mlflow-spool").exists()
+    evaluates = [r for r in server.api("runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                       "filter": "tags.stage = 'evaluate'"})["runs"]
+                 if r["info"]["user_id"] == "bob"]
+    assert [r["info"]["status"] for r in evaluates] == ["FAILED"], evaluates
+    assert "HTTP 403" in {t["key"]: t["value"] for t in evaluates[0]["data"]["tags"]}["closed.reason"]
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    import pandas as pd
+
+    rows = pd.read_parquet(project / "data" / "test.parquet").drop(columns="y").to_numpy(dtype="float32")[:3].tolist()
+    with open(project / "plots" / "predictions" / "mlp.csv") as fh:
+        expected = [float(line.split(",")[1]) for line in fh.read().splitlines()[1:4]]
+    with background([sys.executable, "-m", "pipeline.serve", "mlp"], f"http://127.0.0.1:{port}/ping", log, project,
+                    as_alice | {"PORT": str(port)}):
+        assert predict_rest(f"http://127.0.0.1:{port}", rows) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert f"serve: regression-mlp version 1 (alias @champion) from {shown}" in log.read_text(), log.read_text()
+
+    leaks = files_holding(alice[1], tmp_path)  # the project, the server's store (every run, tag, param), the logs
+    assert leaks == [] and not any(alice[1] in text for text in (*outputs, warm_log())), leaks
 
 
 def test_dvc_remote_fresh_clone_is_up_to_date(project: Path, tmp_path: Path) -> None:

@@ -145,10 +145,12 @@ def now_ms() -> int:
 # ---------------------------------------------------------------- a fault at each phase
 
 
-@pytest.mark.parametrize(("name", "stage_start"), [(name, "warm") for name in STAGE_PHASES] + [("train@linear", "cold")],
-                         indirect=["stage_start"])
+@pytest.mark.parametrize(("name", "phases", "stage_start"), [
+    *((name, phases, "warm") for name, phases in STAGE_PHASES.items()),
+    ("train@linear", ("create", "metrics", "end"), "cold"),  # a stage of its own process: the start, middle and end
+], ids=[*(f"{name}-warm" for name in STAGE_PHASES), "train@linear-cold"], indirect=["stage_start"])
 def test_a_fault_at_each_phase_keeps_the_outputs_and_sync_restores_the_store(
-    name: str, project: Path, proxy: FaultProxy, tmp_path: Path, stage_start: str,
+    name: str, phases: tuple[str, ...], project: Path, proxy: FaultProxy, tmp_path: Path, stage_start: str,
 ) -> None:
     """Each phase in turn: exit 0, the outputs an undisturbed run writes, one line naming the spool; after sync the
     store holds what the undisturbed run left (params, metric points, tags, artifacts, models, registry, champion)."""
@@ -195,7 +197,7 @@ def test_a_fault_at_each_phase_keeps_the_outputs_and_sync_restores_the_store(
         assert expected["champions"] and all("first champion" in v for k, v in expected["runs"][-1]["tags"].items()
                                              if k.startswith("registry."))
     timings = []
-    for phase in STAGE_PHASES[name]:
+    for phase in phases:
         start = time.monotonic()
         got, wrote = case(phase, phase)
         timings.append(f"{phase} {time.monotonic() - start:.0f} s")
@@ -240,6 +242,23 @@ def test_a_permission_error_is_one_line_before_work_and_sync_says_so(project: Pa
     assert refused.returncode == 1 and "refused (HTTP 403), a permission problem, not an outage" in line, line
     assert "once the store works" not in line and len(list((repo / ".mlflow-spool").glob("*/meta.json"))) == 1
     assert sync(repo, proxy).returncode == 0
+
+
+def test_a_refusal_mid_run_is_one_line_and_never_spooled(project: Path, proxy: FaultProxy, tmp_path: Path) -> None:
+    """403 once the run is open (from its params on): a permission problem in one line, exit 1, nothing spooled, as
+    at the start; waiting or a sync could not help."""
+    repo = copy_of(project, tmp_path / "repo", "faults-refused-mid-run")
+    proxy.fail_when(log_batch("params"), "403")
+    try:
+        proc = stage(repo, proxy, "train@linear")
+    finally:
+        proxy.heal()
+    (line,) = proc.stderr.splitlines() or [""]
+    assert proc.returncode == 1 and line.startswith(
+        f"train@linear: MLflow server at {proxy.url} answered HTTP 403 when logging to run "), proc.stderr
+    assert "(log_params)" in line, line  # the first refusal is the line, not those of closing the run after it
+    assert "a permission problem (not an outage)" in line and "Traceback" not in proc.stderr
+    assert not (repo / ".mlflow-spool").exists()
 
 
 # ---------------------------------------------------------------- sync killed, and run again

@@ -1,6 +1,7 @@
 """The one package that talks to MLflow (and reads the environment for it), one module per feature.
 
-    store.py       where runs go (URI, workspace root), /health once, SQLite checks, the experiment, backup, lock
+    store.py       where runs go (URI, workspace root, its credentials redacted), /health once, SQLite checks, the
+                   experiment, backup, lock
     provenance.py  the tags that say where a run came from: git commit, pipeline execution, DVC experiment, process
     run.py         StageRun and stage_run: one MLflow run per stage, the one door stages use; orphaned runs closed
     spool.py       runs kept under .mlflow-spool/ while the store is down, and `./tasks.sh sync`, which replays them
@@ -10,8 +11,9 @@
     pyfunc_model.py that logged model's code, run by MLflow when it loads the model (rows checked, CPU)
     study.py       a search in MLflow (a parent run per study) and a trial's pruning reports
     reading.py     the read side of `python -m pipeline.compare`
+    serving.py     the model server `python -m pipeline.serve` starts: MLflow's scoring app behind request limits
 
-Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance and study stand alone.
+Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance, study and serving stand alone.
 Callers use the names below; none is a stage dependency in dvc.yaml (logging changes no output).
 """
 
@@ -20,10 +22,10 @@ from pipeline.tracking.reading import running_after_cleanup, stage_runs
 from pipeline.tracking.registry import CHAMPION, champion, load_torch_module, registered_name
 from pipeline.tracking.run import StageRun, stage_run
 from pipeline.tracking.spool import SPOOL_DIR, sync_spool
-from pipeline.tracking.store import backup_store, preflight, tracking_uri
+from pipeline.tracking.store import backup_store, preflight, redact, tracking_uri
 
 __all__ = [
     "CHAMPION", "SPOOL_DIR", "StageRun", "backup_store", "champion", "context_tags", "load_torch_module",
-    "pipeline_id", "preflight", "registered_name", "running_after_cleanup", "stage_run", "stage_runs", "sync_spool",
-    "tracking_uri",
+    "pipeline_id", "preflight", "redact", "registered_name", "running_after_cleanup", "stage_run", "stage_runs",
+    "sync_spool", "tracking_uri",
 ]

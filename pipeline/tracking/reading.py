@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pipeline.tracking.run import close_orphaned_runs
-from pipeline.tracking.store import TrackingError, open_existing, tracking_uri
+from pipeline.tracking.store import (
+    OUTAGE, TrackingError, failure_reason, open_existing, permission_refused, permission_status, tracking_uri,
+)
+
+
+@contextmanager
+def _reported(uri: str) -> Iterator[None]:
+    """A store that fails or refuses while runs are read: one line (compare prints it), not a traceback that would
+    show the URI as given, password and all."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except OUTAGE as exc:
+        if status := permission_status(exc):
+            raise permission_refused(uri, status, "reading runs") from None
+        raise TrackingError(f"MLflow store at {uri} failed while reading runs ({failure_reason(exc)})") from None
 
 
 def running_after_cleanup(experiment: str, found_by: str) -> tuple[int, int]:
     """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
-    client = open_existing(tracking_uri())
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return 0, 0
-    closed = close_orphaned_runs(client, [exp.experiment_id], found_by)
-    running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    uri = tracking_uri()
+    client = open_existing(uri)
+    with _reported(uri):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return 0, 0
+        closed = close_orphaned_runs(client, [exp.experiment_id], found_by)
+        running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     return closed, len(running)
 
 
@@ -27,27 +47,28 @@ def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10
     """
     uri = tracking_uri()
     client = open_existing(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
-    filter_string = f"tags.stage LIKE '{stage_prefix}%' and attributes.status = 'FINISHED'"
     rows: list[dict[str, Any]] = []
-    token = None
-    while len(rows) < max_runs:
-        page = client.search_runs(
-            [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
-            max_results=min(1000, max_runs - len(rows)), page_token=token,
-        )
-        rows += [
-            {
-                "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
-                "start_time": r.info.start_time, "end_time": r.info.end_time,
-                "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
-            }
-            for r in page
-        ]
-        token = page.token
-        if not token:
-            break
+    with _reported(uri):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
+        filter_string = f"tags.stage LIKE '{stage_prefix}%' and attributes.status = 'FINISHED'"
+        token = None
+        while len(rows) < max_runs:
+            page = client.search_runs(
+                [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                max_results=min(1000, max_runs - len(rows)), page_token=token,
+            )
+            rows += [
+                {
+                    "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                    "start_time": r.info.start_time, "end_time": r.info.end_time,
+                    "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+                }
+                for r in page
+            ]
+            token = page.token
+            if not token:
+                break
     return rows

@@ -32,7 +32,9 @@ from pipeline.tracking.lineage import training_run
 
 if TYPE_CHECKING:
     from torch import nn
-from pipeline.tracking.store import TrackingError, is_sqlite, open_existing, sqlite_file, store_lock, tracking_uri
+from pipeline.tracking.store import (
+    TrackingError, is_sqlite, open_existing, permission_refused, permission_status, sqlite_file, store_lock, tracking_uri,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -156,16 +158,23 @@ def registered_name(model: str) -> str:
 
 
 def champion(model: str) -> tuple[str, str]:
-    """`models:/regression-<model>@champion` and the version it names, checked to exist, so serving fails in one line."""
+    """`models:/regression-<model>@champion` and the version it names, checked to exist, so serving fails in one line.
+
+    A refusal (401/403 for a model that exists) is a permission problem; anything else is "no champion yet".
+    """
     uri = tracking_uri()
     client = open_existing(uri)
     name = registered_name(model)
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        version = _champion(client, name)
+    except MlflowException as exc:
+        if status := permission_status(exc):
+            raise permission_refused(uri, status, f"reading {name}@{CHAMPION}", f"registered model {name}") from None
+        version = None
+    if version is None:
         raise TrackingError(
             f"no {name}@{CHAMPION} in the model registry at {uri}; run `dvc repro` (evaluate registers the models)"
-        ) from None
+        )
     return f"models:/{name}@{CHAMPION}", str(version.version)
 
 
@@ -218,7 +227,7 @@ def _version_for_run(
     )
     if not logged:
         return None
-    try:
+    try:  # its creator may then manage it (MLflow's auth app): a user who is not an admin owns what evaluate made
         client.create_registered_model(
             name, description="Trained by the regression pipeline; alias champion = lowest validation MSE (test MSE beside it)"
         )
@@ -255,13 +264,30 @@ def _score(version: Any, tag: str = "val_mse") -> float | None:
 
 
 def _champion(client: MlflowClient, name: str) -> Any:
-    """The version `champion` points at now, or None when there is none (any other failure is raised)."""
+    """The version `champion` points at now, or None when there is none (any other failure is raised).
+
+    MLflow's auth app answers a user who is not an admin 403, not 404, for the alias of a model
+    that does not exist yet: a 403 is a refusal only when the model itself is there.
+    """
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in exc.message:
             return None
+        if permission_status(exc) and not _registered(client, name):
+            return None
         raise
+
+
+def _registered(client: MlflowClient, name: str) -> bool:
+    """Whether registered model `name` exists (asked where the auth app's 403 cannot tell)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _same_data(client: MlflowClient, name: str, data_digest: str) -> list[Any]:

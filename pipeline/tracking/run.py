@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shutil
 import socket
@@ -35,8 +34,9 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
 from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
-    BATCH, OUTAGE, PARAM_BATCH, TrackingError, backup_store, connect, failure_reason, is_sqlite, now_ms,
-    permission_refused, permission_status, point_fluent_api_at, preflight, sqlite_file, tracking_uri, workspace_root,
+    BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_server,
+    is_sqlite, login_tag, now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link,
+    redact, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -52,7 +52,10 @@ class SpoolFailed(TrackingError):
 
 
 def _spooling(method: F) -> F:
-    """Run a StageRun method against the store; when the store fails, move the run to the spool and run it there."""
+    """Run a StageRun method against the store; when the store fails, move the run to the spool and run it there.
+
+    A refusal (401/403) is no failure of the store: PermissionRefused, one line, nothing spooled.
+    """
 
     @functools.wraps(method)
     def call(self: StageRun, *args: Any, **kwargs: Any) -> Any:
@@ -60,6 +63,7 @@ def _spooling(method: F) -> F:
             try:
                 return method(self, *args, **kwargs)
             except OUTAGE as exc:
+                self.refuse_on_permission(exc, f"logging to run {self.run_id} ({method.__name__})")
                 self.start_spool(exc)
         with self.spool_writes():
             return method(self, *args, **kwargs)
@@ -90,6 +94,11 @@ class StageRun:
         self.store_run_id: str | None = None  # the store's run the spool continues, None when it was never created
         self.spool_failure: str | None = None  # why the spool could not be written either: nothing more is logged
 
+    def refuse_on_permission(self, exc: BaseException, doing: str, on: str = "the experiment") -> None:
+        """Raise PermissionRefused when the server refused this user: waiting or a sync cannot help, so not spooled."""
+        if status := permission_status(exc):
+            raise permission_refused(tracking_uri(), status, doing, on) from None
+
     def start_spool(self, exc: BaseException) -> None:
         """Keep the rest of this run in a new local store under .mlflow-spool/ (same start time, tags, name).
 
@@ -116,9 +125,6 @@ class StageRun:
         """Around a write into the open spool: when its disk fails there (full, read-only), the half-kept run is
         dropped and the stage stops in one line, as when the spool cannot be opened (`SpoolFailed`)."""
         assert self.spool is not None
-        db_log = logging.getLogger("mlflow.store.db.utils")  # it logs a caught SQLite error with its traceback
-        level = db_log.level
-        db_log.setLevel(logging.CRITICAL)
         try:
             yield
         except OUTAGE as exc:
@@ -128,8 +134,6 @@ class StageRun:
             shutil.rmtree(folder, ignore_errors=True)  # no half entry for sync: it would replay a run cut short
             self._give_up(f"the spool failed while it kept the run ({unwritable(folder, exc)}), so the part kept "
                           "there was removed")
-        finally:
-            db_log.setLevel(level)
 
     def _give_up(self, why: str) -> NoReturn:
         """Nothing more of the run can be kept: note its end for sync when the store has it, and stop the stage."""
@@ -164,7 +168,11 @@ class StageRun:
                 try:
                     mlflow.end_run(status)
                 except OUTAGE as exc:
+                    self.refuse_on_permission(exc, f"ending run {self.run_id}")
                     self.start_spool(exc)
+                else:
+                    if is_server(self.client.tracking_uri):
+                        print_run_link(self.client.tracking_uri, self.experiment_id, self.run_id, self.run_name)
             if self.spool is not None:
                 with self.spool_writes():
                     mlflow.end_run(status)
@@ -176,16 +184,19 @@ class StageRun:
                     file=sys.stderr,
                 )
 
-    def _across(self, operation: Callable[..., Any], **kwargs: Any) -> Any:
+    def _across(self, operation: Callable[..., Any], on: str = "the experiment", **kwargs: Any) -> Any:
         """Run an operation that reaches other runs or the registry, with this run's client, experiment and id.
 
         When the store fails (now, or earlier in the run), the call is kept in the spool
         instead and `./tasks.sh sync` runs it there, in order, against the store; None then.
+        A refusal (401/403) is PermissionRefused naming `on`, the permission's object.
         """
         if self.spool is None:
             try:
                 return operation(self.client, self.experiment_id, self.run_id, **kwargs)
             except OUTAGE as exc:
+                model = f" for model {kwargs['model']}" if "model" in kwargs else ""
+                self.refuse_on_permission(exc, f"running {operation.__name__}{model}", on)
                 self.start_spool(exc)
         with self.spool_writes():
             defer(self.spool, operation.__name__, kwargs)
@@ -204,8 +215,9 @@ class StageRun:
                        data_digest: str) -> str | None:
         """Register the training run's logged model and move `champion` to it when its validation MSE is lower;
         the report line (the test MSE beside)."""
-        report = self._across(registry.register_model, model=model, model_digest=model_digest,
-                              val_mse=float(val_mse), test_mse=float(test_mse), data_digest=data_digest)
+        report = self._across(registry.register_model, on=f"registered model {registry.registered_name(model)}",
+                              model=model, model_digest=model_digest, val_mse=float(val_mse), test_mse=float(test_mse),
+                              data_digest=data_digest)
         if report is None and self.spool is not None:
             return f"{registry.registered_name(model)}: waits in the spool; `./tasks.sh sync` registers it"
         return report
@@ -304,7 +316,7 @@ def stage_run(
     `resumed.from_run_id`.
     """
     uri = preflight(wait, stage)
-    all_tags = {"stage": stage, **context_tags(), **process_tags(), **tags}
+    all_tags = {"stage": stage, **context_tags(), **process_tags(), **login_tag(uri), **tags}
     name = name or run_name(stage)
     tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
     try:
@@ -330,17 +342,22 @@ def stage_run(
         status, reason = RunStatus.to_string(RunStatus.FAILED), f"{stage}: {_one_line(exc)}"
         raise
     finally:
-        tracked.finish(status, reason)
+        try:
+            tracked.finish(status, reason)
+        except PermissionRefused:
+            if not reason:  # else the stage failed already (on that refusal, most likely): its line is the one to print
+                raise
         if all_tags["started_by"] == "hand":  # DVC's log names the stage; a person needs to find the run
             print(f"{stage}: run by hand (tag started_by=hand), MLflow run {tracked.run_id} ({status}) in "
-                  f"experiment {experiment!r} at {tracking_uri()}", file=sys.stderr)
+                  f"experiment {experiment!r} at {redact(tracking_uri())}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
-    """A failure in one line: a PipelineError's own message, else the exception's type and first line."""
+    """A failure in one line (kept as the tag closed.reason): a PipelineError's own message, else the exception's
+    type and first line, any URI's userinfo redacted."""
     if isinstance(exc, PipelineError):
         return str(exc)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

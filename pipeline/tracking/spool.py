@@ -44,7 +44,7 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import process_started
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_sqlite,
-    permission_status, preflight, sqlite_file, tracking_uri, upgrade_store, workspace_root,
+    permission_status, preflight, redact, sqlite_file, tracking_uri, upgrade_store, workspace_root,
 )
 
 SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
@@ -123,7 +123,7 @@ def open_spool(
         # MLflow's context tags (user, source), as mlflow.start_run adds them: a run spooled from its start has them
         run = client.create_run(exp_id, start_time=start_time, tags=resolve_tags(tags), run_name=run_name)
         meta = {"run_id": store_run_id, "experiment": experiment, "stage": tags.get("stage"),
-                "store": tracking_uri(), "reason": reason}
+                "store": redact(tracking_uri()), "reason": reason}
         _write_meta(folder, meta)  # last: a folder without it was never a whole spool
     except OUTAGE as exc:  # a full or read-only disk: no half entry is left for sync
         shutil.rmtree(folder, ignore_errors=True)
@@ -149,7 +149,7 @@ def keep_end(experiment: str, stage: str | None, run_id: str, status: str, reaso
     """A note that store run `run_id` ended with `status` for `reason` (meta.json alone, a few hundred bytes), for
     sync to close it; None when even that cannot be written."""
     folder = _new_folder(f"{stage or 'run'}-end")
-    meta = {"run_id": run_id, "experiment": experiment, "stage": stage, "store": tracking_uri(), "reason": reason,
+    meta = {"run_id": run_id, "experiment": experiment, "stage": stage, "store": redact(tracking_uri()), "reason": reason,
             "end": status}
     try:
         folder.mkdir(parents=True)
@@ -338,7 +338,7 @@ def sync_spool() -> list[str]:
     damaged = damaged_entries()
     folders = [f for f in spool_folders() if f not in damaged]
     if not folders:
-        return [f"sync: nothing to sync in {SPOOL_DIR}/; the store at {uri} answers"]
+        return [f"sync: nothing to sync in {SPOOL_DIR}/; the store at {redact(uri)} answers"]
     if is_sqlite(uri):
         backup_store(sqlite_file(uri))
     lines: list[str] = []

@@ -4,6 +4,8 @@ Where runs go is decided once, here: `MLFLOW_TRACKING_URI` when set (a team
 server), else `mlflow.db` and `mlartifacts/` at the workspace root. The root is
 DVC's `DVC_ROOT` when DVC runs the stage, which for queued experiments is the
 real workspace rather than the temp copy they run in, so no run is lost with it.
+A URI's credentials (`http://alice:secret@host:port`) stay in the environment: every
+line, tag, spool file and error that names a store shows it through `redact`.
 """
 
 from __future__ import annotations
@@ -18,21 +20,27 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from base64 import b64encode
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 import requests
 import sqlalchemy.exc
+from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 
-# A new store announces its table creation at INFO on every first run; stages keep stderr for problems.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# MLflow's SQL store announces a new store's tables at INFO, and logs every SQLite error it catches (a locked,
+# full or read-only store) at ERROR with its SQL and two tracebacks (some 65 lines) before raising it. Every
+# such error reaches the project as that exception and is reported in one line (a TrackingError, or the spool's
+# line through failure_reason), so that logger stays silent: stderr is kept for the one line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -42,8 +50,23 @@ BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
 
 
+_USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # `user:password@` after a scheme, up to the last @ of the host part
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URI in it shown as `***` (`http://***@host:port`).
+
+    A tracking URI may carry a password; what the project prints, tags, spools or raises
+    goes through here, so the password stays in the environment it came from.
+    """
+    return _USERINFO.sub("***@", text)
+
+
 class TrackingError(PipelineError):
-    """The tracking store cannot be used; the message names the URI and the cause."""
+    """The tracking store cannot be used; the message names the URI (redacted) and the cause."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class StoreUnreachable(TrackingError):
@@ -87,13 +110,52 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def credentials(uri: str) -> tuple[str, str] | None:
+    """The user and password MLflow's client sends to `uri` as HTTP Basic auth, or None.
+
+    The URI's userinfo when it has one (MLflow's client goes through requests, which puts a
+    URL's userinfo over MLflow's own header), else MLFLOW_TRACKING_USERNAME and _PASSWORD.
+    """
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        return unquote(parts.username), unquote(parts.password or "")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (user, password) if user and password else None
+
+
+def login_tag(uri: str) -> dict[str, str]:
+    """The tag `mlflow.user` naming the user a server URI logs in as (its userinfo); else no tag.
+
+    MLflow's client names a run's user after MLFLOW_TRACKING_USERNAME, else the system's user,
+    never after the URI's: with this tag a URI with userinfo works as the variables do.
+    """
+    user = urlsplit(uri).username if is_server(uri) else None
+    return {"mlflow.user": unquote(user)} if user is not None else {}
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health with the credentials as MLflow's client sends them, not as part of the host name.
+
+    urllib reads `alice:secret@127.0.0.1` as a host to look up; the userinfo is sent as an
+    Authorization header instead, so a proxy that guards /health lets the check through.
+    """
+    parts = urlsplit(uri)
+    base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+    request = urllib.request.Request(f"{base}/health")
+    if creds := credentials(uri):
+        request.add_header("Authorization", "Basic " + b64encode(":".join(creds).encode()).decode())
+    return request
+
+
 def _check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes of retries, when a tracking server is down."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(_health_request(uri), timeout=timeout) as resp:
             if resp.status != 200:
                 raise StoreUnreachable(f"MLflow server at {uri} answered /health with HTTP {resp.status}")
     except (urllib.error.URLError, OSError) as exc:
+        if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):  # a proxy that guards /health too
+            raise permission_refused(uri, exc.code, "checking /health") from None
         reason = getattr(exc, "reason", exc)
         raise StoreUnreachable(
             f"MLflow tracking server at {uri} is not reachable ({reason}); start it, "
@@ -112,6 +174,7 @@ def use_server(uri: str, wait: float = 0.0, who: str = "") -> None:
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"  # it prints the URI as given: print_run_link
     if uri in _answered:
         return
     deadline = time.monotonic() + wait
@@ -131,6 +194,16 @@ def use_server(uri: str, wait: float = 0.0, who: str = "") -> None:
                 if time.monotonic() >= deadline:
                     raise StoreUnreachable(f"{again} (waited {wait:g} s, mlflow.wait_seconds)") from None
     _answered.add(uri)
+
+
+def print_run_link(uri: str, experiment_id: str, run_id: str, run_name: str) -> None:
+    """The two lines MLflow's client prints when a run on a server ends, with the URI redacted.
+
+    MLflow prints the tracking URI as given, password and all, so use_server turns its
+    printing off; a stage prints them here instead.
+    """
+    experiment = f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}"
+    print(f"🏃 View run {run_name} at: {experiment}/runs/{run_id}\n🧪 View experiment at: {experiment}", flush=True)
 
 
 def is_sqlite(uri: str) -> bool:
@@ -354,15 +427,16 @@ def permission_status(exc: BaseException) -> int | None:
     return status if status in (401, 403) else None
 
 
-def permission_refused(uri: str, status: int, doing: str) -> PermissionRefused:
-    """One line for a server that answers but refuses this user: credentials or the user's permissions."""
-    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+def permission_refused(uri: str, status: int, doing: str, on: str = "the experiment") -> PermissionRefused:
+    """One line for a server that answers but refuses this user: credentials or the user's permissions (`on` what)."""
+    who = creds[0] if (creds := credentials(uri)) else None
     if status == 401:
-        hint = (f"the server did not accept user {who!r}: check MLFLOW_TRACKING_PASSWORD" if who
+        hint = (f"the server did not accept user {who!r}: check the password (MLFLOW_TRACKING_PASSWORD, or the one "
+                "in MLFLOW_TRACKING_URI)" if who
                 else "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     else:
-        hint = (f"user {who or '(anonymous)'!r} may not write here: ask an admin for EDIT permission on the "
-                "experiment, or log in as a user who has it")
+        hint = (f"user {who or '(anonymous)'!r} may not write here: ask an admin for EDIT permission on {on}, "
+                "or log in as a user who has it")
     return PermissionRefused(
         f"MLflow server at {uri} answered HTTP {status} when {doing}: a permission problem (not an outage); {hint}", status
     )
@@ -373,7 +447,7 @@ _HTTP_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3})|
 
 def failure_reason(exc: BaseException | str) -> str:
     """The cause of a store failure in a few words (MLflow's own messages run to many lines)."""
-    text = str(exc)
+    text = redact(str(exc))  # MLflow's messages name the URL it asked, userinfo and all
     for cause in ("Connection refused", "Connection aborted", "Connection reset", "readonly database", "database is locked", "disk I/O error",
                   "No space left on device", "database or disk is full", "file is not a database", "Read timed out", "RemoteDisconnected"):
         if cause in text:

@@ -20,13 +20,15 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import PipelineError
 from pipeline.tracking.run import VIEW_TAG_PREFIX
-from pipeline.tracking.store import connect, now_ms
+from pipeline.tracking.store import connect, now_ms, redact
 
 ROLE = ("search.role", "study")
 
@@ -75,7 +77,7 @@ def open_study_run(experiment: str, study: str, space: dict[str, str], storage: 
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
         run = client.create_run(exp_id, run_name=f"search {study}", tags={
-            "search.study": study, ROLE[0]: ROLE[1], "search.storage": _without_password(storage),
+            "search.study": study, ROLE[0]: ROLE[1], "search.storage": redact(storage),
         })
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(f"space.{k}", v) for k, v in space.items()])
@@ -109,16 +111,6 @@ def study_trials(experiment: str, study: str) -> list[dict[str, Any]]:
     ]
 
 
-def _without_password(url: str) -> str:
-    """A storage URL fit for a tag: any password replaced by ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split(":", 1)[0] + ":…"
-
-
 STORAGE_ENV = "PIPELINE_SEARCH_STORAGE"  # the Optuna storage URL of the running study
 STUDY_ENV = "PIPELINE_SEARCH_STUDY"      # its name
 PARENT_ENV = "PIPELINE_SEARCH_PARENT_RUN"  # the study's MLflow run: the stage runs are shown under it
@@ -126,22 +118,56 @@ EXP_ATTR = "dvc.exp_name"                # trial user attribute: the DVC experim
 PRUNED_ATTR = "pruned_at_epoch"          # trial user attribute the stage sets when the pruner stopped it
 
 
-def open_storage(url: str) -> Any:
-    """An Optuna RDB storage; SQLite waits for a busy file instead of failing (a search and its trials share it)."""
-    import optuna
+class StorageError(PipelineError):
+    """The study's database cannot be used: not a database URL, another backend, or no answer. One line."""
 
+
+STORAGES = "sqlite:///<path> or postgresql+psycopg://<user>:<password>@<host>:<port>/<database>"
+PG_CONNECT_TIMEOUT = 10  # seconds: a PostgreSQL host that does not answer fails in one line, not after TCP's 2 minutes
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage; SQLite waits for a busy file instead of failing (a search and its trials share it).
+
+    A URL that is not SQLite or PostgreSQL, a missing folder, a file that is no database or a server that does
+    not answer is a StorageError naming the URL (password hidden) and the cause, before the search starts
+    anything: Optuna and SQLAlchemy would print 40 to 130 lines of traceback.
+    """
+    import optuna
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"Optuna storage {shown!r} is not a database URL; use {STORAGES}") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StorageError(f"Optuna storage {shown}: {backend} is not supported; use {STORAGES}")
+    if backend == "sqlite" and parsed.database and not Path(parsed.database).parent.is_dir():
+        raise StorageError(f"Optuna storage {shown}: folder {Path(parsed.database).parent} does not exist; "
+                           "create it or give another path")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    kwargs = ({"connect_args": {"timeout": 60}} if backend == "sqlite"
+              else {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT}})
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        hint = ("give a new file or an Optuna database" if backend == "sqlite"
+                else "check that the server runs, and the host, port, database and credentials")
+        raise StorageError(f"Optuna storage {shown} cannot be opened ({cause}); {hint}") from None
 
 
 def make_sampler(seed: int) -> Any:
-    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, seeded, modelling the
-    keys jointly (multivariate: a good lr depends on the width and weight decay drawn with it) and, for --jobs and
-    shared studies, treating running trials as bad (constant liar) so that trials at once do not draw one point."""
-    import optuna
+    """The study's sampler, the same for `python -m pipeline.search` and the benchmark: TPE, modelling the keys
+    jointly (multivariate: a good lr depends on the width and weight decay drawn with it), treating running trials
+    as bad (constant liar) so that trials at once do not draw one point, and seeded per trial (from `(seed, k)` for
+    trial k) so that two processes of one study draw different points (pipeline/sampler.py)."""
+    from pipeline.sampler import TrialSeededTPE
 
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    return TrialSeededTPE(seed)
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:
