@@ -30,7 +30,7 @@ PHASES: dict[str, tuple[tuple[str, str], ...]] = {
     "provenance tags (git)": (("pipeline/tracking/provenance.py", "context_tags"),),
     "run started (MLflow)": (("mlflow/tracking/fluent.py", "start_run"),),
     "data read": (("pipeline/data.py", "read_truth"), ("pipeline/data.py", "read_checked_split"),
-                  ("stages/paths.py", "split_digests")),
+                  ("stages/paths.py", "verified_split_digests")),
     "generate (draw, write Parquet)": (("pipeline/data.py", "generate"),),
     "training": (("pipeline/training.py", "fit"), ("pipeline/training.py", "train_linear_gd")),
     "scoring": (("pipeline/models.py", "load_weights"), ("pipeline/evaluation.py", "references"),

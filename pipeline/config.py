@@ -170,14 +170,15 @@ class EvaluateConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Where runs go; not a DVC dependency, so renaming the experiment reruns nothing."""
+    """Where runs go; only dvc.yaml's params check depends on it, so renaming the experiment retrains nothing."""
 
     experiment: str = Field(min_length=1, max_length=MAX_NAME)
     wait_seconds: float = Field(default=60.0, ge=0, le=MAX_WAIT)  # a server down at a stage's start is asked again this long
 
 
 class CheckpointConfig(_Strict):
-    """How often training saves a checkpoint; not a DVC dependency: it changes no output, so editing it reruns nothing."""
+    """How often training saves a checkpoint; it changes no output and only the params check depends on it: editing
+    it retrains nothing."""
 
     every_epochs: int = Field(default=1, ge=0)
     every_steps: int = Field(default=100, ge=0)
@@ -257,7 +258,8 @@ class PrunerConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """`./tasks.sh search`: the space an Optuna study draws from. No stage depends on it (editing it reruns nothing)."""
+    """`./tasks.sh search`: the space an Optuna study draws from. Only the params check depends on it (editing it
+    retrains nothing)."""
 
     space: dict[str, SearchRange] = Field(min_length=1)
     pruner: PrunerConfig = PrunerConfig(kind="median")
@@ -398,36 +400,45 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _aliased(root: yaml.Node | None) -> yaml.Node | None:
-    """The first node the document reaches twice (an anchor used by an alias), found without expanding anything.
+def _refuse_reused_nodes(path: Path, root: yaml.Node | None) -> None:
+    """Refuse what YAML loaders accept quietly, found in one pass over the composed nodes, before anything is built.
 
-    An alias is the composed graph pointing at one node again, so one pass with a `seen` set
-    finds it in time linear in the file, where expanding an alias bomb would take exponential time.
+    An alias (&name, *name) is the graph pointing at one node again, found with a `seen` set in time
+    linear in the file, where expanding an alias bomb would take exponential time. A key given twice
+    in one mapping would keep its last value here, while `dvc repro` refuses the file: refused here too,
+    so a stage run directly and DVC agree.
     """
     seen: set[int] = set()
-    stack = [root] if root is not None else []
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
     while stack:
-        node = stack.pop()
+        node, where = stack.pop()
         if id(node) in seen:
-            return node
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(part for pair in node.value for part in pair)
-    return None
-
-
-def _read_yaml(path: Path, text: str) -> Any:
-    """Parse params.yaml into plain values, refusing YAML aliases before they are expanded."""
-    loader = _Loader(text)
-    try:
-        root = loader.get_single_node()
-        if (node := _aliased(root)) is not None:
             raise ConfigError(
                 f"{path}: the value at line {node.start_mark.line + 1} is reused through a YAML anchor and alias "
                 "(&name, *name); aliases are not allowed in params.yaml (they can expand without bound), write the value out"
             )
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, where) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = f"{where}{key.value}" if isinstance(key, yaml.ScalarNode) else f"{where}?"
+                if isinstance(key, yaml.ScalarNode) and name in first:
+                    raise ConfigError(
+                        f"{path}: key {name!r} is given twice (lines {first[name]} and {key.start_mark.line + 1}); "
+                        "a key may appear once in its section: delete one of them"
+                    )
+                first[name] = key.start_mark.line + 1
+                stack.extend([(key, where), (value, f"{name}.")])
+
+
+def _read_yaml(path: Path, text: str) -> Any:
+    """Parse params.yaml into plain values, refusing YAML aliases and duplicate keys before values are built."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        _refuse_reused_nodes(path, root)
         return loader.construct_document(root) if root is not None else None
     finally:
         loader.dispose()

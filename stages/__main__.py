@@ -1,7 +1,8 @@
 """`python -m stages <stage> [model]`: the one entry point of every DVC stage.
 
 It reads params.yaml first, with only light modules loaded, so a bad file costs a
-fraction of a second and one line (exit 2). Then it hands the stage to the warm stage
+fraction of a second and one line (exit 2); `params`, the stage that depends on the whole
+file (so `dvc repro` reports an unknown key even when no other stage would run), ends there. Then it hands the stage to the warm stage
 server of this venv when one runs (pipeline/warm.py: a child forked from a process with
 torch and mlflow loaded runs this same module, and this process relays signals and exits
 with its status). Else, or in that child, it imports the stage module, whose imports
@@ -25,7 +26,7 @@ from pipeline.errors import PipelineError, interrupted
 
 warm.stage_environment()  # before torch loads: the same settings here and in the warm server
 
-USAGE = f"usage: python -m stages {{generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
+USAGE = f"usage: python -m stages {{params,generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
@@ -44,7 +45,7 @@ def written_since(outputs: Sequence[Path], since: float) -> list[str]:
 
 def parse(argv: Sequence[str]) -> tuple[str, list[str]] | None:
     """(stage module, its arguments) from the command line, None when it is not one of the stages."""
-    if list(argv[:1]) in (["generate"], ["evaluate"]) and len(argv) == 1:
+    if list(argv[:1]) in (["params"], ["generate"], ["evaluate"]) and len(argv) == 1:
         return argv[0], []
     if len(argv) == 2 and argv[0] == "train" and argv[1] in config.MODEL_NAMES:
         return "train", [argv[1]]
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except PipelineError as exc:
         print(f"{label}: {exc}", file=sys.stderr)
         sys.exit(2)
+    if stage == "params":  # dvc.yaml's check of the whole file: valid, nothing more to do
+        return
     if argv is None and (code := warm.handoff(label)) is not None:
         sys.exit(code)  # the stage ran in a warm server's child (pipeline/warm.py), with this process's streams
     try:

@@ -5,8 +5,9 @@ Writes metrics/evaluation/<row>.json, one row per model and reference, so `dvc m
 metrics/evaluation` prints a line each, and plots/predictions/<model>.{csv,png}. In MLflow it logs an
 `evaluate` run, copies each model's test metrics and picture onto the training run that made its
 weights (one table shows params beside test MSE), and registers that run's logged model as
-`regression-<model>`, moving the alias `champion` to it when it scores better (docs/team.md says why
-this lives here): MLflow side effects only, no DVC output, so nothing reruns for them.
+`regression-<model>`, moving the alias `champion` to it when its validation MSE is lower (the test
+split is for reporting: its MSE is printed beside; docs/team.md says why this lives here): MLflow side
+effects only, no DVC output, so nothing reruns for them.
 """
 
 from __future__ import annotations
@@ -28,23 +29,28 @@ def outputs() -> list[Path]:
 
 
 def run(cfg: config.Config) -> None:
-    """Open the run, score models and references, write metrics and plots, then log and link the training runs."""
+    """Check the data, open the run, score models and references, write metrics and plots, then log and link the
+    training runs."""
+    truth = data.read_truth(paths.TRUTH)
+    digests = paths.verified_split_digests(truth)  # before any work: only the data generate wrote goes on
     with tracking.stage_run("evaluate", cfg.mlflow.experiment, {"device": "cpu"},
                             wait=cfg.mlflow.wait_seconds) as mlflow_run:
         # read
-        truth = data.read_truth(paths.TRUTH)
         X_train, y_train = data.read_checked_split(paths.split_path("train"), truth, "train")
+        X_val, y_val = data.read_checked_split(paths.split_path("val"), truth, "val")
         X_test, y_test = data.read_checked_split(paths.split_path("test"), truth, "test")
-        data_digest = data.combined_digest(paths.split_digests())
+        data_digest = data.combined_digest(digests)
         mlflow_run.set_tags({"data.digest": data_digest})
 
         trained = {name: models.load_weights(paths.weights_path(name))[0] for name in config.MODEL_NAMES}
 
-        # compute: the references (least squares, the noise floor), then every model against them
+        # compute: the references (least squares, the noise floor), then every model against them; each model's
+        # validation MSE too, which the registry's champion is chosen on (the test split only reports)
         refs = evaluation.references((X_train, y_train), (X_test, y_test), truth.noise_std, truth.w_true, truth.b_true)
         predictions = {name: models.predict(model, X_test) for name, model in trained.items()}
         scores = refs.rows | {
-            name: evaluation.score(refs, y_test, predictions[name], models.linear_weights(model))
+            name: {"val_mse": evaluation.regression_metrics(y_val, models.predict(model, X_val))["mse"]}
+            | evaluation.score(refs, y_test, predictions[name], models.linear_weights(model))
             for name, model in trained.items()
         }
 
@@ -72,6 +78,7 @@ def run(cfg: config.Config) -> None:
         for name in config.MODEL_NAMES:
             model_digest = files.md5_file(paths.weights_path(name))
             mlflow_run.score_training_run(name, model_digest, scores[name], PREDICTIONS / f"{name}.png")
-            if report := mlflow_run.register_model(name, model_digest, scores[name]["test_mse"], data_digest):
+            row = scores[name]
+            if report := mlflow_run.register_model(name, model_digest, row["val_mse"], row["test_mse"], data_digest):
                 print(f"registry: {report}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.files import md5_file
+from pipeline import data
 
 DATA = Path("data")
 MODELS = Path("models")
@@ -34,6 +34,11 @@ def train_metrics_path(model: str) -> Path:
     return METRICS / "train" / f"{model}.json"
 
 
-def split_digests() -> dict[str, str]:
-    """md5 of each split file (as dvc.lock records it), keyed by split: the data's identity in MLflow."""
-    return {split: md5_file(split_path(split)) for split in SPLITS}
+def verified_split_digests(truth: data.Truth) -> dict[str, str]:
+    """md5 of each split file (as dvc.lock records it), keyed by split: the data's identity in MLflow.
+
+    Checked against the md5 generate recorded in truth.json first: a stage refuses, in one line
+    naming the file, data that is not what generate wrote, before it opens its run or writes anything.
+    """
+    data.verify_digests(truth, {split: split_path(split) for split in SPLITS})
+    return dict(truth.digests)

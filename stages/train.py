@@ -37,6 +37,8 @@ def run(cfg: config.Config, name: str) -> None:
     """Train model `name` here, or the mlp over `mlp.distributed.nproc` torchrun ranks."""
     nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
     rank = distributed.launched()
+    if rank is None:  # before any work, data that is not what generate wrote stops here (torchrun's ranks: checked)
+        paths.verified_split_digests(data.read_truth(paths.TRUTH))
     where = device.prepare(cfg.device, cfg.seed, cores.claim(torch.get_num_threads()))
     if rank is None and nproc > 1:
         distributed.check_devices(where, nproc, "mlp.distributed.nproc")
@@ -64,7 +66,7 @@ def run(cfg: config.Config, name: str) -> None:
             # read
             truth = data.read_truth(paths.TRUTH)
             splits = read_splits(truth, group.device)
-            digests = paths.split_digests()
+            digests = truth.digests  # the files' md5, checked against them before the run was opened
             data_digest = data.combined_digest(digests)
             params = dvc_params.stage_params(cfg, f"train@{name}")
             mlflow_run.set_tags({"data.digest": data_digest})

@@ -472,11 +472,11 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
                     assert len(body) < 1000, (case, body[:2000])  # no echo of the request
 
 
-def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500) -> str:
-    """`dvc queue start -j 2`, poll until nothing is queued or running, stop the workers; return the last status."""
+def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500, jobs: int = 2) -> str:
+    """`dvc queue start -j <jobs>`, poll until nothing is queued or running, stop the workers; return the last status."""
     end = time.monotonic() + deadline_s
     try:
-        dvc(repo, "queue", "start", "-j", "2", env=env)
+        dvc(repo, "queue", "start", "-j", str(jobs), env=env)
         while True:
             status = dvc(repo, "queue", "status").stdout
             if not any(word in status for word in ("Queued", "Running")):
@@ -869,3 +869,16 @@ def files_holding(secret: str, *roots: Path) -> list[Path]:
     needles = {secret.encode(), urllib.parse.quote(secret, safe="").encode()}
     files = [f for root in roots for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()]
     return [f for f in files if any(n in f.read_bytes() for n in needles)]
+
+
+@contextmanager
+def busy_cpus(count: int | None = None) -> Iterator[int]:
+    """Keep `count` CPUs (default: every one) busy with spinning processes for a block; they are killed after it."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                for _ in range(count or os.cpu_count() or 1)]
+    try:
+        yield len(spinners)
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()

@@ -8,6 +8,7 @@ tests/test_robustness_params.py runs a handful of them through the real `dvc rep
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     assert config.load(path).mlp.lr == pytest.approx(3e-3)
 
 
-STAGES = [["stages", "generate"], ["stages", "train", "mlp"], ["stages", "evaluate"]]
+STAGES = [["stages", "generate"], ["stages", "train", "mlp"], ["stages", "evaluate"], ["stages", "params"]]
 
 
 @pytest.mark.bad_input
@@ -209,3 +210,47 @@ def test_neutral_params_are_true_for_every_model(defaults_file: Path) -> None:
     assert (mlp["optimizer"], mlp["batch_size"], mlp["epochs"]) == (cfg.mlp.optimizer, cfg.mlp.batch_size, cfg.mlp.epochs)
     for name in config.MODEL_NAMES:
         assert tuple(config.neutral_params(name, cfg.model(name), 1, 1)) == config.NEUTRAL_PARAMS
+
+
+def _duplicated(text: str, block: str, line: str) -> str:
+    """`text` (a dumped params.yaml) with `line` added as the first line of the top-level `block:`."""
+    return text.replace(f"\n{block}:\n", f"\n{block}:\n{line}\n", 1) if block else f"{line}\n{text}"
+
+
+DUPLICATES = [  # (section, the added line, the key named)
+    ("mlp", "  lr: 0.5", "mlp.lr"),
+    ("", "seed: 7", "seed"),
+    ("data", "  split: {train: 0.8, val: 0.1, test: 0.1}", "data.split"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("block", "line", "key"), DUPLICATES, ids=[d[2] for d in DUPLICATES])
+def test_key_given_twice_is_refused_in_one_line(tmp_path: Path, block: str, line: str, key: str) -> None:
+    """YAML loaders keep the last of two equal keys and `dvc repro` refuses the file: a stage refuses it too."""
+    text = yaml.safe_dump(tiny_params())
+    path = tmp_path / "params.yaml"
+    path.write_text(_duplicated(text, block, line))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    message = str(err.value)
+    found = re.fullmatch(rf"{re.escape(str(path))}: key '{re.escape(key)}' is given twice \(lines (\d+) and (\d+)\); "
+                         r"a key may appear once in its section: delete one of them", message)
+    assert found, message
+    written = path.read_text().splitlines()
+    leaf = key.rsplit(".", 1)[-1]
+    assert [written[int(n) - 1].strip().split(":")[0] for n in found.groups()] == [leaf, leaf]
+    path.write_text(text)
+    config.load(path)  # the same file without the added line loads
+
+
+@pytest.mark.bad_input
+def test_key_given_twice_stops_a_stage_run_directly(tmp_path: Path) -> None:
+    """`python -m stages train mlp` by hand: exit 2 and the one line, before training with either value."""
+    (tmp_path / "params.yaml").write_text(_duplicated(yaml.safe_dump(tiny_params()), "mlp", "  lr: 0.5"))
+    proc = subprocess.run([sys.executable, "-m", "stages", "train", "mlp"], cwd=tmp_path, env=run_env(PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("train@mlp: params.yaml: key 'mlp.lr' is given twice (lines ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

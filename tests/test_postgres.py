@@ -72,10 +72,10 @@ def test_pipeline_and_queued_sweep_through_postgres_server(postgres: str, start_
     assert {m["info"]["source_run_id"] for m in models} == train_ids
     assert {m["info"]["status"] for m in models} == {"LOGGED_MODEL_READY"}
 
-    # The registry: one version per mlp training run; @champion is the lowest test MSE.
+    # The registry: one version per mlp training run; @champion is the lowest validation MSE.
     versions = server.api("model-versions/search", filter="name = 'regression-mlp'")["model_versions"]
     assert len(versions) == 4 and {v["run_id"] for v in versions} <= train_ids
-    scores = {v["version"]: float(_by_key(v["tags"])["test_mse"]) for v in versions}
+    scores = {v["version"]: float(_by_key(v["tags"])["val_mse"]) for v in versions}
     champion = server.api("registered-models/alias", name="regression-mlp", alias="champion")["model_version"]
     assert scores[champion["version"]] == min(scores.values()), (champion["version"], scores)
     linear = server.api("model-versions/search", filter="name = 'regression-linear'")["model_versions"]

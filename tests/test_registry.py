@@ -45,10 +45,13 @@ def _trained(model: str = "linear") -> str:
     return run.run_id
 
 
-def _register(model: str, train_run: str, test_mse: float, digest: str = DATA) -> str | None:
+TEST_MSE = 3.0  # the test score the cases below report beside the validation score that decides
+
+
+def _register(model: str, train_run: str, val_mse: float, digest: str = DATA, test_mse: float = TEST_MSE) -> str | None:
     """What evaluate does for the model whose weights `train_run` wrote: register it, perhaps promote it."""
     with tracking.stage_run("evaluate", EXPERIMENT, {}, "evaluate") as run:
-        return run.register_model(model, train_run, test_mse, digest)
+        return run.register_model(model, train_run, val_mse, test_mse, digest)
 
 
 def _champion(client: Any, model: str = "linear") -> str:
@@ -61,12 +64,12 @@ def test_champion_moves_only_on_a_better_score_on_the_same_data(workspace: Path)
     client = MlflowClient(tracking.tracking_uri())
     first, better, tie, worse, other = (_trained() for _ in range(5))
 
-    assert _register("linear", first, 2.0) == "regression-linear v1: first champion (test_mse 2)"
-    assert _register("linear", first, 2.0) == "regression-linear v1: already champion (test_mse 2)"  # evaluate again
-    assert _register("linear", better, 1.5).startswith("regression-linear v2: new champion (test_mse 1.5 < 2 of v1)")
+    assert _register("linear", first, 2.0) == "regression-linear v1: first champion (val_mse 2; test_mse 3)"
+    assert _register("linear", first, 2.0) == "regression-linear v1: already champion (val_mse 2; test_mse 3)"  # again
+    assert _register("linear", better, 1.5) == "regression-linear v2: new champion (val_mse 1.5 < 2 of v1; test_mse 3)"
     assert _champion(client) == "2"
-    assert _register("linear", tie, 1.5) == "regression-linear v3: champion stays v2 (test_mse 1.5 <= 1.5)"
-    assert _register("linear", worse, 1.7) == "regression-linear v4: champion stays v2 (test_mse 1.5 <= 1.7)"
+    assert _register("linear", tie, 1.5) == "regression-linear v3: champion stays v2 (val_mse 1.5 <= 1.5; test_mse 3, this one 3)"
+    assert _register("linear", worse, 1.7) == "regression-linear v4: champion stays v2 (val_mse 1.5 <= 1.7; test_mse 3, this one 3)"
     report = _register("linear", other, 0.1, OTHER_DATA)
     assert report.startswith("regression-linear v5: not compared: champion v2 was scored on other data"), report
     assert _champion(client) == "2"
@@ -76,7 +79,29 @@ def test_champion_moves_only_on_a_better_score_on_the_same_data(workspace: Path)
         (str(i), run) for i, run in enumerate((first, better, tie, worse, other), start=1)
     ]
     v2 = client.get_model_version("regression-linear", "2")
-    assert v2.tags == {"data.digest": DATA, "test_mse": "1.5"} and v2.source.startswith("models:/m-")
+    assert v2.tags == {"data.digest": DATA, "val_mse": "1.5", "test_mse": "3.0"} and v2.source.startswith("models:/m-")
+
+
+def test_champion_is_chosen_on_validation_not_on_test(workspace: Path) -> None:
+    """The test split is for reporting: a version better on validation wins even where its test MSE is worse,
+    and one better only on test does not move the alias. The test MSE is tagged and printed beside."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    val_best, test_best, later = (_trained() for _ in range(3))
+    assert _register("linear", val_best, 1.0, test_mse=5.0) == "regression-linear v1: first champion (val_mse 1; test_mse 5)"
+    report = _register("linear", test_best, 2.0, test_mse=0.5)  # a test-set comparison would pick this one
+    assert report == "regression-linear v2: champion stays v1 (val_mse 1 <= 2; test_mse 5, this one 0.5)"
+    assert _champion(client) == "1"
+    report = _register("linear", later, 0.9, test_mse=9.0)  # better on validation, worst on test: champion
+    assert report == "regression-linear v3: new champion (val_mse 0.9 < 1 of v1; test_mse 9)"
+    assert _champion(client) == "3"
+    tags = {str(v.version): v.tags for v in client.search_model_versions("name = 'regression-linear'")}
+    assert {v: (t["val_mse"], t["test_mse"]) for v, t in tags.items()} == {
+        "1": ("1.0", "5.0"), "2": ("2.0", "0.5"), "3": ("0.9", "9.0")}
+    evaluate = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.stage = 'evaluate'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert evaluate.data.tags["registry.linear"] == report  # the line is kept on the evaluate run
 
 
 def test_run_without_logged_model_is_not_registered(workspace: Path) -> None:
@@ -188,15 +213,15 @@ def test_served_champion_refuses_huge_or_deep_requests_in_one_line(workspace: Pa
 
 @pytest.mark.slow
 def test_better_mlp_becomes_champion_and_is_served(project: Path) -> None:
-    """Two pipeline runs with different MLP params: @champion is the lower test MSE, and serving it
+    """Two pipeline runs with different MLP params: @champion is the lower validation MSE, and serving it
     answers with the predictions evaluate wrote for that model."""
-    runs: dict[str, tuple[float, list[float]]] = {}  # train run id -> (test MSE, evaluate's predictions)
+    runs: dict[str, tuple[float, list[float]]] = {}  # train run id -> (validation MSE, evaluate's predictions)
     for epochs in (1, 12):
         set_params(project, {"mlp.epochs": epochs})
         out = dvc(project, "repro").stdout
         assert "registry: regression-mlp v" in out, out
         tags = _latest_evaluate_tags(project)
-        mse = json.loads((project / "metrics" / "evaluation" / "mlp.json").read_text())["test_mse"]
+        mse = json.loads((project / "metrics" / "evaluation" / "mlp.json").read_text())["val_mse"]
         runs[tags["scored.mlp.run_id"]] = (mse, _predictions(project))
     assert len(runs) == 2
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import data
-from tests.helpers import N_TRAIN, assert_untouched, clone, dvc, output_of, outputs, runs
+from tests.helpers import N_TRAIN, assert_untouched, clone, dvc, output_of, outputs, run_env, runs
 
 
 # ---------------------------------------------------------------- bad data
@@ -84,6 +86,8 @@ BAD_TRUTH: list[tuple[str, Any, str]] = [
     ("short-w_true", lambda t: t | {"w_true": t["w_true"][:3]}, "truth.json: not a valid truth file: w_true has 3 entries but n_features is 10"),
     ("bad-rows", lambda t: t | {"rows": {"train": 420}}, "truth.json: not a valid truth file: rows is {'train': 420}"),
     ("bad-n_features", lambda t: t | {"n_features": "ten"}, "truth.json: not a valid truth file: n_features is 'ten'"),
+    ("no-digests", lambda t: {k: v for k, v in t.items() if k != "digests"}, "truth.json: not a valid truth file: lacks ['digests']"),
+    ("bad-digest", lambda t: t | {"digests": t["digests"] | {"val": "not-an-md5"}}, "truth.json: not a valid truth file: digests is"),
 ]
 
 
@@ -140,8 +144,8 @@ def test_damaged_weights_are_named(tmp_path: Path, damage: str) -> None:
 @pytest.mark.slow
 @pytest.mark.bad_input
 def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_path: Path) -> None:
-    """Through DVC: the train stage names the file and writes nothing; its run (opened before any work, as every
-    stage's is) ends FAILED with nothing logged; `dvc repro` restores the data."""
+    """Through DVC: the train stage names the file and writes nothing; the data is checked against truth.json's
+    digests before the stage opens its run, so no run is started; `dvc repro` restores the data."""
     repo = clone(baseline, tmp_path / "repo")
     before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
     train = repo / "data" / "train.parquet"
@@ -149,9 +153,83 @@ def test_damaged_data_stops_the_stage_and_repro_repairs_it(baseline: Path, tmp_p
     proc = dvc(repo, "repro", "--single-item", "train@linear", check=False)
     text = output_of(proc)
     assert proc.returncode != 0
-    assert "train@linear: data/train.parquet: not a readable Parquet file" in text and "Traceback" not in text
+    assert "train@linear: data/train.parquet: not the file generate wrote (md5 " in text and "Traceback" not in text
     assert_untouched(repo, before, lock, changed=("data/train.parquet",))
-    (run,) = runs(repo)
-    assert run.info.status == "FAILED" and run.data.tags["stage"] == "train@linear" and not run.data.metrics
+    assert runs(repo) == []
     dvc(repo, "repro")
     assert outputs(repo) == before
+
+
+# ---------------------------------------------------------------- data that reads fine but is not what generate wrote
+
+
+def _flip_a_byte(path: Path) -> None:
+    """One bit of one value changed in the middle of the file: still a readable Parquet file of the right shape."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _rewrite_a_value(path: Path) -> None:
+    """One y value rewritten with pandas, as a user fixing a row by hand would."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    frame.loc[3, "y"] = 0.0
+    frame.to_parquet(path, index=False)
+
+
+TAMPER = {"flipped-byte": _flip_a_byte, "value-rewritten-with-pandas": _rewrite_a_value}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("tamper", TAMPER, ids=list(TAMPER))
+def test_split_that_is_not_what_generate_wrote_is_refused(tiny_data: Path, tmp_path: Path, tamper: str) -> None:
+    files = {split: _split_file(tiny_data, tmp_path, split) for split in data.SPLITS}
+    truth = data.read_truth(tiny_data / "truth.json")
+    data.verify_digests(truth, files)  # as generate wrote them: accepted
+    TAMPER[tamper](files["val"])
+    X, _ = data.read_checked_split(files["val"], truth, "val")  # readable, right shape: only the digest tells
+    assert X.shape == (90, 10)
+    with pytest.raises(data.DataError) as err:
+        data.verify_digests(truth, files)
+    message = str(err.value)
+    assert message.startswith(f"{files['val']}: not the file generate wrote (md5 ") and "\n" not in message
+    assert f"truth.json records {truth.digests['val']}" in message and "dvc checkout --force" in message
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_tampered_split_stops_every_stage_before_any_work(baseline: Path, tmp_path: Path) -> None:
+    """The issue's case 5: a flipped byte, or a value rewritten with pandas, is refused in one line naming the file,
+    by a stage run by hand and under `dvc repro -s ... -f`; no MLflow run, no new output; the advice restores it."""
+    repo = clone(baseline, tmp_path / "repo")
+    before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
+    _flip_a_byte(repo / "data" / "train.parquet")
+    _rewrite_a_value(repo / "data" / "test.parquet")
+    tampered = ("data/train.parquet", "data/test.parquet")
+
+    cases = [  # (command, the stage's one line): train reads train first, evaluate checks train, val, test in order
+        ([sys.executable, "-m", "stages", "train", "mlp"], "train@mlp: data/train.parquet: not the file generate wrote"),
+        ([sys.executable, "-m", "dvc", "repro", "-s", "train@mlp", "-f"], "train@mlp: data/train.parquet: not the file generate wrote"),
+        ([sys.executable, "-m", "stages", "evaluate"], "evaluate: data/train.parquet: not the file generate wrote"),
+    ]
+    for cmd, expected in cases:
+        proc = subprocess.run(cmd, cwd=repo, env=run_env(), capture_output=True, text=True, timeout=600)
+        text = output_of(proc)
+        assert proc.returncode != 0, (cmd, text)
+        lines = [line for line in text.splitlines() if "not the file generate wrote" in line]
+        assert len(lines) == 1 and lines[0].startswith(expected), (cmd, text)
+        assert "Traceback" not in text
+        assert_untouched(repo, before, lock, changed=tampered)
+        assert runs(repo) == [] and not (repo / "mlflow.db").exists(), cmd  # no run: refused before the store is opened
+
+    shutil.copy(baseline / "data" / "train.parquet", repo / "data" / "train.parquet")  # train fixed: test still named
+    proc = subprocess.run([sys.executable, "-m", "stages", "evaluate"], cwd=repo, env=run_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.startswith("evaluate: data/test.parquet: not the file generate wrote")
+
+    dvc(repo, "checkout", "--force", "data/test.parquet")  # the line's advice
+    dvc(repo, "checkout")  # `dvc repro -s -f` removed train@mlp's outputs before running it; the cache has them
+    assert outputs(repo) == before
+    assert "up to date" in dvc(repo, "status").stdout

@@ -79,6 +79,37 @@ def test_bad_params_stop_dvc_repro_cleanly(baseline: Path, tmp_path: Path, reque
     assert "up to date" in dvc(repo, "status").stdout
 
 
+# (text appended to params.yaml, the start of the one line `dvc repro` prints): keys no stage depends on
+UNKNOWN_BLOCKS = [
+    ("mpl:\n  lr: 0.5\n", "params: invalid params.yaml: mpl: unknown key (did you mean 'mlp'?); allowed in the top level: seed,"),
+    ("sed: 7\n", "params: invalid params.yaml: sed: unknown key (did you mean 'seed'?)"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_unknown_block_is_reported_by_dvc_repro_when_no_stage_would_run(baseline: Path, tmp_path: Path) -> None:
+    """A misspelled block (`mpl:` for `mlp:`) or unknown key changes no param a computing stage lists, so only the
+    `params` check runs: `dvc repro` fails with its one line, instead of "up to date"; nothing else runs or changes."""
+    repo = clone(baseline, tmp_path / "repo")
+    assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
+    good = (repo / "params.yaml").read_text()
+    before, lock = outputs(repo), (repo / "dvc.lock").read_bytes()
+    for added, expected in UNKNOWN_BLOCKS:
+        (repo / "params.yaml").write_text(good + added)
+        proc = dvc(repo, "repro", check=False)
+        text = output_of(proc)
+        assert proc.returncode != 0, text
+        assert re.findall(r"Running stage '([^']+)'", text) == ["params"], text
+        lines = [line for line in text.splitlines() if "unknown key" in line]
+        assert len(lines) == 1 and lines[0].startswith(expected), text
+        assert "Traceback" not in text
+        assert_untouched(repo, before, lock)
+        assert runs(repo) == []
+    (repo / "params.yaml").write_text(good)
+    assert "Data and pipelines are up to date." in output_of(dvc(repo, "repro"))
+
+
 # ---------------------------------------------------------------- device: cuda without CUDA
 
 

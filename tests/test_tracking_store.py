@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -133,3 +136,74 @@ def test_permission_errors_are_told_apart_from_outages() -> None:
     assert store.failure_reason("Max retries exceeded (Caused by ResponseError('too many 503 error responses'))") == "HTTP 503"
     line = str(store.permission_refused("http://h", 403, "creating a run in experiment 'x'"))
     assert "permission problem (not an outage)" in line and "refused the request" not in line
+
+
+# ---------------------------------------------------------------- a store being created is waited for
+
+
+def _half_made_store(path: Path) -> None:
+    """What MLflow leaves between creating its tables and stamping their schema version: tables, no alembic_version."""
+    with closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY)")
+        con.commit()
+
+
+def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    """Start `call` in a thread; the dict gets its result ('value') or its exception ('error')."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except Exception as exc:  # noqa: BLE001 - handed to the test, which asserts on it
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def fresh_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace with no store yet, whose embedded store (tmp_path/mlflow.db) the tracking code uses."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def test_preflight_and_readers_wait_for_a_store_being_created(fresh_workspace: Path) -> None:
+    """Issue 28, case 6: a half-made store is "not an MLflow database" to a check that does not wait; while its
+    creator holds the store lock, pre-flight and readers wait, then find the whole store."""
+    from mlflow.tracking import MlflowClient
+
+    db = fresh_workspace / "mlflow.db"
+    _half_made_store(db)
+    with pytest.raises(store.TrackingError, match=r"is not an MLflow database \(no schema version\)"):
+        store.check_sqlite_store(db)  # what a check that does not wait for the creator would say
+    whole = fresh_workspace / "elsewhere" / "mlflow.db"
+    whole.parent.mkdir()
+    MlflowClient(f"sqlite:///{whole}").search_experiments()  # a store MLflow finished creating
+    with store.store_lock(db):  # the creator (connect) holds it from the empty file to the last migration
+        waiting = [_in_thread(store.preflight), _in_thread(lambda: store.open_existing(store.tracking_uri()))]
+        time.sleep(1.0)
+        assert all(thread.is_alive() for thread, _ in waiting), [out for _, out in waiting]  # waiting on the lock
+        shutil.copy(whole, db)  # creation ends
+    for thread, out in waiting:
+        thread.join(timeout=60)
+        assert not thread.is_alive() and "error" not in out, out
+    assert waiting[0][1]["value"] == f"sqlite:///{db}"
+
+
+def test_store_is_created_under_the_lock_preflight_takes(fresh_workspace: Path) -> None:
+    """connect() creates the store only once it holds the lock pre-flight waits on (one lock file, beside the store)."""
+    db = fresh_workspace / "mlflow.db"
+    with store.store_lock(db):
+        thread, out = _in_thread(lambda: store.connect("created-under-the-lock"))
+        time.sleep(1.0)
+        assert thread.is_alive() and not db.exists(), out  # not one byte before it has the lock
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in out, out
+    assert (fresh_workspace / "mlflow.db.lock").exists() and not list(fresh_workspace.glob("*.broken"))
+    store.check_sqlite_store(db)  # whole: schema version stamped
+    client, experiment_id = out["value"]  # type: ignore[misc]
+    assert client.get_experiment(experiment_id).name == "created-under-the-lock"

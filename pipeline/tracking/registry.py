@@ -7,7 +7,8 @@ logging imports neither torch nor a compiler: the pt2 flavor (torch.export) cost
 train stage about 2-3 s of imports, export and a load-back check, for a format that
 rebuilding from the spec does not need. `load_torch_module` gives a PyTorch user the
 nn.Module back in one call. evaluate registers each training run's logged model once and
-moves `champion` to the lowest test MSE on the same data, safely under concurrency.
+moves `champion` to the lowest validation MSE on the same data, safely under concurrency: the
+test split stays for reporting (its MSE is tagged and printed beside), never for choosing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.tracking.lineage import training_run
 if TYPE_CHECKING:
     from torch import nn
 from pipeline.tracking.store import (
-    TrackingError, is_sqlite, open_existing, permission_refused, permission_status, store_lock, tracking_uri, workspace_root,
+    TrackingError, is_sqlite, open_existing, permission_refused, permission_status, sqlite_file, store_lock, tracking_uri,
 )
 
 PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
@@ -178,40 +179,44 @@ def champion(model: str) -> tuple[str, str]:
 
 
 def register_model(
-    client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str, test_mse: float,
-    data_digest: str,
+    client: MlflowClient, experiment_id: str, run_id: str, model: str, model_digest: str, val_mse: float,
+    test_mse: float, data_digest: str,
 ) -> str | None:
     """Register the logged model of the run that trained these weights (once per run), elect the champion.
 
     Returns the report line (also set as the tag `registry.<model>` on run `run_id`), or
     None when no finished training run made these weights. `champion` points at the
-    lowest test MSE among the versions scored on the same data digest (ties: the lowest
-    version number); a champion scored on other data is reported, not compared, and left
-    alone. The registry has no lock, so the version is registered first (its scores as
-    tags, in the same request) and then elected by `_elect`, which repeats read-all / set /
-    re-read until what it reads is stable: however many evaluates race on one server, the
-    last one to settle sees every version and leaves the alias on the best. The report says
-    what is true when this evaluate ends. The embedded store keeps its file lock around it
+    lowest validation MSE among the versions scored on the same data digest (ties: the lowest
+    version number): choosing on the test split would make its score a selected one, no longer
+    an unbiased report; the test MSE is tagged and reported beside. A champion scored on other
+    data is reported, not compared, and left alone. The registry has no lock, so the version is
+    registered first (its scores as tags, in the same request) and then elected by `_elect`,
+    which repeats read-all / set / re-read until what it reads is stable: however many
+    evaluates race on one server, the last one to settle sees every version and leaves the
+    alias on the best. The report says what is true when this evaluate ends. The embedded store keeps its file lock around it
     (queued experiments evaluate in parallel on it), which makes the loop run once.
     """
     train_run = training_run(client, experiment_id, model, model_digest)
     if train_run is None:
         return None
     name = registered_name(model)
-    with store_lock(workspace_root()) if is_sqlite(tracking_uri()) else nullcontext():
+    uri = tracking_uri()
+    with store_lock(sqlite_file(uri)) if is_sqlite(uri) else nullcontext():
         before = _champion(client, name)
-        version = _version_for_run(client, name, train_run, experiment_id, test_mse, data_digest)
+        version = _version_for_run(client, name, train_run, experiment_id, val_mse, test_mse, data_digest)
         if version is None:
             report = f"{name}: training run {train_run} logged no model; nothing registered"
         else:
             after = _elect(client, name, data_digest)
-            report = f"{name} v{version.version}: {_report(str(version.version), test_mse, data_digest, before, after)}"
+            said = _report(str(version.version), val_mse, test_mse, data_digest, before, after)
+            report = f"{name} v{version.version}: {said}"
     client.set_tag(run_id, f"registry.{model}", report)
     return report
 
 
 def _version_for_run(
-    client: MlflowClient, name: str, run_id: str, experiment_id: str, test_mse: float, data_digest: str,
+    client: MlflowClient, name: str, run_id: str, experiment_id: str, val_mse: float, test_mse: float,
+    data_digest: str,
 ) -> Any:
     """The registry version made from `run_id`'s logged model, created (with its scores as tags) when new."""
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -223,11 +228,13 @@ def _version_for_run(
     if not logged:
         return None
     try:  # its creator may then manage it (MLflow's auth app): a user who is not an admin owns what evaluate made
-        client.create_registered_model(name, description="Trained by the regression pipeline; alias champion = lowest test MSE")
+        client.create_registered_model(
+            name, description="Trained by the regression pipeline; alias champion = lowest validation MSE (test MSE beside it)"
+        )
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") and not _lost_race(exc):
             raise
-    tags = {"data.digest": data_digest, "test_mse": repr(float(test_mse))}
+    tags = {"data.digest": data_digest, "val_mse": repr(float(val_mse)), "test_mse": repr(float(test_mse))}
     return client.create_model_version(
         name, source=logged[0].model_uri, run_id=run_id, tags=tags, model_id=logged[0].model_id, await_creation_for=0,
     )
@@ -247,10 +254,11 @@ def _lost_race(exc: MlflowException) -> bool:
     return "unique constraint" in text or "duplicate" in text or "integrityerror" in text
 
 
-def _score(version: Any) -> float | None:
-    """A version's test MSE tag as a number, or None when it has none (registered by hand)."""
+def _score(version: Any, tag: str = "val_mse") -> float | None:
+    """A version's validation MSE tag (what the champion is chosen on) as a number, or None when it has none
+    (registered by hand, or before the champion moved on validation); `tag="test_mse"`: the reported one."""
     try:
-        return float(version.tags["test_mse"])
+        return float(version.tags[tag])
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -324,8 +332,15 @@ def _elect(client: MlflowClient, name: str, data_digest: str) -> Any:
     )
 
 
-def _report(mine: str, test_mse: float, data_digest: str, before: Any, after: Any) -> str:
-    """What is true as this evaluate ends: whether `mine` is the champion, and against what."""
+def _shown(value: float | None) -> str:
+    """A score as the report lines print it; '?' for a version that has none."""
+    return "?" if value is None else f"{value:.6g}"
+
+
+def _report(mine: str, val_mse: float, test_mse: float, data_digest: str, before: Any, after: Any) -> str:
+    """What is true as this evaluate ends: whether version `mine` is the champion, and against what (the validation
+    MSE decides; the test MSE is shown beside it, for reporting only)."""
+    test = f"test_mse {_shown(test_mse)}"
     if after is not None and after.tags.get("data.digest") != data_digest:
         theirs = after.tags.get("data.digest", "none")
         return (
@@ -333,16 +348,18 @@ def _report(mine: str, test_mse: float, data_digest: str, before: Any, after: An
             f"(data.digest {theirs[:8]}, this one {data_digest[:8]}); {CHAMPION} unchanged"
         )
     if after is None or _score(after) is None:
-        return f"not compared: {CHAMPION} v{after.version if after else '?'} has no test_mse tag; {CHAMPION} unchanged"
+        return (f"not compared: {CHAMPION} v{after.version if after else '?'} has no val_mse tag (set by hand, or "
+                f"chosen before the champion moved on validation); {CHAMPION} unchanged")
     best = _score(after)
     if str(after.version) != mine:
         moved = "stays" if before is not None and str(before.version) == str(after.version) else "is"
-        return f"{CHAMPION} {moved} v{after.version} (test_mse {best:.6g} <= {test_mse:.6g})"
+        return (f"{CHAMPION} {moved} v{after.version} (val_mse {_shown(best)} <= {_shown(val_mse)}; "
+                f"test_mse {_shown(_score(after, 'test_mse'))}, this one {_shown(test_mse)})")
     if before is None:
-        return f"first {CHAMPION} (test_mse {test_mse:.6g})"
+        return f"first {CHAMPION} (val_mse {_shown(val_mse)}; {test})"
     if str(before.version) == mine:
-        return f"already {CHAMPION} (test_mse {test_mse:.6g})"
+        return f"already {CHAMPION} (val_mse {_shown(val_mse)}; {test})"
     previous = _score(before)
     if before.tags.get("data.digest") != data_digest or previous is None:
-        return f"new {CHAMPION} (test_mse {test_mse:.6g}; v{before.version} was scored on other data)"
-    return f"new {CHAMPION} (test_mse {test_mse:.6g} < {previous:.6g} of v{before.version})"
+        return f"new {CHAMPION} (val_mse {_shown(val_mse)}; {test}; v{before.version} was scored on other data)"
+    return f"new {CHAMPION} (val_mse {_shown(val_mse)} < {_shown(previous)} of v{before.version}; {test})"

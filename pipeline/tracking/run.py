@@ -211,10 +211,13 @@ class StageRun:
         self._across(lineage.score_training_run, model=model, model_digest=model_digest,
                      metrics={k: float(v) for k, v in metrics.items()}, picture=str(picture), timestamp=now_ms())
 
-    def register_model(self, model: str, model_digest: str, test_mse: float, data_digest: str) -> str | None:
-        """Register the training run's logged model and move `champion` to it when better; the report line."""
+    def register_model(self, model: str, model_digest: str, val_mse: float, test_mse: float,
+                       data_digest: str) -> str | None:
+        """Register the training run's logged model and move `champion` to it when its validation MSE is lower;
+        the report line (the test MSE beside)."""
         report = self._across(registry.register_model, on=f"registered model {registry.registered_name(model)}",
-                              model=model, model_digest=model_digest, test_mse=float(test_mse), data_digest=data_digest)
+                              model=model, model_digest=model_digest, val_mse=float(val_mse), test_mse=float(test_mse),
+                              data_digest=data_digest)
         if report is None and self.spool is not None:
             return f"{registry.registered_name(model)}: waits in the spool; `./tasks.sh sync` registers it"
         return report

@@ -233,7 +233,7 @@ def preflight(wait: float = 0.0, who: str = "") -> str:
         path = sqlite_file(uri)
         if not path.parent.is_dir():
             raise TrackingError(f"MLflow store {uri}: folder {path.parent} does not exist; create it or fix MLFLOW_TRACKING_URI")
-        with store_lock(workspace_root(), required=False):  # a store another stage is creating is waited for
+        with store_lock(path, required=False):  # a store another stage is creating (connect) is waited for
             check_sqlite_store(path)
     return uri
 
@@ -246,7 +246,8 @@ def open_existing(uri: str) -> MlflowClient:
         path = sqlite_file(uri)
         if not path.exists():
             raise TrackingError(f"no MLflow store at {path}; run `dvc repro` first, or set MLFLOW_TRACKING_URI")
-        check_sqlite_store(path)
+        with store_lock(path, required=False):  # a store a stage is creating is waited for, not called broken
+            check_sqlite_store(path)
     return MlflowClient(uri)
 
 
@@ -323,15 +324,18 @@ def upgrade_store() -> int:
 
 
 @contextmanager
-def store_lock(root: Path, required: bool = True) -> Iterator[None]:
+def store_lock(store: Path, required: bool = True) -> Iterator[None]:
     """Serialise store creation (concurrent first-time SQLite migrations crash) and registry promotions.
 
-    Pre-flight takes it too, so a store that another stage is creating is waited for, never
-    called broken. `required=False`: where no lock file can be made (a read-only workspace),
-    go on without it.
+    The lock is a file beside the SQLite file `store` (mlflow.db.lock at the workspace root for the
+    default store), so every process using that store takes the same one, whatever its workspace.
+    Creation (connect) holds it from the empty file to the last migration; pre-flight and readers
+    take it before they check the schema, so a store being created is waited for, never called
+    broken (a half-made store has tables but no schema version yet). `required=False`: where no
+    lock file can be made (a read-only folder), go on without it.
     """
     try:
-        fh = open(root / f"{STORE_FILE}.lock", "a")
+        fh = open(store.with_name(f"{store.name}.lock"), "a")
     except OSError:
         if required:
             raise
@@ -378,7 +382,7 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
         use_server(uri)  # a no-op after the stage's pre-flight: one /health check per stage
     point_fluent_api_at(uri)
     if is_sqlite(uri):
-        with store_lock(root):
+        with store_lock(sqlite_file(uri)):  # the lock pre-flight waits on: nobody sees the store half made
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
