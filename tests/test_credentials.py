@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from pipeline.tracking import spool, store
-from tests.helpers import SYNC, copy_project, dvc, free_port, run_env, sh
+from tests.helpers import SYNC, clone, copy_project, dvc, free_port, run_env, sh
 
 PASSWORD = "pw:with@odd/chars-7Q"  # quoted into the URI; what must never be printed or stored
 USER = "al@ice"
@@ -121,9 +121,10 @@ def test_spool_files_hold_the_store_redacted(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.slow
-def test_a_server_that_is_down_is_named_without_its_password_by_every_command(tmp_path: Path) -> None:
-    """Every stage (by hand and under `dvc repro`), sync, compare and serve: one line, `http://***@…`, no password."""
-    project = copy_project(tmp_path / "repo")
+def test_a_server_that_is_down_is_named_without_its_password_by_every_command(baseline: Path, tmp_path: Path) -> None:
+    """Every stage (by hand and under `dvc repro`), sync, compare and serve: one line, `http://***@…`, no password.
+    By hand in a reproduced copy (each stage's inputs are there and verified: the store is what stops it)."""
+    project = clone(baseline, tmp_path / "reproduced")
     port = free_port()
     env = run_env(MLFLOW_TRACKING_URI=uri_with_credentials(port), PORT=str(free_port()))
     commands = {
@@ -137,12 +138,13 @@ def test_a_server_that_is_down_is_named_without_its_password_by_every_command(tm
         (line,) = proc.stderr.splitlines()
         assert line.startswith(f"{name}: ") and f"http://***@127.0.0.1:{port} is not reachable (" in line, line
         assert PASSWORD not in line and quote(PASSWORD, safe="") not in line and quote(USER, safe="") not in line, line
-    repro = dvc(project, "repro", check=False, env=env)
+    fresh = copy_project(tmp_path / "fresh")  # nothing reproduced: generate runs first, and stops at the store
+    repro = dvc(fresh, "repro", check=False, env=env)
     output = repro.stdout + repro.stderr
     assert repro.returncode != 0 and f"generate: MLflow tracking server at http://***@127.0.0.1:{port} is not " \
         "reachable ([Errno 111] Connection refused)" in output, output
     assert quote(PASSWORD, safe="") not in output and PASSWORD not in output
-    assert not (project / spool.SPOOL_DIR).exists()
+    assert not (project / spool.SPOOL_DIR).exists() and not (fresh / spool.SPOOL_DIR).exists()
 
 
 def test_a_server_failing_while_runs_are_read_is_one_line_without_the_password(

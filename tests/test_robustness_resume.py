@@ -5,6 +5,7 @@ Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -160,8 +161,11 @@ def test_a_checkpoint_with_edited_state_is_refused_and_training_starts_over(
 
 
 @pytest.mark.slow
-def test_editing_the_checkpoint_settings_reruns_nothing(baseline: Path, tmp_path: Path) -> None:
+def test_editing_the_checkpoint_settings_retrains_nothing(baseline: Path, tmp_path: Path) -> None:
+    """Checkpoint settings are no stage's DVC params: only `params`, the check of the whole file, runs again."""
     repo = clone(baseline, tmp_path / "repo")
     set_params(repo, {"checkpoint.every_epochs": 7, "checkpoint.every_steps": 3, "checkpoint.min_seconds": 0.5})
+    assert dvc(repo, "status", "--json").stdout.strip() == json.dumps({"params": [{"changed deps": {
+        "params.yaml": {"checkpoint": "modified"}}}]})
+    assert re.findall(r"Running stage '([^']+)'", output_of(dvc(repo, "repro"))) == ["params"]
     assert "up to date" in dvc(repo, "status").stdout
-    assert "Data and pipelines are up to date." in output_of(dvc(repo, "repro"))
