@@ -418,9 +418,11 @@ def run(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
 
 def _search(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
     """The loop of `run`."""
+    from pipeline.tracking.store import redact  # the storage URL's credentials shown as ***
+
     search = Search(args, cfg, root)
     start = time.monotonic()
-    print(f"search: study {args.study!r} in {_hide(search.url)}: "
+    print(f"search: study {args.study!r} in {redact(search.url)}: "
           f"{search.finished()} of {args.trials} trials finished"
           + (f"; {search.failed_stale} trial(s) left RUNNING by a killed search marked FAILED" if search.failed_stale else "")
           + (f"; stale trial(s) {', '.join(search.removed_stale)} cleared from the DVC queue (their trials are over)"
@@ -488,13 +490,6 @@ def _decode(value: Any) -> Any:
 
 def _point(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v) if not isinstance(v, float) else f'{v:.4g}'}" for k, v in point.items())
-
-
-def _hide(url: str) -> str:
-    """The storage URL with its credentials shown as *** (the one redaction of pipeline/tracking)."""
-    from pipeline.tracking.store import redact
-
-    return redact(url)
 
 
 def _terminate(signum: int, _frame: Any) -> None:
