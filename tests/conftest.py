@@ -17,8 +17,8 @@ import pytest
 
 from pipeline import warm
 from tests.helpers import (
-    PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports, background,
-    committed_params,
+    DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports,
+    background, committed_params, known_durations, longest_first,
     copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
 )
 
@@ -134,6 +134,9 @@ def spawn() -> Iterator[Any]:
             proc.communicate()
 
 
+RECORDED: dict[str, float] = {}  # --record-durations: seconds per test in this run
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "bad_input: a bad-input case (params, data, store); counted in the summary")
 
@@ -160,6 +163,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
         if any(defs[-1].scope == "module" for defs in fixtures):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+    items[:] = longest_first(items, known_durations())
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"write each test's seconds to {DURATIONS.relative_to(ROOT)} (the order the next runs deal them)")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    RECORDED[report.nodeid] = RECORDED.get(report.nodeid, 0.0) + report.duration  # setup, call and teardown
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """`--record-durations`, in the process that deals the tests (xdist's controller, or the only one)."""
+    if session.config.getoption("--record-durations") and not hasattr(session.config, "workerinput") and RECORDED:
+        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(RECORDED.items())}, indent=0) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -82,6 +83,31 @@ class StageImports:
     repo: Path
     modules: dict[str, set[str]]  # the project's modules (pipeline/, stages/), by stage
     compiler: dict[str, set[str]]  # the torch._dynamo, torch._inductor, torch.export modules each stage loaded
+
+
+DURATIONS = ROOT / "tests" / "durations.json"  # seconds per test, from a whole run with --record-durations
+
+
+def known_durations() -> dict[str, float]:
+    """Each test's seconds in the last recorded run ({} when there is none)."""
+    try:
+        return dict(json.loads(DURATIONS.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def longest_first(items: list[pytest.Item], durations: dict[str, float]) -> list[pytest.Item]:
+    """The tests in the order the workers are dealt them: the longest unit of work first (a test, or every test of
+    an xdist group, which one worker runs in a row), so that no worker starts a minutes-long test while the others
+    are nearly done. A test with no recorded time counts as a typical one (the median); ties keep their order."""
+    typical = statistics.median(durations.values()) if durations else 0.0
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        key = f"group {group.args[0] if group.args else group.kwargs['name']}" if group else item.nodeid
+        units.setdefault(key, []).append(item)
+    cost = {key: sum(durations.get(item.nodeid, typical) for item in unit) for key, unit in units.items()}
+    return [item for key in sorted(units, key=lambda key: -cost[key]) for item in units[key]]
 
 
 def stage_name(argv: list[str]) -> str:
