@@ -42,7 +42,7 @@ from typing import Any
 
 from pipeline import config
 from pipeline.cores import usable_cores
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raise_interrupt
 
 STORE_FILE = "optuna.db"
 LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
@@ -492,14 +492,10 @@ def _point(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v) if not isinstance(v, float) else f'{v:.4g}'}" for k, v in point.items())
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Check options and params.yaml (one line each, exit 2), then search; a failure is one line, exit 1."""
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: the running trial ends FAILED, the parent run KILLED
+    signal.signal(signal.SIGTERM, raise_interrupt)  # like Ctrl-C: the running trial ends FAILED, the parent run KILLED
     try:
         check_args(args)
         cfg = config.load()

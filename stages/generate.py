@@ -31,7 +31,7 @@ def run(cfg: config.Config) -> None:
                 n_samples=d.n_samples, n_features=d.n_features, noise_std=d.noise_std,
                 nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples),
             )
-            out.write_json(paths.TRUTH, truth.to_dict())
+            files.write_json(out.path(paths.TRUTH), truth.to_dict())
         seconds = time.perf_counter() - start
         digests = truth.digests  # the md5 of each split, computed as it was written
 

@@ -48,6 +48,14 @@ def tiny_params() -> dict[str, Any]:
     return update_params(yaml.safe_load(committed_params()), TINY)
 
 
+def split_files(folder: Path) -> dict[str, Path]:
+    """{split: folder/<split>.parquet}: where a test has data.generate write each split (the folder made)."""
+    from pipeline.data import SPLITS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {split: folder / f"{split}.parquet" for split in SPLITS}
+
+
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run a command in `repo`, capturing output; on failure show it."""
     proc = subprocess.run(cmd, cwd=repo, env=env or run_env(), capture_output=True, text=True, timeout=timeout)

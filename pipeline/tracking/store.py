@@ -34,7 +34,7 @@ from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 # MLflow's SQL store announces a new store's tables at INFO, and logs every SQLite error it catches (a locked,
 # full or read-only store) at ERROR with its SQL and two tracebacks (some 65 lines) before raising it. Every
@@ -454,7 +454,7 @@ def failure_reason(exc: BaseException | str) -> str:
             return cause
     if found := _HTTP_STATUS.search(text):
         return f"HTTP {next(g for g in found.groups() if g)}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first_line(text, type(exc).__name__)
     return first[:160]
 
 

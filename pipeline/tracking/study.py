@@ -26,7 +26,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.tracking.run import VIEW_TAG_PREFIX
 from pipeline.tracking.store import connect, now_ms, redact
 
@@ -154,7 +154,7 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        cause = first_line(getattr(exc, "orig", None) or exc)
         hint = ("give a new file or an Optuna database" if backend == "sqlite"
                 else "check that the server runs, and the host, port, database and credentials")
         raise StorageError(f"Optuna storage {shown} cannot be opened ({cause}); {hint}") from None
