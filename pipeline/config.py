@@ -333,10 +333,28 @@ def neutral_params(name: str, model: LinearGDConfig | LinearConfig | MLPConfig, 
     return dict(zip(NEUTRAL_PARAMS, (name, optimizer, model.lr, batch_size, epochs, weight_decay, parameters)))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'mlp.lr': 0.01, ...}, the form MLflow shows as columns."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key ('mlp.lr') in a nested params mapping, in place: what `flatten` names, written back."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
 def searchable_keys(cfg: Config) -> list[str]:
     """Every dotted key a search may set: the leaves of the mlp and linear blocks."""
-    from pipeline.dvc_params import flatten
-
     return [k for block in SEARCHABLE for k in flatten({block: getattr(cfg, block).model_dump()})]
 
 
@@ -353,11 +371,7 @@ def check_search_value(cfg: Config, key: str, rng: SearchRange) -> None:
     values = rng.choice if rng.kind == "choice" else list(rng.bounds(rng.kind))
     for value in values:
         tree = getattr(cfg, block).model_dump()
-        node = tree
-        *parents, last = leaf.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(tree, leaf, value)
         try:
             model.model_validate(tree)
         except ValidationError as exc:

@@ -6,7 +6,9 @@ Kept import-free (the standard library aside) so a stage can catch it before tor
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
+from typing import NoReturn
 
 
 class PipelineError(Exception):
@@ -21,6 +23,12 @@ def interrupted(exc: BaseException) -> str:
 def raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     """A signal handler (for SIGTERM) that stops the process as Ctrl-C does, so the same cleanup runs and names it."""
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def fail(who: str, exc: BaseException, status: int) -> NoReturn:
+    """End the process the way every command here fails: one line `who: message` on stderr, exit `status`."""
+    print(f"{who}: {exc}", file=sys.stderr)
+    sys.exit(status)
 
 
 def first_line(message: object, default: str = "") -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pipeline import config, warm
-from pipeline.errors import PipelineError, interrupted, raise_interrupt
+from pipeline.errors import PipelineError, fail, interrupted, raise_interrupt
 
 warm.stage_environment()  # before torch loads: the same settings here and in the warm server
 
@@ -74,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = config.load()
     except PipelineError as exc:
-        print(f"{label}: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(label, exc, 2)
     if stage == "params":  # dvc.yaml's check of the whole file: valid, nothing more to do
         return
     if argv is None and (code := warm.handoff(label)) is not None:
@@ -85,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         outputs = module.outputs(*args)
         module.run(cfg, *args)
     except PipelineError as exc:
-        print(f"{label}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(label, exc, 1)
     except KeyboardInterrupt as exc:
         written = written_since(outputs, started)
         outcome = (

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -362,12 +362,33 @@ def point_fluent_api_at(uri: str) -> None:
     the user's choice: a spool's URI would then pass for the store itself for the rest of the
     process. The variable is put back as it was.
     """
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    with environ_kept("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+
+
+@contextmanager
+def environ_kept(*names: str) -> Iterator[None]:
+    """Put the environment variables `names` back as they were after the block: MLflow sets some as a side effect."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def all_pages(search: Callable[[str | None], Any]) -> Iterator[Any]:
+    """Every result of a paged MLflow search, fetched a page at a time: `search(page_token)` returns one page."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def connect(experiment: str) -> tuple[MlflowClient, str]:
