@@ -28,6 +28,7 @@ from bench.report import Row
 from bench.workspace import update_params
 from pipeline import config, device, search, training
 from pipeline.tracking import study as trial_env
+from pipeline.tracking.store import environ_kept
 from stages import train
 from stages.distributed import Group
 
@@ -63,16 +64,9 @@ def train_point(cfg: config.Config, point: dict[str, Any], splits: training.Spli
 def _trial_environment(url: str, study_name: str, exp_name: str) -> Iterator[None]:
     """The variables `python -m pipeline.search` and DVC give a trial's stage, for the length of one trial."""
     values = {trial_env.STORAGE_ENV: url, trial_env.STUDY_ENV: study_name, "DVC_EXP_NAME": exp_name}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with environ_kept(*values):
+        os.environ.update(values)
         yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def run_grid(cfg: config.Config, splits: training.Splits) -> tuple[float, int, int, float]:
