@@ -1,13 +1,19 @@
 """The map matches the territory: README's layout lists every module, docs name only what exists,
-and pipeline/tracking/ imports go one way (no cycle)."""
+no two modules of pipeline/ and stages/ import each other (directly or around a loop), and a stage
+module run by itself says how stages run."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import re
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.helpers import ROOT
+import pytest
+
+from tests.helpers import ROOT, run_env
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
@@ -123,3 +129,11 @@ def test_no_two_project_modules_import_each_other_directly_or_around_a_loop() ->
 
     for module in sorted(graph):
         visit(module, ())
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "stages").glob("*.py") if not p.stem.startswith("__")))
+def test_a_stage_module_run_by_itself_fails_with_the_usage_line(module: str, tmp_path: Path) -> None:
+    """`python -m stages.train mlp` is no entry point: exit 2 and the usage line, before the module (torch) loads."""
+    proc = subprocess.run([sys.executable, "-m", f"stages.{module}", "mlp"], cwd=tmp_path, capture_output=True, text=True,
+                          env=run_env(PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("usage: python -m stages {params,generate,train {") and len(proc.stderr.splitlines()) == 1

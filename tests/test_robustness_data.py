@@ -1,7 +1,7 @@
 """Bad data is named: damaged, mismatched or missing splits, truth files and weights.
 
 The bad-data cases call the readers in-process on files written by the real generator;
-the last one runs the real `dvc repro`. Shared set-up: tests/robustness.py.
+the last one runs the real `dvc repro`. Shared set-up: tests/helpers.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Bad params stop before any work: one line, dvc.lock and outputs untouched, no MLflow run.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations
