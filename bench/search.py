@@ -99,15 +99,15 @@ def run_search(cfg: config.Config, splits: training.Splits, trials: int, folder:
         point = search.suggest(trial, cfg.search.space)
         exp_name = f"{name}-t{trial.number}"
         trial.set_user_attr(trial_env.EXP_ATTR, exp_name)
-        with _trial_environment(url, name, exp_name):
-            result = train_point(cfg, point, splits)
-        epochs += len(result.history.step)
-        value = min(result.history.val_loss)
-        attrs = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).user_attrs
-        if trial_env.PRUNED_ATTR in attrs:  # the reporter marked it: it stopped at the pruner's word
+        try:
+            with _trial_environment(url, name, exp_name):
+                result = train_point(cfg, point, splits)
+        except trial_env.TrialPruned:  # stopped at the pruner's word: it trained one epoch per value it reported
+            epochs += len(next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values)
             study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
+            continue
+        epochs += len(result.history.step)
+        study.tell(trial, min(result.history.val_loss))
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     return study.best_value, epochs, pruned, time.perf_counter() - start
 

@@ -207,7 +207,7 @@ class FitSettings:
     desc: str = "train"
     checkpoint: Hook = no_checkpoints
     resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
-    on_epoch: Callable[[int, float], bool] | None = None  # (epoch, val loss) -> stop now (a search's pruning)
+    on_epoch: Callable[[int, float], None] | None = None  # (epoch, val loss) after each epoch; raises to stop (pruning)
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
@@ -224,8 +224,8 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     order of float additions. Epoch losses are averaged across ranks, so every rank
     sees the same numbers and makes the same early-stopping decision.
 
-    `on_epoch(epoch, val_loss)`, when set, is called after every epoch; True stops training
-    there, as early stopping does (best weights kept): how a search prunes a trial.
+    `on_epoch(epoch, val_loss)`, when set, is called after every epoch: how a search's trial hears
+    the validation loss; an exception it raises (a pruned trial) ends the training there.
     """
     X, y, X_val, y_val = splits
     optimizer, lr, weight_decay = settings.optimizer, settings.lr, settings.weight_decay
@@ -308,9 +308,8 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 if patience is not None and stale >= patience:
                     stopped_early = True
                     break
-            if settings.on_epoch is not None and settings.on_epoch(epoch, val_loss):
-                stopped_early = True
-                break
+            if settings.on_epoch is not None:
+                settings.on_epoch(epoch, val_loss)
             settings.checkpoint(epoch + 1, state)  # saves every N epochs, and on SIGTERM/Ctrl-C
     bar.close()
     if best_state is not None:

@@ -497,12 +497,15 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
 
 
 def experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's experiments."""
+    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's finished experiments
+    (a failed one, such as a pruned trial's, has no commit, params or metrics)."""
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     baseline = next(b for b in shown if b["name"] == "main")
     out = {}
     for exp in baseline["experiments"] or []:
         rev = exp["revs"][0]
+        if (exp.get("executor") or {}).get("state") == "failed" or not rev.get("data"):
+            continue
         out[rev["name"]] = {
             "rev": rev["rev"],
             "params": rev["data"]["params"]["params.yaml"]["data"],
