@@ -252,7 +252,11 @@ def open_existing(uri: str) -> MlflowClient:
 
 
 def _schema_head() -> str:
-    """The schema this MLflow writes. No public API names it: this is the one private MLflow call left."""
+    """The schema revision this MLflow writes, to tell a store it cannot use before it touches it.
+
+    No public API names it (a new store made to ask would cost seconds on every check), so this is the one
+    private MLflow call; tests/test_tracking_store.py fails when MLflow moves it or it stops matching a new store.
+    """
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
