@@ -50,7 +50,7 @@ def _number(value: Any) -> float | None:
 def _record(run: dict[str, Any]) -> dict[str, Any]:
     """A run as the row it becomes: identity, all params (plus data digest), scores, cost."""
     tags, metrics = run["tags"], run["metrics"]
-    params = dict(run["params"])
+    params = {k: v for k, v in run["params"].items() if k != "model"}  # the row's own `model` column shows it
     if digest := tags.get("data.digest"):
         params[DATA_KEY] = digest[:8]
     end, start = run.get("end_time"), run.get("start_time")
