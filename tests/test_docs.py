@@ -418,3 +418,14 @@ def test_readme_figures_are_the_committed_pipelines(tmp_path: Path) -> None:
             check_figure(head, before[path].get(column), digits, f"{where} {path} {column} (HEAD)")
             check_figure(workspace, metrics(path).get(column), digits, f"{where} {path} {column} (workspace)")
             check_figure(change, metrics(path)[column] - before[path][column], digits, f"{where} {path} {column} (change)")
+
+
+def test_a_stale_figure_fails_the_check() -> None:
+    """The check behind the README figures test: a figure off by more than its last digit, or a '-' where the file
+    has a value, fails (the issue's stale MLP test MSE, 1.0323 for 1.0334, among them)."""
+    check_figure("1.0334", 1.03341, 4, "fresh")
+    check_figure("0.511", 0.51104, 4, "trailing zero dropped")
+    check_figure("-", None, 4, "no such metric")
+    for shown, value in (("1.0323", 1.0334), ("0.5105", 0.51104), ("-", 1.0)):
+        with pytest.raises(AssertionError):
+            check_figure(shown, value, 4, "stale")
