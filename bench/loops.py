@@ -100,18 +100,13 @@ def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
 def tracked_run(store: str) -> Iterator[StageRun]:
     """A real MLflow run of the project's tracking module, on a throwaway SQLite store in `store`."""
     from pipeline import tracking
+    from pipeline.tracking.store import environ_kept
 
-    saved = os.environ.get("DVC_ROOT"), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ["DVC_ROOT"] = store  # tracking resolves the store at the workspace root
-    try:
+    with environ_kept("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ["DVC_ROOT"] = store  # tracking resolves the store at the workspace root
         with tracking.stage_run("bench", "bench", {}, "bench") as run:
             yield run
-    finally:
-        for key, value in zip(("DVC_ROOT", "MLFLOW_TRACKING_URI"), saved):
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None, cuda_graph: bool = True) -> float:

@@ -28,6 +28,7 @@ from bench.report import Row
 from bench.workspace import update_params
 from pipeline import config, device, search, training
 from pipeline.tracking import study as trial_env
+from pipeline.tracking.store import environ_kept
 from stages import train
 from stages.distributed import Group
 
@@ -63,16 +64,9 @@ def train_point(cfg: config.Config, point: dict[str, Any], splits: training.Spli
 def _trial_environment(url: str, study_name: str, exp_name: str) -> Iterator[None]:
     """The variables `python -m pipeline.search` and DVC give a trial's stage, for the length of one trial."""
     values = {trial_env.STORAGE_ENV: url, trial_env.STUDY_ENV: study_name, "DVC_EXP_NAME": exp_name}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with environ_kept(*values):
+        os.environ.update(values)
         yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def run_grid(cfg: config.Config, splits: training.Splits) -> tuple[float, int, int, float]:
@@ -105,15 +99,15 @@ def run_search(cfg: config.Config, splits: training.Splits, trials: int, folder:
         point = search.suggest(trial, cfg.search.space)
         exp_name = f"{name}-t{trial.number}"
         trial.set_user_attr(trial_env.EXP_ATTR, exp_name)
-        with _trial_environment(url, name, exp_name):
-            result = train_point(cfg, point, splits)
-        epochs += len(result.history.step)
-        value = min(result.history.val_loss)
-        attrs = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).user_attrs
-        if trial_env.PRUNED_ATTR in attrs:  # the reporter marked it: it stopped at the pruner's word
+        try:
+            with _trial_environment(url, name, exp_name):
+                result = train_point(cfg, point, splits)
+        except trial_env.TrialPruned:  # stopped at the pruner's word: it trained one epoch per value it reported
+            epochs += len(next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values)
             study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
+            continue
+        epochs += len(result.history.step)
+        study.tell(trial, min(result.history.val_loss))
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     return study.best_value, epochs, pruned, time.perf_counter() - start
 

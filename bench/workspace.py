@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough that a whole `dvc repro` is dominated by process start-up: the tests' params,
@@ -61,11 +63,7 @@ def env(**extra: str) -> dict[str, str]:
 def update_params(params: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
     """Apply dotted-key updates ({'mlp.lr': 0.1}) to a params mapping, in place; return it."""
     for dotted, value in updates.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        config.set_dotted(params, dotted, value)
     return params
 
 

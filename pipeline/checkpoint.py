@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pipeline.errors import first_line
 from pipeline.files import atomic_path, md5_file
 
 FORMAT = 2  # bump when the saved state changes shape: older files are then refused, not misread
@@ -129,7 +130,7 @@ def load(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
             return None, f"{path} is damaged (its state or tensors do not match their digest)"
         return _join(json.loads(header["state"]), tensors), ""
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = first_line(f"{type(exc).__name__}: {exc}")
         return None, f"{path} is damaged or truncated ({reason})"
 
 

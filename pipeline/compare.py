@@ -50,7 +50,7 @@ def _number(value: Any) -> float | None:
 def _record(run: dict[str, Any]) -> dict[str, Any]:
     """A run as the row it becomes: identity, all params (plus data digest), scores, cost."""
     tags, metrics = run["tags"], run["metrics"]
-    params = dict(run["params"])
+    params = {k: v for k, v in run["params"].items() if k != "model"}  # the row's own `model` column shows it
     if digest := tags.get("data.digest"):
         params[DATA_KEY] = digest[:8]
     end, start = run.get("end_time"), run.get("start_time")
@@ -153,15 +153,18 @@ def render_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     body = [_cells(r, keys, formats) for r in rows]
     for cells in body:
         cells[-1] = cells[-1][:8]
+    return _aligned(header, body, _numeric(header), rule=True)
+
+
+def _aligned(header: Sequence[str], body: Sequence[Sequence[str]], numeric: Sequence[bool], rule: bool) -> str:
+    """Columns as wide as their widest cell, two spaces apart, numeric ones right-aligned; a dashed rule if asked."""
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    numeric = _numeric(header)
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
-        return "  ".join(parts).rstrip()
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *map(line, body)]) + "\n"
+    dashes = ["  ".join("-" * w for w in widths)] if rule else []
+    return "\n".join([line(header), *dashes, *map(line, body)]) + "\n"
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
@@ -234,8 +237,7 @@ def render_study(rows: Sequence[dict[str, Any]]) -> str:
         "-" if r["val_mse"] is None else f"{r['val_mse']:.4g}", "-" if r["epochs"] is None else f"{r['epochs']:.0f}",
         *(str(r["params"].get(k, "-")) for k in keys), r["dvc_exp"], r["run_id"][:8],
     ] for r in rows]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, *body)) + "\n"
+    return _aligned(header, body, [False] * len(header), rule=False)
 
 
 RENDERERS = {"table": render_table, "csv": render_csv, "json": render_json, "markdown": render_markdown}

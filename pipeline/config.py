@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from pipeline import config_errors
-from pipeline.config_errors import Bad, ConfigError, Verbatim
+from pipeline.config_errors import ConfigError, InvalidValue, Unquoted
 
 MODEL_NAMES: tuple[str, ...] = ("linear_gd", "linear", "mlp")
 PARAMS_FILE = "params.yaml"
@@ -70,7 +70,7 @@ class Split(_Strict):
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-9):
             shown = f"train {self.train:g} + val {self.val:g} + test {self.test:g} = {total:g}"
-            raise Bad(None, Verbatim(shown), "the fractions must sum to 1")
+            raise InvalidValue(None, Unquoted(shown), "the fractions must sum to 1")
         return self
 
     def sizes(self, n_samples: int) -> dict[str, int]:
@@ -92,10 +92,10 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _nonempty_splits(self) -> DataConfig:
         if self.nonlinearity > 0 and self.n_features < 3:
-            raise Bad("n_features", self.n_features, "must be at least 3 when data.nonlinearity > 0 (g uses x0, x1, x2)")
+            raise InvalidValue("n_features", self.n_features, "must be at least 3 when data.nonlinearity > 0 (g uses x0, x1, x2)")
         empty = [k for k, v in self.split.sizes(self.n_samples).items() if v < 1]
         if empty:
-            raise Bad("n_samples", self.n_samples, f"must be large enough to give every split a row ({', '.join(empty)} would be empty)")
+            raise InvalidValue("n_samples", self.n_samples, f"must be large enough to give every split a row ({', '.join(empty)} would be empty)")
         return self
 
 
@@ -157,9 +157,9 @@ class MLPConfig(_Strict):
     @classmethod
     def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(w <= 0 for w in v):
-            raise Bad(None, list(v), "every width must be greater than 0")
+            raise InvalidValue(None, list(v), "every width must be greater than 0")
         if any(w > MAX_WIDTH for w in v):
-            raise Bad(None, list(v), f"every width must be at most {MAX_WIDTH}")
+            raise InvalidValue(None, list(v), f"every width must be at most {MAX_WIDTH}")
         return v
 
 
@@ -208,7 +208,7 @@ class SearchRange(_Strict):
         if unknown:
             hint = difflib.get_close_matches(str(unknown[0]), SEARCH_KINDS, n=1)
             guess = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise Bad(None, Verbatim(str(unknown[0])), f"unknown kind of range{guess}; allowed: {', '.join(SEARCH_KINDS)}")
+            raise InvalidValue(None, Unquoted(str(unknown[0])), f"unknown kind of range{guess}; allowed: {', '.join(SEARCH_KINDS)}")
         return v
 
     @field_validator("float_", "log", mode="before")
@@ -227,15 +227,15 @@ class SearchRange(_Strict):
     def _one_kind(self) -> SearchRange:
         given = [k for k in SEARCH_KINDS if self.bounds(k) is not None]
         if len(given) != 1:
-            shown = Verbatim(", ".join(given) or "none of them")
-            raise Bad(None, shown, f"give exactly one of {', '.join(SEARCH_KINDS)}, e.g. {{log: [1.0e-4, 1.0e-2]}}")
+            shown = Unquoted(", ".join(given) or "none of them")
+            raise InvalidValue(None, shown, f"give exactly one of {', '.join(SEARCH_KINDS)}, e.g. {{log: [1.0e-4, 1.0e-2]}}")
         kind = given[0]
         if kind != "choice":
             low, high = self.bounds(kind)  # type: ignore[misc]
             if not low < high:
-                raise Bad(kind, [low, high], "an empty or inverted range: must be [low, high] with low < high")
+                raise InvalidValue(kind, [low, high], "an empty or inverted range: must be [low, high] with low < high")
             if kind == "log" and low <= 0:
-                raise Bad(kind, [low, high], "a log range must be above 0 (use float for a range that starts at 0)")
+                raise InvalidValue(kind, [low, high], "a log range must be above 0 (use float for a range that starts at 0)")
         return self
 
     def bounds(self, kind: str) -> Any:
@@ -293,14 +293,14 @@ class Config(_Strict):
         for name in ("linear", "mlp"):
             batch = getattr(self, name).batch_size
             if batch > n_train:
-                raise Bad(
+                raise InvalidValue(
                     f"{name}.batch_size", batch,
                     f"must be at most {n_train}, the rows in the train split (or raise data.n_samples)",
                 )
         widths = (self.data.n_features, *self.mlp.hidden, 1)
         weights = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
         if weights > MAX_MLP_WEIGHTS:
-            raise Bad(
+            raise InvalidValue(
                 "mlp.hidden", list(self.mlp.hidden),
                 f"gives {weights} weights with data.n_features={self.data.n_features}; at most {MAX_MLP_WEIGHTS} are allowed",
             )
@@ -333,37 +333,51 @@ def neutral_params(name: str, model: LinearGDConfig | LinearConfig | MLPConfig, 
     return dict(zip(NEUTRAL_PARAMS, (name, optimizer, model.lr, batch_size, epochs, weight_decay, parameters)))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'mlp.lr': 0.01, ...}, the form MLflow shows as columns."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key ('mlp.lr') in a nested params mapping, in place: what `flatten` names, written back."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
 def searchable_keys(cfg: Config) -> list[str]:
     """Every dotted key a search may set: the leaves of the mlp and linear blocks."""
-    from pipeline.dvc_params import flatten
-
     return [k for block in SEARCHABLE for k in flatten({block: getattr(cfg, block).model_dump()})]
 
 
 def check_search_value(cfg: Config, key: str, rng: SearchRange) -> None:
-    """Raise Bad (pinned to search.space.<key>) unless `key` is searchable and each end/choice is valid for it."""
+    """Raise InvalidValue (pinned to search.space.<key>) unless `key` is searchable and each end/choice is valid for it."""
     where = f"search.space.{key}"
     allowed = searchable_keys(cfg)
     if key not in allowed:
         hint = difflib.get_close_matches(key, allowed, n=1)
         guess = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise Bad(where, Verbatim("an unknown key"), f"not a key of mlp or linear{guess}; allowed: {', '.join(allowed)}")
+        raise InvalidValue(where, Unquoted("an unknown key"), f"not a key of mlp or linear{guess}; allowed: {', '.join(allowed)}")
     block, _, leaf = key.partition(".")
     model = type(getattr(cfg, block))
     values = rng.choice if rng.kind == "choice" else list(rng.bounds(rng.kind))
     for value in values:
         tree = getattr(cfg, block).model_dump()
-        node = tree
-        *parents, last = leaf.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(tree, leaf, value)
         try:
             model.model_validate(tree)
         except ValidationError as exc:
             line = config_errors.describe(model, exc.errors())[0]
             what = "choice" if rng.kind == "choice" else f"{rng.kind} range end"
-            raise Bad(where, value, f"this {what} is not a valid {key} ({line.split('; ', 1)[-1]})") from None
+            raise InvalidValue(where, value, f"this {what} is not a valid {key} ({line.split('; ', 1)[-1]})") from None
 
 
 def parse(raw: Any) -> Config:

@@ -1,6 +1,6 @@
 """params.yaml mistakes as one readable line each: the key, the bad value, what is allowed, a likely typo.
 
-pipeline/config.py raises `Bad` from its cross-field checks and hands pydantic's errors to `describe`.
+pipeline/config.py raises `InvalidValue` from its cross-field checks and hands pydantic's errors to `describe`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class ConfigError(PipelineError):
     """params.yaml is not usable; the message says which key, what value, what is allowed."""
 
 
-class Bad(ValueError):
+class InvalidValue(ValueError):
     """A cross-field problem pinned to the key the user should edit (relative to the section)."""
 
     def __init__(self, key: str | None, value: Any, allowed: str) -> None:
@@ -26,7 +26,7 @@ class Bad(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
 
 
-class Verbatim(str):
+class Unquoted(str):
     """A value shown as written (no quotes), e.g. a sum spelled out."""
 
     def __repr__(self) -> str:
@@ -95,7 +95,7 @@ def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:
         guess = f" (did you mean {hint!r}?)" if hint else ""
         return f"{key}: unknown key{guess}; allowed in {section or 'the top level'}: {', '.join(_section_keys(root, loc))}"
     bad = (error.get("ctx") or {}).get("error")
-    if isinstance(bad, Bad):
+    if isinstance(bad, InvalidValue):
         full = ".".join(filter(None, [key, bad.key]))
         return f"{full}: got {show(bad.value)}; {bad.allowed}"
     return f"{key}: got {show(error.get('input'))}; {_allowed(error)}"

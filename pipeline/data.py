@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, md5_file
+from pipeline.files import md5_file
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 BLOCK_ROWS = 1 << 18
@@ -126,16 +126,11 @@ def split_blocks(rows: int) -> Iterator[int]:
         yield min(BLOCK_ROWS, rows - start)
 
 
-def split_files(folder: str | Path) -> dict[str, Path]:
-    """{split: folder/<split>.parquet}: where `generate` writes each split by default."""
-    return {split: Path(folder) / f"{split}.parquet" for split in SPLITS}
-
-
 def generate(
     files: Mapping[str, str | Path], *, seed: int, n_samples: int, n_features: int,
     noise_std: float, nonlinearity: float, rows: dict[str, int],
 ) -> Truth:
-    """Write each split to its file in `files` (Parquet, block by block, atomically); return the ground truth.
+    """Write each split to its file in `files` (Parquet, block by block; publish temps in a stage); return the ground truth.
 
     The truth records each file's md5, so a reader can tell the bytes generate wrote from a flipped
     byte or a value rewritten by hand, which a readable file with the right shape would otherwise hide.
@@ -144,12 +139,11 @@ def generate(
     sch = schema(n_features)
     digests = {}
     for split_idx, split in enumerate(SPLITS):
-        with atomic_path(files[split]) as tmp:
-            with pq.ParquetWriter(tmp, sch, compression="snappy", use_dictionary=False) as writer:
-                for block, size in enumerate(split_blocks(rows[split])):
-                    X, y = draw_block(seed, split_idx, block, size, w, b, noise_std, nonlinearity)
-                    writer.write_table(_table(X, y, sch))
-            digests[split] = md5_file(tmp)
+        with pq.ParquetWriter(files[split], sch, compression="snappy", use_dictionary=False) as writer:
+            for block, size in enumerate(split_blocks(rows[split])):
+                X, y = draw_block(seed, split_idx, block, size, w, b, noise_std, nonlinearity)
+                writer.write_table(_table(X, y, sch))
+        digests[split] = md5_file(files[split])
     return Truth(
         w_true=w.tolist(), b_true=b, noise_std=noise_std, nonlinearity=nonlinearity,
         g=G_FORMULA, seed=seed, n_features=n_features, rows=dict(rows), digests=digests,

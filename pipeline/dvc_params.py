@@ -10,21 +10,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PARAMS_FILE, Config, ConfigError
+from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten
 
 DVC_FILE = "dvc.yaml"
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested params -> {'mlp.lr': 0.01, ...}, the form MLflow shows as columns."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def stage_param_keys(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:

@@ -1,9 +1,11 @@
 """Small file helpers: atomic writes, rounded metrics and content digests.
 
-A stage writes every output through `atomic_path`, so a failed or killed stage
-leaves either the old file or none, never a half-written one for DVC to cache;
-a stage with several outputs writes them through `publish`, so they appear together
-or not at all, and a full or read-only disk is one line naming the file.
+A stage writes its outputs through `publish`: each into a temp file beside its target, all
+renamed into place together or none, so a failed or killed stage leaves the old files or
+none, never a half-written one for DVC to cache, and a full or read-only disk is one line
+naming the file. The writers here (and models.save_weights, plots, data.generate) write
+straight into the path they are given, the temp publish handed out: one temp file per output.
+`atomic_path` is for a file written on its own (a checkpoint).
 Files get the mode a plain `open()` would give (0644 under the usual umask 022),
 like the files DVC itself writes, so teammates on a shared machine can read them.
 """
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 # Metrics files keep this many significant digits. Float noise between CPUs (a
 # different BLAS kernel in least squares, another summation order in a mean) moves
@@ -83,7 +85,7 @@ def os_error_cause(exc: OSError) -> str:
     number = _errno(exc)
     if number is not None:
         return f"{os.strerror(number).lower()} ({errno.errorcode.get(number, number)})"
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return first_line(exc, type(exc).__name__)[:200]
 
 
 def describe_os_error(path: str | Path, exc: OSError, outcome: str = "nothing was published") -> str:
@@ -110,18 +112,6 @@ class Outputs:
         os.close(fd)
         self._temps[target] = Path(tmp)
         return Path(tmp)
-
-    def write_bytes(self, target: str | Path, payload: bytes) -> None:
-        """Stage `payload` for `target`."""
-        self.path(target).write_bytes(payload)
-
-    def write_text(self, target: str | Path, text: str) -> None:
-        """Stage `text` for `target`."""
-        self.path(target).write_text(text)
-
-    def write_json(self, target: str | Path, payload: Any) -> None:
-        """Stage JSON for `target`, keys sorted (as write_json)."""
-        self.write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     def target_of(self, exc: OSError) -> Path | None:
         """The output an OSError was about: its temp file's target if the error names one, else the current."""
@@ -175,9 +165,8 @@ def publish() -> Iterator[Outputs]:
 
 
 def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically, keys sorted so equal content gives equal bytes."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Write JSON to `path` (a publish temp), keys sorted so equal content gives equal bytes."""
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def round_sig(payload: Any, digits: int = SIG_DIGITS) -> Any:
@@ -200,15 +189,9 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     write_json(path, round_sig(metrics))
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write text atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV (a DVC plot) atomically: the header, then one line per row."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    """Write a CSV (a DVC plot) to `path` (a publish temp): the header, then one line per row."""
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)

@@ -19,8 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.files import atomic_path
+from pipeline.errors import PipelineError, first_line
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -91,10 +90,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_weights(model: nn.Module, spec: ModelSpec, path: str | Path) -> None:
-    """Write the state dict (CPU, contiguous) and spec to a safetensors file, atomically."""
+    """Write the state dict (CPU, contiguous) and spec to a safetensors file at `path` (a publish temp)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"spec": spec.to_json()})
+    save_file(tensors, str(path), metadata={"spec": spec.to_json()})
 
 
 class WeightsError(PipelineError):
@@ -111,7 +109,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         model = build(spec)
         model.load_state_dict(load_file(str(path), device=str(device)))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = first_line(f"{type(exc).__name__}: {exc}")
         raise WeightsError(f"{path}: not a weights file this pipeline wrote ({reason}); run `dvc repro` to retrain") from None
     return model.to(device).eval(), spec
 

@@ -1,6 +1,6 @@
 """PNG pictures of a run: loss curves, and predicted against actual with the noise-floor band.
 
-Pure: takes arrays, writes a PNG (atomically, with the files module's mode), returns nothing.
+Pure: takes arrays, writes a PNG (into a path publish handed out), returns nothing.
 Figures are drawn with matplotlib's Agg renderer directly (no pyplot, no display, no global
 state), and the PNG carries no version or date metadata, so the same numbers give the same bytes and `dvc.lock` does not change.
 """
@@ -14,7 +14,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-from pipeline.files import atomic_path
 
 SIZE = (6.4, 4.2)  # inches; at DPI, 640x420 pixels
 SQUARE = (5.6, 5.6)
@@ -24,8 +23,7 @@ TRAIN, VAL, BAND = "#1f77b4", "#ff7f0e", "#2ca02c"
 
 def _save(fig: Figure, path: str | Path) -> None:
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})  # into a publish temp
 
 
 def loss_curves(

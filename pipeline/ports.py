@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 
+from pipeline.processes import pid_exists
+
 # command -> (default port, what it serves, the path that answers once it is ready, a hint after the URL)
 COMMANDS: dict[str, tuple[int, str, str, str]] = {
     "ui": (5000, "MLflow UI", "/health", ""),
@@ -102,17 +104,6 @@ def _answers(probe: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def announce(command: str, host: str, port: int, pid: int, wait_s: float = WAIT_S) -> None:
     """Detach, then print '<command>: <what> ready at <URL>' once it answers; quiet if `pid` dies first.
 
@@ -126,7 +117,7 @@ def announce(command: str, host: str, port: int, pid: int, wait_s: float = WAIT_
     probe = f"http://{'127.0.0.1' if host in WILDCARDS else host}:{port}{path}"
     deadline = time.monotonic() + wait_s
     try:
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_exists(pid):
             if _answers(probe):
                 print(f"{command}: {what} ready at {url(host, port)}{hint}", flush=True)
                 break

@@ -12,10 +12,12 @@ workspace), so the params DVC and MLflow record for a trial are those it trained
 search runs per workspace (search.lock); a clone joins a study through its storage. Trial k
 is drawn from the sampler seeded from (seed, k), so processes of one study draw different points.
 `dvc exp show` lists every trial and
-`dvc exp apply <study>-t<k>` restores it. The objective is
+`dvc exp apply <study>-t<k>` restores a finished one. The objective is
 train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
 split stays for reporting the chosen model. train@mlp reports its validation loss per
-epoch to the trial (pipeline/tracking/study.py) and stops when the pruner says so.
+epoch to the trial (pipeline/tracking/study.py) and fails when the pruner stops it: its
+experiment is a failed one, DVC's run cache never holds a cut-short training, and the
+trial's value is the best validation loss it had reported.
 
 The study is a database (default: optuna.db at the workspace root, beside mlflow.db),
 so running the same command again continues it: `--trials` is the number of finished
@@ -42,7 +44,7 @@ from typing import Any
 
 from pipeline import config
 from pipeline.cores import usable_cores
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raise_interrupt
 
 STORE_FILE = "optuna.db"
 LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
@@ -51,7 +53,6 @@ STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is n
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
 METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
-PRUNED_STAGE = "train@mlp"  # the stage a pruner cuts short
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
 KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 
@@ -309,26 +310,32 @@ class Search:
                 out.append((None, error_line(logs.stdout) if logs.returncode == 0 else _failure(logs)))
         return out
 
-    def tell(self, trial: Any, name: str, point: dict[str, Any], value: float | None, error: str) -> str:
-        """Finish a trial in Optuna (COMPLETE, PRUNED or FAIL) and in MLflow; return its state."""
+    def tell(self, trial: Any, name: str, value: float | None) -> tuple[str, float | None]:
+        """Finish a trial in Optuna (COMPLETE, PRUNED or FAIL) and in MLflow; return its state and value.
+
+        A pruned trial's experiment failed on purpose (its stage wrote nothing): its value is the last
+        one it reported, the best validation loss it had reached, as Optuna takes it for a PRUNED trial.
+        """
         from optuna.trial import TrialState
 
-        attrs = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number).user_attrs
-        if value is None:
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if self.trial_env.PRUNED_ATTR in frozen.user_attrs:
+            state = TrialState.PRUNED
+            reported = frozen.intermediate_values
+            value = reported[max(reported)] if reported else None
+            if value is not None:
+                trial.set_user_attr(OBJECTIVE, value)
+            self.study.tell(trial, state=state)
+        elif value is None:
             state = TrialState.FAIL
             self.study.tell(trial, state=state)
-        elif self.trial_env.PRUNED_ATTR in attrs:
-            state = TrialState.PRUNED
-            trial.set_user_attr(OBJECTIVE, value)
-            self.study.tell(trial, state=state)
-            forget_pruned_outputs(self.root, name)
         else:
             state = TrialState.COMPLETE
             self.study.tell(trial, value)
         best = self.best()
         self.parent.record_trial(trial.number, name, state.name.lower(), value,
                                  (best.number, best.value, best.params) if best else None)
-        return state.name.lower()
+        return state.name.lower(), value
 
     def best(self) -> Any:
         """The best COMPLETE trial, or None."""
@@ -336,37 +343,6 @@ class Search:
             return self.study.best_trial
         except ValueError:
             return None
-
-
-def forget_pruned_outputs(root: Path, exp_name: str) -> int:
-    """Drop a pruned trial's train@mlp entry from DVC's run cache; how many entries went.
-
-    DVC caches every stage run under its params, and restores the newest entry when the same
-    params come again: a later trial, or a plain `dvc repro` with those params, would get the
-    weights of a training the pruner cut short. The experiment itself keeps its outputs.
-    """
-    import yaml
-
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
-                          capture_output=True, text=True).stdout.split()
-    ref = next((r for r in refs if r.rsplit("/", 1)[-1] == exp_name), None)
-    lock = subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True) if ref else None
-    if lock is None or lock.returncode != 0:
-        return 0
-    stage = (yaml.safe_load(lock.stdout).get("stages") or {}).get(PRUNED_STAGE) or {}
-    outs = {(o.get("path"), o.get("md5")) for o in stage.get("outs") or []}
-    cache = _dvc(root, "cache", "dir")
-    if not outs or cache.returncode != 0:
-        return 0
-    removed = 0
-    for entry in (root / cache.stdout.strip() / "runs").glob("*/*/*"):
-        text = entry.read_text()
-        if all(md5 and md5 in text for _, md5 in outs):
-            cached = yaml.safe_load(text) or {}
-            if {(o.get("path"), o.get("md5")) for o in cached.get("outs") or []} == outs:
-                entry.unlink()
-                removed += 1
-    return removed
 
 
 def experiments_state(root: Path) -> dict[str, tuple[str, float | None]]:
@@ -457,11 +433,11 @@ def _search(args: argparse.Namespace, cfg: config.Config, root: Path) -> int:
                     print(f"search: {'; '.join(said)}", file=sys.stderr, flush=True)
                 raise
             for (trial, name, point), (value, error) in zip(batch, results):
-                state = search.tell(trial, name, point, value, error)
+                state, value = search.tell(trial, name, value)
                 best = search.best()
                 shown = "-" if value is None else f"{value:.4g}"
                 best_text = f"best {best.value:.4g} (trial {best.number})" if best else "no best yet"
-                why = f": {error}" if error else ""
+                why = f": {error}" if error and state == "fail" else ""
                 print(f"trial {trial.number} [{name}] {state} val_loss={shown}  {_point(point)}  {best_text}{why}", flush=True)
                 failures = failures + 1 if state == "fail" else 0
             if failures >= MAX_FAILURES:
@@ -492,14 +468,10 @@ def _point(point: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v) if not isinstance(v, float) else f'{v:.4g}'}" for k, v in point.items())
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Check options and params.yaml (one line each, exit 2), then search; a failure is one line, exit 1."""
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: the running trial ends FAILED, the parent run KILLED
+    signal.signal(signal.SIGTERM, raise_interrupt)  # like Ctrl-C: the running trial ends FAILED, the parent run KILLED
     try:
         check_args(args)
         cfg = config.load()

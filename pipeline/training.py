@@ -207,7 +207,7 @@ class FitSettings:
     desc: str = "train"
     checkpoint: Hook = no_checkpoints
     resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
-    on_epoch: Callable[[int, float], bool] | None = None  # (epoch, val loss) -> stop now (a search's pruning)
+    on_epoch: Callable[[int, float], None] | None = None  # (epoch, val loss) after each epoch; raises to stop (pruning)
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
@@ -224,18 +224,17 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     order of float additions. Epoch losses are averaged across ranks, so every rank
     sees the same numbers and makes the same early-stopping decision.
 
-    `on_epoch(epoch, val_loss)`, when set, is called after every epoch; True stops training
-    there, as early stopping does (best weights kept): how a search prunes a trial.
+    `on_epoch(epoch, val_loss)`, when set, is called after every epoch: how a search's trial hears
+    the validation loss; an exception it raises (a pruned trial) ends the training there.
     """
     X, y, X_val, y_val = splits
-    s = settings
-    optimizer, lr, weight_decay, batch_size, epochs = s.optimizer, s.lr, s.weight_decay, s.batch_size, s.epochs
-    schedule, patience = s.schedule, s.patience
-    rank, world = s.shard
+    optimizer, lr, weight_decay = settings.optimizer, settings.lr, settings.weight_decay
+    batch_size, epochs, schedule, patience = settings.batch_size, settings.epochs, settings.schedule, settings.patience
+    rank, world = settings.shard
     start = time.perf_counter()
     device = X.device
     model.to(device).train()
-    why_eager = graphed.blocker(device, model, world) if s.cuda_graph else "cuda_graph is off"
+    why_eager = graphed.blocker(device, model, world) if settings.cuda_graph else "cuda_graph is off"
     if why_eager is None:
         opt = make_optimizer(optimizer, model.parameters(), torch.tensor(lr, device=device), weight_decay, device, True)
         sched = graphed.TensorLrSchedule(opt, lr, lambda twin: make_schedule(schedule, twin, epochs))
@@ -243,25 +242,26 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
     else:
         opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay, device)
         sched = make_schedule(schedule, opt, epochs)
-    generator = torch.Generator(device=device).manual_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     history = History()
     best_val, best_step, best_state, stale = math.inf, 0, None, 0
     stopped_early = False
     first = 0
-    if s.resume is not None:  # where a checkpoint stopped: the same weights, moments, schedule and random streams
-        r = s.resume
+    if settings.resume is not None:  # where a checkpoint stopped: the same weights, moments, schedule and random streams
+        resumed = settings.resume
         first, history, best_val, best_step, best_state, stale = (
-            r["done"], History.restored(r["history"]), r["best_val"], r["best_step"], r["best_state"], r["stale"])
-        _restore_loop(r, model, opt, sched, generator, in_place=why_eager is None)
-        start -= r["seconds"]
+            resumed["done"], History.restored(resumed["history"]), resumed["best_val"], resumed["best_step"],
+            resumed["best_state"], resumed["stale"])
+        _restore_loop(resumed, model, opt, sched, generator, in_place=why_eager is None)
+        start -= resumed["seconds"]
 
     def state() -> dict[str, Any]:
         return {"done": epoch + 1, "history": vars(history), "best_val": best_val, "best_step": best_step,
                 "best_state": best_state, "stale": stale, "seconds": time.perf_counter() - start,
                 **_loop_state(model, opt, sched, generator)}
 
-    bar = tqdm(range(first, epochs), initial=first, total=epochs, desc=s.desc, unit="epoch",
-               disable=None if s.progress else True, leave=False)
+    bar = tqdm(range(first, epochs), initial=first, total=epochs, desc=settings.desc, unit="epoch",
+               disable=None if settings.progress else True, leave=False)
     with small_step_threads(device, batch_size * sum(p.numel() for p in model.parameters())):
         for epoch in bar:
             perm = torch.randperm(X.shape[0], device=device, generator=generator)
@@ -308,10 +308,9 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 if patience is not None and stale >= patience:
                     stopped_early = True
                     break
-            if s.on_epoch is not None and s.on_epoch(epoch, val_loss):
-                stopped_early = True
-                break
-            s.checkpoint(epoch + 1, state)  # saves every N epochs, and on SIGTERM/Ctrl-C
+            if settings.on_epoch is not None:
+                settings.on_epoch(epoch, val_loss)
+            settings.checkpoint(epoch + 1, state)  # saves every N epochs, and on SIGTERM/Ctrl-C
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -19,18 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 
 from pipeline import config, warm
-from pipeline.errors import PipelineError, interrupted
+from pipeline.errors import PipelineError, fail, interrupted, raise_interrupt
 
 warm.stage_environment()  # before torch loads: the same settings here and in the warm server
 
 USAGE = f"usage: python -m stages {{params,generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def written_since(outputs: Sequence[Path], since: float) -> list[str]:
@@ -73,13 +69,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     stage, args = parsed
     label = "@".join([stage, *args])
     started = time.time() - 1  # mtime granularity: a file written in the first second still counts
-    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM ends the MLflow run as KILLED, like Ctrl-C
     outputs: list[Path] = []
     try:
         cfg = config.load()
     except PipelineError as exc:
-        print(f"{label}: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(label, exc, 2)
     if stage == "params":  # dvc.yaml's check of the whole file: valid, nothing more to do
         return
     if argv is None and (code := warm.handoff(label)) is not None:
@@ -89,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         outputs = module.outputs(*args)
         module.run(cfg, *args)
     except PipelineError as exc:
-        print(f"{label}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(label, exc, 1)
     except KeyboardInterrupt as exc:
         written = written_since(outputs, started)
         outcome = (

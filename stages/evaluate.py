@@ -71,7 +71,7 @@ def run(cfg: config.Config) -> None:
         # log, then write beside each training run and register its model
         mlflow_run.log_params(dvc_params.stage_params(cfg, "evaluate"))
         mlflow_run.link_generate_run(data_digest)
-        mlflow_run.log_metrics(dvc_params.flatten(scores))
+        mlflow_run.log_metrics(config.flatten(scores))
         mlflow_run.log_artifact(SCORES, "metrics")
         mlflow_run.log_artifact(PREDICTIONS, "plots/predictions")
         mlflow_run.log_artifact(paths.PLOTS / "loss", "plots/loss")

@@ -14,7 +14,7 @@ from stages import paths
 
 def outputs() -> list[Path]:
     """The stage's DVC outputs (named in the line printed when it is interrupted)."""
-    return [*map(paths.split_path, paths.SPLITS), paths.TRUTH]
+    return [*map(paths.split_path, data.SPLITS), paths.TRUTH]
 
 
 def run(cfg: config.Config) -> None:
@@ -27,18 +27,18 @@ def run(cfg: config.Config) -> None:
         start = time.perf_counter()
         with files.publish() as out:
             truth = data.generate(
-                {split: out.path(paths.split_path(split)) for split in paths.SPLITS}, seed=cfg.seed,
+                {split: out.path(paths.split_path(split)) for split in data.SPLITS}, seed=cfg.seed,
                 n_samples=d.n_samples, n_features=d.n_features, noise_std=d.noise_std,
                 nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples),
             )
-            out.write_json(paths.TRUTH, truth.to_dict())
+            files.write_json(out.path(paths.TRUTH), truth.to_dict())
         seconds = time.perf_counter() - start
         digests = truth.digests  # the md5 of each split, computed as it was written
 
         # log
         mlflow_run.set_tags({"data.digest": data.combined_digest(digests)})
         mlflow_run.log_params(dvc_params.stage_params(cfg, "generate"))
-        for split in paths.SPLITS:
+        for split in data.SPLITS:
             mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
         mlflow_run.log_metrics({f"rows_{s}": n for s, n in truth.rows.items()} | {
             "generate_seconds": seconds, "rows_per_second": d.n_samples / seconds,

@@ -10,7 +10,6 @@ DATA = Path("data")
 MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
-SPLITS = ("train", "val", "test")
 TRUTH = DATA / "truth.json"
 
 
@@ -40,5 +39,5 @@ def verified_split_digests(truth: data.Truth) -> dict[str, str]:
     Checked against the md5 generate recorded in truth.json first: a stage refuses, in one line
     naming the file, data that is not what generate wrote, before it opens its run or writes anything.
     """
-    data.verify_digests(truth, {split: split_path(split) for split in SPLITS})
+    data.verify_digests(truth, {split: split_path(split) for split in data.SPLITS})
     return dict(truth.digests)

@@ -49,6 +49,14 @@ def tiny_params() -> dict[str, Any]:
     return update_params(yaml.safe_load(committed_params()), TINY)
 
 
+def split_files(folder: Path) -> dict[str, Path]:
+    """{split: folder/<split>.parquet}: where a test has data.generate write each split (the folder made)."""
+    from pipeline.data import SPLITS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {split: folder / f"{split}.parquet" for split in SPLITS}
+
+
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run a command in `repo`, capturing output; on failure show it."""
     proc = subprocess.run(cmd, cwd=repo, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
@@ -515,12 +523,15 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
 
 
 def experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's experiments."""
+    """`dvc exp show --json` as {exp name: {'rev', 'params', 'metrics'}} for the baseline's finished experiments
+    (a failed one, such as a pruned trial's, has no commit, params or metrics)."""
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     baseline = next(b for b in shown if b["name"] == "main")
     out = {}
     for exp in baseline["experiments"] or []:
         rev = exp["revs"][0]
+        if (exp.get("executor") or {}).get("state") == "failed" or not rev.get("data"):
+            continue
         out[rev["name"]] = {
             "rev": rev["rev"],
             "params": rev["data"]["params"]["params.yaml"]["data"],

@@ -144,6 +144,19 @@ def test_rows_on_different_data_show_the_digest() -> None:
     assert json.loads(compare.render(rows, "json"))[0]["params"] == {"data": "b" * 8}
 
 
+def test_the_model_param_is_the_model_column_not_a_second_one() -> None:
+    """Every training run logs `model` as a param (MLflow's compare page lines the models up by it): once here."""
+    def run(model: str, test: float) -> dict[str, Any]:
+        return {"run_id": model, "run_name": f"train@{model}", "start_time": 1, "end_time": 2,
+                "params": {"model": model, "lr": "0.1" if model == "mlp" else "0.02"},
+                "metrics": {"test_mse": test}, "tags": {"model": model, "model.digest": model}}
+
+    rows = compare.select([run("mlp", 1.0), run("linear", 2.0)], limit=10)
+    assert compare.differing_params(rows) == ["lr"]
+    assert compare.render(rows, "table").splitlines()[0].split() == [
+        "run", "model", "source", "lr", "val_mse", "test_mse", "vs_lstsq", "vs_floor", "device", "train_s", "run_s", "run_id"]
+
+
 def _row(run_id: str, test: float, ratio: float) -> dict[str, Any]:
     return {"run_id": run_id, "run_name": "train@mlp", "start_time": 1, "end_time": 2, "params": {"seed": "1"},
             "metrics": {"test_mse": test, "ratio_to_least_squares": ratio}, "tags": {"model": "mlp", "model.digest": run_id}}

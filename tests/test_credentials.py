@@ -112,7 +112,7 @@ def test_spool_files_hold_the_store_redacted(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri_with_credentials(9))
     reason = store.failure_reason(f"API request to {uri_with_credentials(9)}/api/2.0/mlflow/runs/create failed")
     _, _, _, folder = spool.open_spool("e", "train@mlp", {"stage": "train@mlp"}, 0, None, reason)
-    ended = spool.keep_end("e", "train@mlp", "0123", "FAILED", reason)
+    ended = spool.spool_run_end("e", "train@mlp", "0123", "FAILED", reason)
     assert ended is not None
     for meta in (folder / "meta.json", ended / "meta.json"):
         assert json.loads(meta.read_text())["store"] == "http://***@127.0.0.1:9"

@@ -9,12 +9,13 @@ import pytest
 
 from pipeline import data
 from pipeline.files import md5_file
+from tests.helpers import split_files
 
 ROWS = {"train": 700, "val": 150, "test": 150}
 
 
 def _generate(out: Path, seed: int = 0, nonlinearity: float = 1.0, n_features: int = 5) -> data.Truth:
-    return data.generate(data.split_files(out), seed=seed, n_samples=1000, n_features=n_features, noise_std=0.5, nonlinearity=nonlinearity, rows=ROWS)
+    return data.generate(split_files(out), seed=seed, n_samples=1000, n_features=n_features, noise_std=0.5, nonlinearity=nonlinearity, rows=ROWS)
 
 
 def test_splits_have_the_requested_shapes_and_columns(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import config, data, device, dvc_params, evaluation, models
 from stages import distributed, paths, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, split_files
 
 DVC_FILE = ROOT / "dvc.yaml"
 
@@ -21,7 +21,7 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
     mp.chdir(tmp_path_factory.mktemp("defaults"))
     try:
         d = cfg.data
-        truth = data.generate(data.split_files(paths.DATA), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+        truth = data.generate(split_files(paths.DATA), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
                               noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
         cpu = device.prepare("cpu", cfg.seed, torch.get_num_threads())
         splits = train.read_splits(truth, cpu)

@@ -41,7 +41,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT, TINY, clone, committed_params, run_env, sh, tiny_params
+import bench.workspace
+from tests.helpers import ROOT, TINY, clone, committed_params, dvc, run_env, sh, tiny_params
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRESH_CLONE = {"README.md"}  # the rest start from a finished pipeline
@@ -354,3 +355,77 @@ def test_documented_commands_work(doc: Path, tmp_path: Path, request: pytest.Fix
     start = time.perf_counter()
     skipped = run_doc(doc, repo, run_env())
     print(f"{doc.name}: ran in {time.perf_counter() - start:.0f} s; not run:\n{not_run(skipped)}")  # noqa: T201
+
+
+METRICS_COMMAND = re.compile(r"^dvc metrics (show|diff)\b.*--precision (\d+)")
+
+
+def figures(doc: Path) -> list[tuple[Block, Command, str, int]]:
+    """The `dvc metrics show|diff … --precision N` commands of a doc, with their block: (block, command, kind, N)."""
+    return [(block, cmd, m[1], int(m[2])) for block in parse(doc) for cmd in block.commands
+            if (m := METRICS_COMMAND.match(cmd.text))]
+
+
+def shown_rows(cmd: Command) -> list[list[str]]:
+    """The table rows a metrics command shows, as cells ('…' lines and the header left out)."""
+    return [line.split() for line in cmd.expected if line.startswith("metrics/")]
+
+
+def check_figure(shown: str, value: Any, digits: int, where: str) -> None:
+    """A figure as the doc prints it (DVC rounds to `digits` decimals; '-' where the file has no such metric)."""
+    if shown == "-":
+        assert value is None, f"{where}: the doc shows '-', the metrics file has {value}"
+        return
+    assert value is not None and abs(float(shown) - value) <= 0.5 * 10**-digits + 1e-12, \
+        f"{where}: the doc shows {shown}, the metrics file has {value} (rounded to {digits} decimals: {round(value, digits)})"
+
+
+@pytest.mark.slow
+def test_readme_figures_are_the_committed_pipelines(tmp_path: Path) -> None:
+    """README's metrics blocks show, to the digits they show, what the committed code and params give.
+
+    A default `dvc repro` of the committed params reproduces the committed dvc.lock's metrics files (same md5),
+    so its metrics files are the committed ones; every figure of a `dvc metrics show` block is compared with
+    them. A `dvc metrics diff` block's HEAD column is compared with them too, and its workspace column with the
+    files after the commands the block runs before it (the edit of params.yaml and `dvc repro`).
+    """
+    found = figures(ROOT / "README.md")
+    assert {kind for *_, kind, _ in found} == {"show", "diff"}, "README has no metrics blocks to check"
+    repo = bench.workspace.copy_project(tmp_path / "repo", {})
+    dvc(repo, "repro", timeout=1200)
+    lock = yaml.safe_load(sh(ROOT, "git", "show", "HEAD:dvc.lock").stdout)["stages"]
+    committed = {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+    made = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for path, md5 in ((o["path"], o["md5"]) for stage in made.values() for o in stage.get("outs", [])):
+        if path.startswith("metrics/"):
+            assert committed.get(path) == md5, f"{path}: the committed dvc.lock is stale; regenerate it (dvc repro)"
+
+    def metrics(path: str) -> dict[str, Any]:
+        return yaml.safe_load((repo / path).read_text())
+
+    before = {row[0]: metrics(row[0]) for *_, cmd, _, _ in found for row in shown_rows(cmd)}
+    for block, cmd, kind, digits in found:
+        where = f"README.md:{cmd.line}"
+        if kind == "show":
+            header = next(line.split() for line in cmd.expected if line.startswith("Path"))
+            for path, *cells in shown_rows(cmd):
+                for column, cell in zip(header[1:], cells, strict=True):
+                    check_figure(cell, before[path].get(column), digits, f"{where} {path} {column}")
+            continue
+        for earlier in block.commands[:block.commands.index(cmd)]:  # as the reader runs them: edit, repro
+            sh(repo, "bash", "-c", earlier.text, timeout=1200)
+        for path, column, head, workspace, change in shown_rows(cmd):
+            check_figure(head, before[path].get(column), digits, f"{where} {path} {column} (HEAD)")
+            check_figure(workspace, metrics(path).get(column), digits, f"{where} {path} {column} (workspace)")
+            check_figure(change, metrics(path)[column] - before[path][column], digits, f"{where} {path} {column} (change)")
+
+
+def test_a_stale_figure_fails_the_check() -> None:
+    """The check behind the README figures test: a figure off by more than its last digit, or a '-' where the file
+    has a value, fails (the issue's stale MLP test MSE, 1.0323 for 1.0334, among them)."""
+    check_figure("1.0334", 1.03341, 4, "fresh")
+    check_figure("0.511", 0.51104, 4, "trailing zero dropped")
+    check_figure("-", None, 4, "no such metric")
+    for shown, value in (("1.0323", 1.0334), ("0.5105", 0.51104), ("-", 1.0)):
+        with pytest.raises(AssertionError):
+            check_figure(shown, value, 4, "stale")

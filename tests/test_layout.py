@@ -1,13 +1,19 @@
 """The map matches the territory: README's layout lists every module, docs name only what exists,
-and pipeline/tracking/ imports go one way (no cycle)."""
+no two modules of pipeline/ and stages/ import each other (directly or around a loop), and a stage
+module run by itself says how stages run."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import re
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.helpers import ROOT
+import pytest
+
+from tests.helpers import ROOT, run_env
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
@@ -86,25 +92,48 @@ def _resolves(dotted: str) -> bool:
     return False
 
 
-def test_tracking_modules_import_one_way() -> None:
-    package = ROOT / "pipeline" / "tracking"
+def _project_imports() -> dict[str, set[str]]:
+    """{module: the project modules it imports, at its top or inside a function} over pipeline/ and stages/ (by ast).
+
+    A package is its __init__; `from pipeline import data` names the module data, `from pipeline.tracking import
+    StageRun` the package. A submodule's implicit import of its own package is not an edge (Python runs the
+    package first, which is no loop of the project's making).
+    """
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for folder in ("pipeline", "stages") for p in (ROOT / folder).rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for path in package.glob("*.py"):
-        if path.name == "__init__.py":
-            continue
-        deps = set()
+    for name, path in files.items():
+        deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module.startswith("pipeline.tracking."):
-                    deps.add(node.module.rsplit(".", 1)[1])
-                elif node.module == "pipeline.tracking":
-                    deps.update(a.name for a in node.names)
-        graph[path.stem] = deps & {p.stem for p in package.glob("*.py")}
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                deps.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                            for a in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_two_project_modules_import_each_other_directly_or_around_a_loop() -> None:
+    graph = _project_imports()
+    assert graph["pipeline.dvc_params"] >= {"pipeline.config"} and "pipeline.tracking.run" in graph["pipeline.tracking"]
+    done: set[str] = set()
 
     def visit(node: str, path: tuple[str, ...]) -> None:
-        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
-        for dep in graph[node]:
+        assert node not in path, f"import cycle: {' -> '.join((*path[path.index(node):], node))}"
+        if node in done:
+            return
+        for dep in sorted(graph[node]):
             visit(dep, (*path, node))
+        done.add(node)
 
-    for module in graph:
+    for module in sorted(graph):
         visit(module, ())
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "stages").glob("*.py") if not p.stem.startswith("__")))
+def test_a_stage_module_run_by_itself_fails_with_the_usage_line(module: str, tmp_path: Path) -> None:
+    """`python -m stages.train mlp` is no entry point: exit 2 and the usage line, before the module (torch) loads."""
+    proc = subprocess.run([sys.executable, "-m", f"stages.{module}", "mlp"], cwd=tmp_path, capture_output=True, text=True,
+                          env=run_env(PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("usage: python -m stages {params,generate,train {") and len(proc.stderr.splitlines()) == 1

@@ -25,8 +25,8 @@ def test_all_outputs_appear_together(tmp_path: Path) -> None:
     old.write_text("old")
     with files.publish() as out:
         pq.write_table(pa.table({"x": [1.0, 2.0]}), out.path(data / "train.parquet"))
-        out.write_bytes(data / "raw.bin", b"\x00\x01")
-        out.write_json(old, {"b": 1, "a": 2})
+        out.path(data / "raw.bin").write_bytes(b"\x00\x01")
+        files.write_json(out.path(old), {"b": 1, "a": 2})
         assert sorted(p.name for p in data.iterdir() if not p.name.endswith(".tmp")) == ["truth.json"]
         assert old.read_text() == "old"  # nothing replaced while the block runs
     assert pq.read_table(data / "train.parquet").column("x").to_pylist() == [1.0, 2.0]
@@ -43,8 +43,8 @@ def test_an_oserror_midway_publishes_nothing_and_names_the_file(tmp_path: Path) 
     (data / "train.parquet").write_bytes(b"previous run")
     with pytest.raises(files.PublishError) as caught:
         with files.publish() as out:
-            out.write_bytes(data / "train.parquet", b"new train")
-            out.write_text(data / "val.parquet", "new val")
+            out.path(data / "train.parquet").write_bytes(b"new train")
+            out.path(data / "val.parquet").write_text("new val")
             tmp = out.path(data / "test.parquet")
             tmp.write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk raises from write()
@@ -79,8 +79,8 @@ def test_a_real_failure_while_writing_leaves_nothing(tmp_path: Path) -> None:
     blocker.write_text("a file where a folder should be")
     with pytest.raises(files.PublishError, match=r"plots/loss/mlp\.csv: (not a directory \(ENOTDIR\)|file exists \(EEXIST\))"):
         with files.publish() as out:
-            out.write_text(tmp_path / "models" / "mlp.safetensors", "weights")
-            out.write_text(blocker / "loss" / "mlp.csv", "epoch,loss")
+            out.path(tmp_path / "models" / "mlp.safetensors").write_text("weights")
+            out.path(blocker / "loss" / "mlp.csv").write_text("epoch,loss")
     assert not (tmp_path / "models" / "mlp.safetensors").exists()
     assert _leftovers(tmp_path) == []
 
@@ -91,8 +91,8 @@ def test_a_failed_rename_says_what_was_already_published(tmp_path: Path) -> None
     (tmp_path / "b" / "keep").write_text("x")
     with pytest.raises(files.PublishError) as caught:
         with files.publish() as out:
-            out.write_text(tmp_path / "a", "A")
-            out.write_text(tmp_path / "b", "B")
+            out.path(tmp_path / "a").write_text("A")
+            out.path(tmp_path / "b").write_text("B")
     assert str(caught.value).startswith(f"{tmp_path / 'b'}: is a directory (EISDIR); already published: {tmp_path / 'a'},")
     assert (tmp_path / "a").read_text() == "A"
     assert _leftovers(tmp_path) == []
@@ -101,6 +101,6 @@ def test_a_failed_rename_says_what_was_already_published(tmp_path: Path) -> None
 def test_other_exceptions_pass_through_and_remove_the_temps(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         with files.publish() as out:
-            out.write_text(tmp_path / "a", "A")
+            out.path(tmp_path / "a").write_text("A")
             raise KeyError("boom")
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import config, data, evaluation, files, models, plots
-from tests.helpers import ROOT
+from tests.helpers import ROOT, split_files
 
 FLOAT64_ULP = 2.0**-52
 PERTURBATIONS = 12
@@ -30,11 +30,12 @@ def _workspace(tmp: Path) -> config.Config:
     """Data at the committed default size, plus weights for the three models (least squares and an untrained MLP)."""
     cfg = config.parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
     d = cfg.data
-    truth = data.generate(data.split_files(tmp / "data"), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
+    truth = data.generate(split_files(tmp / "data"), seed=cfg.seed, n_samples=d.n_samples, n_features=d.n_features,
                           noise_std=d.noise_std, nonlinearity=d.nonlinearity, rows=d.split.sizes(d.n_samples))
     files.write_json(tmp / "data" / "truth.json", truth.to_dict())
     X, y = data.read_split(tmp / "data" / "train.parquet", d.n_features)
     w, b = evaluation.least_squares(X, y)
+    (tmp / "models").mkdir()
     linear = models.linear_from_weights(torch.tensor(w, dtype=torch.float32).unsqueeze(1), torch.tensor([b], dtype=torch.float32))
     for name in ("linear_gd", "linear"):
         models.save_weights(linear, models.ModelSpec("linear", d.n_features), tmp / "models" / f"{name}.safetensors")
@@ -68,6 +69,7 @@ def _evaluate(cfg: config.Config) -> tuple[dict[str, bytes], dict]:
     metrics = refs.rows | {name: evaluation.score(refs, test[1], models.predict(m, test[0]), models.linear_weights(m))
                            for name, m in trained.items()}
     out = {}
+    Path("metrics/evaluation").mkdir(parents=True, exist_ok=True)
     for row, scores in metrics.items():
         path = Path("metrics/evaluation") / f"{row}.json"
         files.write_metrics(path, scores)
@@ -116,6 +118,7 @@ def test_pngs_are_the_same_bytes_for_the_same_numbers(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     actual = rng.standard_normal(300)
     for run in ("a", "b"):
+        (tmp_path / run).mkdir()
         plots.predicted_vs_actual(tmp_path / run / "p.png", "t", actual, actual + 0.1, 1.0)
         plots.loss_curves(tmp_path / run / "l.png", "t", "epoch", ([0, 1, 2], [3.0, 2.0, 1.5]), ([0, 1, 2], [3.1, 2.2, 1.7]))
     for name in ("p.png", "l.png"):
@@ -129,7 +132,7 @@ def test_written_files_get_the_mode_dvc_gives_its_own(tmp_path: Path) -> None:
     try:
         files.write_json(tmp_path / "a.json", {})
         os.umask(0o027)
-        files.write_text(tmp_path / "b.txt", "x")
+        files.write_csv(tmp_path / "b.txt", ["x"], [])
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

@@ -1,7 +1,7 @@
 """Bad data is named: damaged, mismatched or missing splits, truth files and weights.
 
 The bad-data cases call the readers in-process on files written by the real generator;
-the last one runs the real `dvc repro`. Shared set-up: tests/robustness.py.
+the last one runs the real `dvc repro`. Shared set-up: tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import data
-from tests.helpers import N_TRAIN, assert_untouched, clone, dvc, output_of, outputs, run_env, runs
+from tests.helpers import N_TRAIN, assert_untouched, clone, dvc, output_of, outputs, run_env, runs, split_files
 
 
 # ---------------------------------------------------------------- bad data
@@ -29,7 +29,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/{train,val,test}.parquet and truth.json as the generate stage writes them (in-process, tiny)."""
     folder = tmp_path_factory.mktemp("tiny") / "data"
     truth = data.generate(
-        data.split_files(folder), seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
+        split_files(folder), seed=0, n_samples=600, n_features=10, noise_std=1.0, nonlinearity=1.0,
         rows={"train": N_TRAIN, "val": 90, "test": 90},
     )
     (folder / "truth.json").write_text(json.dumps(truth.to_dict()))

@@ -1,6 +1,6 @@
 """Runs that end early: divergence, Ctrl-C and SIGTERM, an interrupted atomic write.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a run leaves behind: bit-for-bit reruns, weights and logged models that load without pickle.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Bad params stop before any work: one line, dvc.lock and outputs untouched, no MLflow run.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.helpers import (
-    N_TRAIN, assert_untouched, clone, dvc, free_port, output_of, outputs, run_env, runs, set_params,
+    N_TRAIN, assert_untouched, clone, dvc, free_port, output_of, outputs, run_env, runs, set_params, split_files,
 )
 
 
@@ -250,7 +250,7 @@ def test_the_disk_estimate_covers_what_generate_writes(tmp_path: Path, rows: int
     from pipeline import data
 
     sizes = {"train": rows - 2 * (rows // 7), "val": rows // 7, "test": rows // 7}
-    data.generate(data.split_files(tmp_path), seed=0, n_samples=rows, n_features=features, noise_std=1.0, nonlinearity=0.0, rows=sizes)
+    data.generate(split_files(tmp_path), seed=0, n_samples=rows, n_features=features, noise_std=1.0, nonlinearity=0.0, rows=sizes)
     written = sum((tmp_path / f"{s}.parquet").stat().st_size for s in data.SPLITS)
     estimate = data.footprint(rows, features).disk
     assert written <= estimate < written * 1.1, (written, estimate)

@@ -1,6 +1,6 @@
 """Killed training resumes: real `dvc repro` killed mid-training, then rerun; outputs and MLflow run as if never killed.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations

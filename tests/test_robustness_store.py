@@ -1,6 +1,6 @@
 """The MLflow store: a server that is down, many stages creating the store at once, no secret logged.
 
-Set-up shared by tests/test_robustness_*.py: tests/robustness.py.
+Set-up shared by tests/test_robustness_*.py: tests/helpers.py, and the `baseline` fixture in tests/conftest.py.
 """
 
 from __future__ import annotations

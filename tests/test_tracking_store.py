@@ -207,3 +207,13 @@ def test_store_is_created_under_the_lock_preflight_takes(fresh_workspace: Path) 
     store.check_sqlite_store(db)  # whole: schema version stamped
     client, experiment_id = out["value"]  # type: ignore[misc]
     assert client.get_experiment(experiment_id).name == "created-under-the-lock"
+
+
+def test_the_private_schema_lookup_matches_a_store_made_through_the_public_api(tmp_path: Path) -> None:
+    """store._schema_head is the one private MLflow call: a store MlflowClient creates must carry its revision."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'new.db'}").search_experiments()  # creates the store at this MLflow's schema
+    with closing(sqlite3.connect(tmp_path / "new.db")) as con:
+        (made,) = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert store._schema_head() == made

@@ -13,7 +13,9 @@
     reading.py     the read side of `python -m pipeline.compare`
     serving.py     the model server `python -m pipeline.serve` starts: MLflow's scoring app behind request limits
 
-Imports go one way: store <- lineage <- registry <- spool <- run <- reading; provenance, study and serving stand alone.
+Imports go one way (tests/test_layout.py checks it): store, lineage and provenance import no other module here;
+registry imports store and lineage; spool those and registry and provenance; run all of them; reading and study
+import run and store; pyfunc_model and serving stand alone.
 Callers use the names below; none is a stage dependency in dvc.yaml (logging changes no output).
 """
 

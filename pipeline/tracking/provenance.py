@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.processes import pid_exists
+
 
 def _git_commit() -> str:
     try:
@@ -85,13 +87,7 @@ def process_started(pid: int) -> str | None:
     except OSError:
         if sys.platform.startswith("linux"):
             return None
-        try:  # no /proc: whether the pid exists is all there is
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "alive"
+        return "alive" if pid_exists(pid) else None  # no /proc: whether the pid exists is all there is
     return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
 
 

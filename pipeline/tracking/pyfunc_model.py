@@ -25,6 +25,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
+from pipeline.errors import first_line
+
 
 def bad_input(message: str) -> MlflowException:
     """The error the scoring server answers with HTTP 400 and no stack trace."""
@@ -37,7 +39,7 @@ def checked_rows(model_input: Any, n_features: int) -> np.ndarray:
     try:
         rows = np.asarray(model_input, dtype=np.float64)  # float64 first: a value past float32's range is no inf yet
     except (TypeError, ValueError) as exc:
-        raise bad_input(f"the rows are not all numbers ({str(exc).splitlines()[0]}); {allowed}") from None
+        raise bad_input(f"the rows are not all numbers ({first_line(exc)}); {allowed}") from None
     if rows.ndim == 1 and rows.size == n_features:
         rows = rows.reshape(1, -1)
     if rows.ndim != 2 or rows.shape[0] == 0:
@@ -71,7 +73,7 @@ def one_line(message: str) -> str:
         message = message.split("\nError: ", 1)[1]
     if message.startswith("Failed to enforce schema of data ") and ". Error: " in message:
         message = message.rsplit(". Error: ", 1)[1]
-    line = message.strip().splitlines()[0] if message.strip() else "the request could not be read"
+    line = first_line(message, "the request could not be read")
     for pattern in WIDTH_ERRORS:
         if found := re.search(pattern, line):
             width, expected = found.groups()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
+
+from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.run import close_orphaned_runs
 from pipeline.tracking.store import (
-    OUTAGE, TrackingError, failure_reason, open_existing, permission_refused, permission_status, tracking_uri,
+    OUTAGE, TrackingError, all_pages, failure_reason, open_existing, permission_refused, permission_status, tracking_uri,
 )
 
 
@@ -26,12 +29,18 @@ def _reported(uri: str) -> Iterator[None]:
         raise TrackingError(f"MLflow store at {uri} failed while reading runs ({failure_reason(exc)})") from None
 
 
-def running_after_cleanup(experiment: str, found_by: str) -> tuple[int, int]:
-    """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
+@contextmanager
+def _experiment(experiment: str) -> Iterator[tuple[MlflowClient, Any, str]]:
+    """(client, `experiment` or None when the store has none, the store's URI); any failure inside is one line."""
     uri = tracking_uri()
     client = open_existing(uri)
     with _reported(uri):
-        exp = client.get_experiment_by_name(experiment)
+        yield client, client.get_experiment_by_name(experiment), uri
+
+
+def running_after_cleanup(experiment: str, found_by: str) -> tuple[int, int]:
+    """Close this host's orphaned runs in `experiment`; return (closed now, still RUNNING elsewhere or live)."""
+    with _experiment(experiment) as (client, exp, _):
         if exp is None:
             return 0, 0
         closed = close_orphaned_runs(client, [exp.experiment_id], found_by)
@@ -45,30 +54,21 @@ def stage_runs(experiment: str, stage_prefix: str = "train@", max_runs: int = 10
     Each row: run_id, run_name, experiment_id, start_time and end_time (ms),
     params, metrics (latest values) and tags. Used by `python -m pipeline.compare`.
     """
-    uri = tracking_uri()
-    client = open_existing(uri)
-    rows: list[dict[str, Any]] = []
-    with _reported(uri):
-        exp = client.get_experiment_by_name(experiment)
+    with _experiment(experiment) as (client, exp, uri):
         if exp is None:
             names = sorted(e.name for e in client.search_experiments())
             raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names) or 'none'}")
         filter_string = f"tags.stage LIKE '{stage_prefix}%' and attributes.status = 'FINISHED'"
-        token = None
-        while len(rows) < max_runs:
-            page = client.search_runs(
-                [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
-                max_results=min(1000, max_runs - len(rows)), page_token=token,
-            )
-            rows += [
-                {
-                    "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
-                    "start_time": r.info.start_time, "end_time": r.info.end_time,
-                    "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
-                }
-                for r in page
-            ]
-            token = page.token
-            if not token:
-                break
+        runs = all_pages(lambda token: client.search_runs(
+            [exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+            max_results=min(1000, max_runs), page_token=token,
+        ))
+        rows = [
+            {
+                "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
+                "start_time": r.info.start_time, "end_time": r.info.end_time,
+                "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+            }
+            for r in islice(runs, max_runs)
+        ]
     return rows

@@ -3,9 +3,8 @@
 The logged model is an MLflow "models from code" pyfunc: pyfunc_model.py (the model's
 code), the stage's models/<name>.safetensors (artifact `weights`) and the few project
 modules that rebuild the nn.Module from them (code/pipeline/). Nothing is pickled, and
-logging imports neither torch nor a compiler: the pt2 flavor (torch.export) cost every
-train stage about 2-3 s of imports, export and a load-back check, for a format that
-rebuilding from the spec does not need. `load_torch_module` gives a PyTorch user the
+logging imports neither torch nor a compiler: rebuilding from the spec in the weights file
+needs no exported graph. `load_torch_module` gives a PyTorch user the
 nn.Module back in one call. evaluate registers each training run's logged model once and
 moves `champion` to the lowest validation MSE on the same data, safely under concurrency: the
 test split stays for reporting (its MSE is tagged and printed beside), never for choosing.
@@ -33,7 +32,7 @@ from pipeline.tracking.lineage import training_run
 if TYPE_CHECKING:
     from torch import nn
 from pipeline.tracking.store import (
-    TrackingError, is_sqlite, open_existing, permission_refused, permission_status, sqlite_file, store_lock, tracking_uri,
+    TrackingError, all_pages, environ_kept, is_sqlite, open_existing, permission_refused, permission_status, sqlite_file, store_lock, tracking_uri,
 )
 
 PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
@@ -88,18 +87,15 @@ def _quietly() -> Iterator[None]:
     into the model, no INFO line for the example's check against the signature."""
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BARS
 
-    before, logger = os.environ.get(BARS.name), logging.getLogger("mlflow.pyfunc")
+    logger = logging.getLogger("mlflow.pyfunc")
     level = logger.level
-    os.environ[BARS.name] = "false"
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if before is None:
-            del os.environ[BARS.name]
-        else:
-            os.environ[BARS.name] = before
+    with environ_kept(BARS.name):
+        os.environ[BARS.name] = "false"
+        logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 class _PyfuncWithoutReload:
@@ -292,13 +288,8 @@ def _registered(client: MlflowClient, name: str) -> bool:
 
 def _same_data(client: MlflowClient, name: str, data_digest: str) -> list[Any]:
     """Every scored version of `name` on `data_digest` (all pages)."""
-    found, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
-        found += [v for v in page if v.tags.get("data.digest") == data_digest and _score(v) is not None]
-        token = page.token
-        if not token:
-            return found
+    versions = all_pages(lambda token: client.search_model_versions(f"name = '{name}'", page_token=token))
+    return [v for v in versions if v.tags.get("data.digest") == data_digest and _score(v) is not None]
 
 
 def _elect(client: MlflowClient, name: str, data_digest: str) -> Any:

@@ -29,10 +29,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError, interrupted
+from pipeline.errors import PipelineError, first_line, interrupted
 from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import context_tags, process_started, process_tags, run_name
-from pipeline.tracking.spool import SpoolUnwritable, defer, keep_end, open_spool, spooled_run_ids, unwritable
+from pipeline.tracking.spool import SpoolUnwritable, defer, spool_run_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_server,
     is_sqlite, login_tag, now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link,
@@ -142,7 +142,7 @@ class StageRun:
         if self.store_run_id is None:
             raise SpoolFailed(f"{self.spool_failure}; nothing of the run is kept; free some space and run the "
                               "stage again") from None
-        kept = keep_end(self.experiment, stage, self.store_run_id, RunStatus.to_string(RunStatus.FAILED),
+        kept = spool_run_end(self.experiment, stage, self.store_run_id, RunStatus.to_string(RunStatus.FAILED),
                         f"{stage}: {self.spool_failure}")
         outcome = (f"its end is noted in {kept.relative_to(workspace_root())}: `./tasks.sh sync` closes run "
                    f"{self.store_run_id} as FAILED once the store is back" if kept else
@@ -184,7 +184,7 @@ class StageRun:
                     file=sys.stderr,
                 )
 
-    def _across(self, operation: Callable[..., Any], on: str = "the experiment", **kwargs: Any) -> Any:
+    def _on_other_runs(self, operation: Callable[..., Any], on: str = "the experiment", **kwargs: Any) -> Any:
         """Run an operation that reaches other runs or the registry, with this run's client, experiment and id.
 
         When the store fails (now, or earlier in the run), the call is kept in the spool
@@ -204,18 +204,18 @@ class StageRun:
 
     def link_generate_run(self, data_digest: str) -> None:
         """Tag this run with the generate run that made its data (tag generate.run_id)."""
-        self._across(lineage.link_generate_run, data_digest=data_digest)
+        self._on_other_runs(lineage.link_generate_run, data_digest=data_digest)
 
     def score_training_run(self, model: str, model_digest: str, metrics: dict[str, float], picture: Path) -> None:
         """Copy test metrics and the predicted-vs-actual picture onto the run that trained these weights."""
-        self._across(lineage.score_training_run, model=model, model_digest=model_digest,
+        self._on_other_runs(lineage.score_training_run, model=model, model_digest=model_digest,
                      metrics={k: float(v) for k, v in metrics.items()}, picture=str(picture), timestamp=now_ms())
 
     def register_model(self, model: str, model_digest: str, val_mse: float, test_mse: float,
                        data_digest: str) -> str | None:
         """Register the training run's logged model and move `champion` to it when its validation MSE is lower;
         the report line (the test MSE beside)."""
-        report = self._across(registry.register_model, on=f"registered model {registry.registered_name(model)}",
+        report = self._on_other_runs(registry.register_model, on=f"registered model {registry.registered_name(model)}",
                               model=model, model_digest=model_digest, val_mse=float(val_mse), test_mse=float(test_mse),
                               data_digest=data_digest)
         if report is None and self.spool is not None:
@@ -357,7 +357,7 @@ def _one_line(exc: BaseException) -> str:
     type and first line, any URI's userinfo redacted."""
     if isinstance(exc, PipelineError):
         return str(exc)
-    first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+    first = redact(first_line(exc))
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 

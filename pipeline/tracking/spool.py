@@ -145,7 +145,7 @@ def unwritable(folder: Path, exc: BaseException) -> str:
     return f"{path}: {cause}"
 
 
-def keep_end(experiment: str, stage: str | None, run_id: str, status: str, reason: str) -> Path | None:
+def spool_run_end(experiment: str, stage: str | None, run_id: str, status: str, reason: str) -> Path | None:
     """A note that store run `run_id` ended with `status` for `reason` (meta.json alone, a few hundred bytes), for
     sync to close it; None when even that cannot be written."""
     folder = _new_folder(f"{stage or 'run'}-end")

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 # MLflow's SQL store announces a new store's tables at INFO, and logs every SQLite error it catches (a locked,
 # full or read-only store) at ERROR with its SQL and two tracebacks (some 65 lines) before raising it. Every
@@ -252,7 +252,11 @@ def open_existing(uri: str) -> MlflowClient:
 
 
 def _schema_head() -> str:
-    """The schema this MLflow writes. No public API names it: this is the one private MLflow call left."""
+    """The schema revision this MLflow writes, to tell a store it cannot use before it touches it.
+
+    No public API names it (a new store made to ask would cost seconds on every check), so this is the one
+    private MLflow call; tests/test_tracking_store.py fails when MLflow moves it or it stops matching a new store.
+    """
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
@@ -362,12 +366,33 @@ def point_fluent_api_at(uri: str) -> None:
     the user's choice: a spool's URI would then pass for the store itself for the rest of the
     process. The variable is put back as it was.
     """
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    with environ_kept("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+
+
+@contextmanager
+def environ_kept(*names: str) -> Iterator[None]:
+    """Put the environment variables `names` back as they were after the block: MLflow sets some as a side effect."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def all_pages(search: Callable[[str | None], Any]) -> Iterator[Any]:
+    """Every result of a paged MLflow search, fetched a page at a time: `search(page_token)` returns one page."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def connect(experiment: str) -> tuple[MlflowClient, str]:
@@ -454,7 +479,7 @@ def failure_reason(exc: BaseException | str) -> str:
             return cause
     if found := _HTTP_STATUS.search(text):
         return f"HTTP {next(g for g in found.groups() if g)}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first_line(text, type(exc).__name__)
     return first[:160]
 
 

@@ -1,12 +1,14 @@
 """A search's tracking: one MLflow parent run per study, the trials' stage runs under it; the stage's side of a trial.
 
 The stage's side: train@mlp reports its validation loss per epoch to its Optuna
-trial and stops when the pruner says so (`epoch_reporter`). `python -m pipeline.search`
+trial and, when the pruner says so, fails with TrialPruned (`epoch_reporter`). `python -m pipeline.search`
 names each trial's DVC experiment and passes the study through the environment; DVC
 sets DVC_EXP_NAME in every stage it runs, so the stage finds its trial by that name.
 Outside a search the variables are absent and nothing here runs. Like the rest of
 pipeline/tracking/ this is no DVC dependency of a stage: it changes nothing a plain
-`dvc repro` produces, and a pruned trial's outputs are recorded by its experiment.
+`dvc repro` produces. A pruned trial's stage fails on purpose: a training cut short is no
+result, and DVC records no output of a failed stage, so none reaches its run cache, where the
+same params (a later trial, or a `dvc repro`) would otherwise find the cut-short weights.
 
 The parent holds the search space (params), the best value after each finished trial
 (metric `best_val_loss`, step = trial number) and the best trial and params (tags).
@@ -26,7 +28,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.tracking.run import VIEW_TAG_PREFIX
 from pipeline.tracking.store import connect, now_ms, redact
 
@@ -118,6 +120,10 @@ EXP_ATTR = "dvc.exp_name"                # trial user attribute: the DVC experim
 PRUNED_ATTR = "pruned_at_epoch"          # trial user attribute the stage sets when the pruner stopped it
 
 
+class TrialPruned(PipelineError):
+    """The pruner stopped this trial: the stage ends here, writing nothing (Optuna keeps the trial PRUNED)."""
+
+
 class StorageError(PipelineError):
     """The study's database cannot be used: not a database URL, another backend, or no answer. One line."""
 
@@ -154,7 +160,7 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        cause = first_line(getattr(exc, "orig", None) or exc)
         hint = ("give a new file or an Optuna database" if backend == "sqlite"
                 else "check that the server runs, and the host, port, database and credentials")
         raise StorageError(f"Optuna storage {shown} cannot be opened ({cause}); {hint}") from None
@@ -182,8 +188,8 @@ def make_pruner(settings: dict[str, Any]) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def epoch_reporter() -> Callable[[int, float], bool] | None:
-    """fit's `on_epoch` for the trial this stage runs, or None outside a search.
+def epoch_reporter() -> Callable[[int, float], None] | None:
+    """fit's `on_epoch` for the trial this stage runs, or None outside a search; it raises TrialPruned to stop.
 
     Each epoch reports the best validation loss so far: what the trial's objective would be if
     it stopped there, so the pruner compares it with what the finished trials had reached by
@@ -213,22 +219,21 @@ def epoch_reporter() -> Callable[[int, float], bool] | None:
         return None
     working, best = True, float("inf")
 
-    def report(epoch: int, val_loss: float) -> bool:
+    def report(epoch: int, val_loss: float) -> None:
         nonlocal working, best
         best = min(best, val_loss)
         if not working:
-            return False
+            return
         try:
             trial.report(best, epoch)  # the objective (best val loss) if the trial stopped now, not the epoch's noise
             if not trial.should_prune():
-                return False
+                return
             storage.set_trial_user_attr(trial_id, PRUNED_ATTR, epoch)
         except Exception as exc:  # noqa: BLE001
             working = False
             print(f"search: reporting to trial {exp} failed ({exc}); training on without pruning", file=sys.stderr)
-            return False
-        print(f"search: trial {exp} pruned at epoch {epoch} (val loss {val_loss:.4g}); writing the best weights so far",
-              file=sys.stderr)
-        return True
+            return
+        raise TrialPruned(f"search: trial {exp} pruned at epoch {epoch} (best val loss so far {best:.4g}); a training "
+                          "cut short is no result: no output written, so DVC caches none (Optuna keeps the trial)")
 
     return report
