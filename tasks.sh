@@ -107,7 +107,7 @@ case "$cmd" in
   compare) install; python -m pipeline.compare "$@" ;;
   search)  install; warm_up; python -m pipeline.search "$@" ;;
   server)  (( help )) || check_port server --host "${HOST:-127.0.0.1}" >/dev/null; install; exec scripts/mlflow-server.sh "$@" ;;
-  sync)    install; python -c 'import sys; from pipeline.tracking.spool import main; sys.exit(main())' "$@" ;;
+  sync)    install; exec python -m pipeline.warm run sync "$@" ;;  # in a warm server's child when one runs
   serve)   (( help )) || check_port serve >/dev/null; install; exec python -m pipeline.serve "$@" ;;
   *)
     [[ -n "$cmd" ]] && echo "tasks.sh: unknown command '$cmd'" >&2

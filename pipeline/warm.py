@@ -1,4 +1,4 @@
-"""The warm stage server: third-party modules loaded once, a child forked per stage.
+"""The warm stage server: third-party modules loaded once, a child forked per stage (and per `./tasks.sh sync`).
 
 Every stage process used to pay `import torch, mlflow` (seconds, more under load) before any
 work. A server, one per virtual environment, imports those modules once and waits on a Unix
@@ -78,6 +78,10 @@ PER_REQUEST = frozenset({"PYTHONUNBUFFERED", "TORCHINDUCTOR_CACHE_DIR"})
 STAGE_ENV = {"GOMP_SPINCOUNT": "1000"}
 DEFAULT_IDLE_MINUTES = 15.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a child may run with the client's arguments: the stages (`python -m stages`), and the commands that load the
+# same heavy modules, as `module:function` (`./tasks.sh sync` is `python -m pipeline.warm run sync`; cold, it spends
+# about 3 s importing mlflow).
+MODULES = {"stages": "stages", "sync": "pipeline.tracking.spool:main"}
 HEADER = struct.Struct("!Q")
 PR_SET_PDEATHSIG = 1
 
@@ -191,10 +195,10 @@ def _process_settings() -> dict[str, Any]:
     return {"umask": umask, "nice": os.getpriority(os.PRIO_PROCESS, 0), "cpus": sorted(os.sched_getaffinity(0))}
 
 
-def _request(argv: list[str]) -> bytes:
+def _request(argv: list[str], module: str) -> bytes:
     return json.dumps({
         "process": _process_settings(),
-        "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "prefix": sys.prefix,
+        "argv": argv, "module": module, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "prefix": sys.prefix,
         "stamp": install_stamp(), "code": CODE,
         "interpreter": interpreter(),
         "streams": [_stream_settings(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
@@ -224,8 +228,9 @@ def _readline(sock: socket.socket) -> str:
     return data.decode().strip()
 
 
-def handoff(label: str) -> int | None:
-    """Run this process's stage (sys.argv) in a warm server's child; its exit status, None to run it here, cold.
+def handoff(label: str, command: str = "stages", argv: list[str] | None = None) -> int | None:
+    """Run this process's stage (sys.argv), or another of MODULES' commands with `argv`, in a warm server's child;
+    its exit status, None to run it here, cold.
 
     Where no server runs, one is started in the background for the stages that follow (this
     one runs cold); PIPELINE_WARM=0 runs cold and starts none.
@@ -258,7 +263,8 @@ def handoff(label: str) -> int | None:
         try:
             for fd in (0, 1, 2):
                 os.fstat(fd)
-            socket.send_fds(sock, [HEADER.pack(len(payload := _request(sys.argv)))], [0, 1, 2])
+            payload = _request(sys.argv if argv is None else argv, MODULES[command])
+            socket.send_fds(sock, [HEADER.pack(len(payload))], [0, 1, 2])
             sock.sendall(payload)
             reply = _readline(sock)
         except OSError:
@@ -322,9 +328,11 @@ def start_in_background() -> None:
 
 @dataclass
 class Request:
-    """What a client sent: its command line, folder, environment, import path, streams (as received fds)."""
+    """What a client sent: its command line and the module that runs it, folder, environment, import path, streams
+    (as received fds)."""
 
     argv: list[str]
+    module: str
     cwd: str
     env: dict[str, str]
     path: list[str]
@@ -465,7 +473,8 @@ class Server:
                 payload += chunk
             req = json.loads(payload)
             self.last_work = time.monotonic()  # asked, even if it answers "cold": not idle
-            about = f"pid {peer} in {req['cwd']}: {' '.join(req['argv'][1:])} "
+            command = [] if req["module"] == MODULES["stages"] else [req["module"]]
+            about = f"pid {peer} in {req['cwd']}: {' '.join(command + req['argv'][1:])} "
             reason = self._cold_reason(req)
             if reason:
                 self._answer(conn, f"cold {reason}", about)
@@ -476,7 +485,7 @@ class Server:
             pid = os.fork()
             if pid == 0:
                 self._become_child(conn)
-                return Request(req["argv"], req["cwd"], req["env"], req["path"], req["streams"], req["process"], fds)
+                return Request(req["argv"], req["module"], req["cwd"], req["env"], req["path"], req["streams"], req["process"], fds)
         finally:
             if fds and (not IN_CHILD):
                 for fd in fds:
@@ -497,6 +506,8 @@ class Server:
             return "other venv"
         if req["stamp"] != self.stamp or req["code"] != CODE or install_stamp() != self.stamp:
             return "stale"
+        if req["module"] not in MODULES.values():
+            raise ValueError(f"{req['module']} is not one of {', '.join(MODULES.values())}")
         if req["interpreter"] != self.interpreter:
             return "other interpreter settings"
         if (theirs := startup_env(req["env"])) != self.startup:
@@ -663,7 +674,7 @@ def run_child(request: Request) -> None:
     importlib.invalidate_caches()
     importlib.import_module("pipeline.warm").IN_CHILD = True  # the project's own copy, fresh from the cwd
     try:
-        runpy.run_module("stages", run_name="__main__", alter_sys=True)
+        _run_module(request.module)
     except SystemExit as exc:  # as the interpreter reads it: None is 0, a message (printed by it) is 1
         EXIT_STATUS.append(0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1)
         raise
@@ -771,6 +782,25 @@ def stop(timeout: float = 60) -> int | None:
     return pid
 
 
+def run(command: str, args: list[str]) -> int:
+    """`python -m pipeline.warm run <command> [args]`: MODULES' `command` in a warm child, else here, cold."""
+    stage_environment()  # the variables the server was started with (else it answers "cold")
+    argv = [sys.argv[0], *args]
+    if (code := handoff(command, command, argv)) is not None:
+        return code
+    sys.argv[:] = argv
+    _run_module(MODULES[command])
+    return 0
+
+
+def _run_module(target: str) -> None:
+    """Run one of MODULES: `python -m <module>`, or `sys.exit(<module>.<function>())` for `module:function`."""
+    module, _, function = target.partition(":")
+    if function:
+        sys.exit(getattr(importlib.import_module(module), function)())
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`./tasks.sh warm [start|stop|status]`: one line each."""
     parser = argparse.ArgumentParser(prog="./tasks.sh warm", description="the warm stage server of this venv")
@@ -793,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["serve"]:
+    if sys.argv[1:2] == ["run"] and sys.argv[2:3] and sys.argv[2] in MODULES.keys() - {"stages"}:
+        sys.exit(run(sys.argv[2], sys.argv[3:]))
+    elif sys.argv[1:] == ["serve"]:
         try:
             _request_in_child = serve(idle_minutes() * 60)
         except WarmError as exc:

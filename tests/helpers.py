@@ -797,7 +797,7 @@ def differences(got: Any, want: Any, where: str = "") -> list[str]:
 
 
 # `./tasks.sh sync` without the install step: the spool replayed into the store
-SYNC = [sys.executable, "-c", "import sys; from pipeline.tracking.spool import main; sys.exit(main())"]
+SYNC = [sys.executable, "-m", "pipeline.warm", "run", "sync"]  # `./tasks.sh sync` without its install step
 
 
 @contextmanager

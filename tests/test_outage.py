@@ -24,7 +24,7 @@ from pipeline.files import round_sig
 from stages import __main__ as entry
 from stages import paths
 from tests.helpers import (
-    copy_project, copy_with_store, differences, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh,
+    SYNC, copy_project, copy_with_store, differences, dvc, free_port, group_alive, mlflow_server_command, run_env, set_params, sh,
     start_background, statuses, stop_group, store_content, wait_for_running,
 )
 
@@ -81,7 +81,7 @@ def test_server_killed_mid_training_keeps_the_work_and_sync_finishes_the_run(
         assert {r.info.run_id: r.info.status for r in _server_runs(uri)}[run_id] == "RUNNING"
         mtime = (repo / TRAIN_OUTS[0]).stat().st_mtime
         assert "Stage 'train@mlp' didn't change" in dvc(repo, "repro", "train@mlp", env=env).stdout  # no retraining
-        synced = sh(repo, sys.executable, "-m", "pipeline.tracking.spool", env=env)
+        synced = sh(repo, *SYNC, env=env)
         assert f"train@mlp: run {run_id} synced as FINISHED" in synced.stdout and "1 model" in synced.stdout
         assert not any((repo / tracking.SPOOL_DIR).iterdir())
         (run,) = [r for r in _server_runs(uri) if r.info.run_id == run_id]

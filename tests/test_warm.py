@@ -25,7 +25,7 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    ROOT, copy_project, dvc, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint, warm_log, warm_server,
+    ROOT, SYNC, copy_project, dvc, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint, warm_log, warm_server,
 )
 
 LONG_MLP = {"mlp.epochs": 100_000, "mlp.patience": 100_000, "checkpoint.min_seconds": 0.0}
@@ -268,6 +268,24 @@ def test_tasks_warm_starts_shows_and_stops_the_server_in_one_line_each(tmp_path:
     assert not _alive(pid) and not sock.exists()
     gone = tasks("status")
     assert (gone.returncode, gone.stdout) == (1, "warm stage server: none running (./tasks.sh warm starts one)\n")
+
+
+def test_sync_runs_in_a_warm_child_with_the_lines_and_exit_codes_of_a_cold_one(tmp_path: Path) -> None:
+    """`./tasks.sh sync` (`python -m pipeline.warm run sync`) is served like a stage: same output and exit code."""
+    repo = copy_project(tmp_path / "repo")
+    before = len(warm_log())
+    results = {}
+    for start in ("warm", "cold"):
+        env = run_env(**({"PIPELINE_WARM": "0"} if start == "cold" else {}))
+        for args in ([], ["--bogus"]):
+            proc = subprocess.run([*SYNC, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+            results[start, *args] = (proc.returncode, proc.stdout, proc.stderr)
+    assert results["warm",] == results["cold",] and results["warm",][0] == 0 and "nothing to sync" in results["warm",][1]
+    assert results["warm", "--bogus"] == results["cold", "--bogus"] == (
+        2, "", "sync: unknown arguments --bogus; allowed: none, --upgrade-store, --help\n")
+    served = re.findall(rf" in {re.escape(str(repo))}: pipeline\.tracking\.spool:main (?:--bogus )?-> (\w+)",
+                        warm_log()[before:])
+    assert served == ["run", "run"], warm_log()[before:]
 
 
 # ---------------------------------------------------------------- fast checks
