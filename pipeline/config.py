@@ -169,7 +169,7 @@ class SearchRange(_Strict):
 
 
 class PrunerConfig(_Strict):
-    """Stops trials that cannot win, from the per-epoch validation loss train@mlp reports."""
+    """Stops trials that cannot win, from the per-epoch validation loss a trial's training reports."""
 
     kind: Literal["median", "halving", "none"]
     startup_trials: int = Field(default=3, ge=0)   # median: trials finished before any is pruned
@@ -233,7 +233,7 @@ def config_class(models: tuple[str, ...]) -> type[Config]:
 def _listed_models(raw: dict[str, Any]) -> tuple[str, ...]:
     """params.yaml's `models`, checked: a list of distinct names, each with a module; every model block listed."""
     names = raw.get("models")
-    example = "e.g. [linear_gd, linear, mlp]"
+    example = f"e.g. [{', '.join(zoo.available())}] (the modules in pipeline/zoo/)"
     if names is None:
         raise ConfigError(f"invalid {PARAMS_FILE}: models: missing; add the list of models to train, {example}")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
