@@ -8,6 +8,7 @@ stage entry points as subprocesses, a real MLflow SQLite store or `mlflow server
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import os
@@ -46,6 +47,17 @@ from pipeline.files import md5_file
 def tiny_params() -> dict[str, Any]:
     """The committed params.yaml (not the workspace's edits) with TINY applied, as a dict."""
     return update_params(yaml.safe_load(committed_params()), TINY)
+
+
+@functools.cache
+def models() -> tuple[str, ...]:
+    """The models the committed params.yaml lists: what a test iterates, or picks one from, instead of naming one."""
+    return tuple(yaml.safe_load(committed_params())["models"])
+
+
+def pipeline_stages() -> list[str]:
+    """Every stage of the committed pipeline that opens an MLflow run, in the order `dvc repro` runs them."""
+    return ["generate", *(f"train@{m}" for m in models()), "evaluate"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
