@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.config_errors import Bad, ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.training import Hook
+    from pipeline.training import FitSettings, Hook
 
 FOLDER = Path(__file__).parent
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")  # a model's name: its module, its stage train@<name>, its files
@@ -66,6 +66,22 @@ def check_batch(batch_size: int, train_rows: int) -> None:
     if batch_size > train_rows:
         raise Bad("batch_size", batch_size,
                   f"must be at most {train_rows}, the rows in the train split (or raise data.n_samples)")
+
+
+def mini_batch_neutral(p: Any, train_rows: int) -> dict[str, Any]:
+    """The neutral params of a mini-batch model (a block with optimizer, lr, batch_size, epochs, weight_decay), as
+    params.yaml gives them."""
+    return {"optimizer": p.optimizer, "lr": p.lr, "batch_size": p.batch_size, "epochs": p.epochs,
+            "weight_decay": p.weight_decay}
+
+
+def fit_settings(p: Any, ctx: TrainContext, **more: Any) -> FitSettings:
+    """pipeline.training.fit's settings for a mini-batch model's block and its stage's context (`more`: the rest)."""
+    from pipeline.training import FitSettings
+
+    return FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
+                       epochs=p.epochs, seed=ctx.seed, cuda_graph=ctx.cuda_graph, shard=ctx.shard,
+                       progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint, resume=ctx.resume, **more)
 
 
 @dataclass(frozen=True)

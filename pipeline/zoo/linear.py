@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from pipeline.zoo import MAX_BATCH, MAX_EPOCHS, Block, Optimizer, TrainContext, check_batch
+from pipeline.zoo import (
+    MAX_BATCH, MAX_EPOCHS, Block, Optimizer, TrainContext, check_batch, fit_settings, mini_batch_neutral,
+)
 
 if TYPE_CHECKING:
     from pipeline.models import ModelSpec
@@ -30,20 +32,12 @@ class Params(Block):
         check_batch(self.batch_size, train_rows)
 
 
-def neutral(p: Params, train_rows: int) -> dict[str, Any]:
-    """Its optimizer and schedule as params.yaml gives them."""
-    return {"optimizer": p.optimizer, "lr": p.lr, "batch_size": p.batch_size, "epochs": p.epochs,
-            "weight_decay": p.weight_decay}
+neutral = mini_batch_neutral  # its optimizer as params.yaml gives it
 
 
 def train(p: Params, splits: Splits, ctx: TrainContext) -> tuple[TrainResult, ModelSpec]:
     """Every epoch trained (no early stopping), the final weights kept."""
     from pipeline import models, training
 
-    settings = training.FitSettings(
-        optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs,
-        seed=ctx.seed, cuda_graph=ctx.cuda_graph, progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint,
-        resume=ctx.resume,
-    )
     spec = models.ModelSpec("linear", splits.X.shape[1])
-    return training.fit(models.build(spec), splits, settings), spec
+    return training.fit(models.build(spec), splits, fit_settings(p, ctx)), spec

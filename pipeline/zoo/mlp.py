@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config_errors import Bad
-from pipeline.zoo import MAX_BATCH, MAX_EPOCHS, Block, Optimizer, TrainContext, check_batch
+from pipeline.zoo import (
+    MAX_BATCH, MAX_EPOCHS, Block, Optimizer, TrainContext, check_batch, fit_settings, mini_batch_neutral,
+)
 
 if TYPE_CHECKING:
     from pipeline.models import ModelSpec
@@ -84,21 +86,14 @@ class Params(Block):
         return self.distributed.nproc
 
 
-def neutral(p: Params, train_rows: int) -> dict[str, Any]:
-    """Its optimizer as params.yaml gives it; `epochs` is the most it may train (early stopping may end it sooner)."""
-    return {"optimizer": p.optimizer, "lr": p.lr, "batch_size": p.batch_size, "epochs": p.epochs,
-            "weight_decay": p.weight_decay}
+neutral = mini_batch_neutral  # its optimizer as params.yaml gives it; `epochs` the most (early stopping may end sooner)
 
 
 def train(p: Params, splits: Splits, ctx: TrainContext) -> tuple[TrainResult, ModelSpec]:
     """Mini-batches with the learning-rate schedule, stopped when the val loss stalls (best weights kept)."""
     from pipeline import models, training
 
-    settings = training.FitSettings(
-        optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs,
-        seed=ctx.seed, schedule=p.schedule, patience=p.patience, cuda_graph=ctx.cuda_graph, shard=ctx.shard,
-        progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint, resume=ctx.resume, on_epoch=ctx.pruning(),
-    )
+    settings = fit_settings(p, ctx, schedule=p.schedule, patience=p.patience, on_epoch=ctx.pruning())
     spec = models.ModelSpec("mlp", splits.X.shape[1], p.hidden, p.activation, p.dropout)
     result = training.fit(ctx.wrap(models.build(spec)), splits, settings)
     result.model = ctx.unwrap(result.model)  # the plain MLP inside DDP, for saving and logging
