@@ -97,7 +97,8 @@ class StageImports:
 
 
 def stage_name(argv: list[str]) -> str:
-    """`python -m stages train mlp` (argv: [.../stages/__main__.py, train, mlp]) -> 'train@mlp', as dvc.yaml names it."""
+    """`python -m stages train <model>` (argv: [.../stages/__main__.py, train, <model>]) -> 'train@<model>', as dvc.yaml
+    names it."""
     return "@".join(argv[1:])
 
 
@@ -422,11 +423,11 @@ def quiet(stderr: str) -> bool:
     return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
 
 
-def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
+def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> None:
     """Every logged model loads through pyfunc (pinned to the CPU) and as an nn.Module in one call
     (`tracking.load_torch_module`), predicting what the stage's safetensors weights predict on test rows;
-    the `serve` one answers the same over `mlflow models serve`'s REST API (JSON and CSV) and refuses
-    bad requests with a 4xx and one line, never a stack trace."""
+    the `serve` one (default: the last listed, as `./tasks.sh serve` picks) answers the same over `mlflow models
+    serve`'s REST API (JSON and CSV) and refuses bad requests with a 4xx and one line, never a stack trace."""
     from unittest import mock
 
     import mlflow
@@ -441,7 +442,8 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
     exp = client.get_experiment_by_name("regression")
     logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     by_stage = {client.get_run(m.source_run_id).data.tags["stage"]: m for m in logged}
-    assert sorted(by_stage) == ["train@linear", "train@linear_gd", "train@mlp"]
+    assert sorted(by_stage) == sorted(f"train@{m}" for m in models())
+    serve = serve or models()[-1]
     X, _ = data.read_split(repo / "data" / "test.parquet")
     X = X[:25]
     for stage, info in by_stage.items():
