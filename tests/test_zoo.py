@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pipeline import config, zoo
-from tests.helpers import models, tiny_params
+from tests.helpers import ROOT, models, run_env, tiny_params
 
 
 @pytest.mark.parametrize("name", zoo.available())
@@ -70,3 +73,13 @@ def test_a_listed_model_without_its_block_is_missing() -> None:
     params.pop(models()[-1])
     with pytest.raises(config.ConfigError, match=rf"invalid params.yaml: {models()[-1]}: missing"):
         config.parse(params)
+
+
+@pytest.mark.bad_input
+def test_training_a_model_params_yaml_does_not_list_is_one_line(tmp_path: Path) -> None:
+    """`python -m stages train <model>`: a model not in the list stops after the params check, exit 2, nothing loaded."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    proc = subprocess.run([sys.executable, "-m", "stages", "train", "ridge"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=run_env(PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert proc.stderr == f"train@ridge: no model 'ridge' in params.yaml's models ({', '.join(models())})\n"
