@@ -35,7 +35,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -389,7 +388,8 @@ def test_documented_commands_work(doc: Path, tmp_path: Path, request: pytest.Fix
 
 def added_model_only(repo: Path, name: str = "ridge") -> None:
     """What docs/models.md promises beyond what it prints: adding a model is its module and its params.yaml block (the
-    list and the block), every other change is DVC's, and the model was trained, evaluated, registered and compared."""
+    list and the block), every other change is DVC's, and the model was trained, evaluated and registered (the page's
+    `./tasks.sh compare --model ridge` printed its row, and `dvc metrics show` its metrics, or it failed already)."""
     status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
     changed = {line[3:] for line in status}
     by_dvc = {"dvc.lock"} | {p for p in changed if p.endswith("/.gitignore")}
@@ -406,8 +406,6 @@ def added_model_only(repo: Path, name: str = "ridge") -> None:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias(f"regression-{name}", "champion")
     assert client.get_run(champion.run_id).data.tags["stage"] == f"train@{name}"
-    compare = sh(repo, sys.executable, "-m", "pipeline.compare", "--model", name).stdout
-    assert f"train@{name}" in compare, compare
 
 
 # Checks run after a doc's commands, on the workspace they left: what a doc promises beyond what its commands print.
