@@ -85,10 +85,10 @@ def run(cfg: config.Config, name: str) -> None:
             except training.Diverged as exc:
                 mlflow_run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
                 mlflow_run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
-                lr = getattr(cfg.model(name), "lr")  # a model whose loop can diverge has a learning rate
+                lr = getattr(cfg.model(name), "lr", None)  # a model with a learning rate: the knob to turn
+                hint = f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g})" if lr else f"check the {name} block"
                 raise PipelineError(
-                    f"training diverged: the loss became {exc.loss} at step {exc.step}; "
-                    f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g}). No model was written."
+                    f"training diverged: the loss became {exc.loss} at step {exc.step}; {hint}. No model was written."
                 ) from None
             summary = {
                 "final_train_loss": result.history.train_loss[-1],
