@@ -253,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment in params.yaml)")
     parser.add_argument("--limit", type=int, default=10, help="the best N distinct models per kind by test MSE (default 10)")
-    parser.add_argument("--model", action="append", help="only this model, e.g. one of params.yaml's models (repeatable)")
+    parser.add_argument("--model", action="append", help="only this model, one of params.yaml's models (repeatable)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--study", help="the trials of this search study (python -m pipeline.search), best val loss first")
     return parser

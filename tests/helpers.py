@@ -50,14 +50,14 @@ def tiny_params() -> dict[str, Any]:
 
 
 @functools.cache
-def models() -> tuple[str, ...]:
+def model_names() -> tuple[str, ...]:
     """The models the committed params.yaml lists: what a test iterates, or picks one from, instead of naming one."""
     return tuple(yaml.safe_load(committed_params())["models"])
 
 
 def pipeline_stages() -> list[str]:
     """Every stage of the committed pipeline that opens an MLflow run, in the order `dvc repro` runs them."""
-    return ["generate", *(f"train@{m}" for m in models()), "evaluate"]
+    return ["generate", *(f"train@{m}" for m in model_names()), "evaluate"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -442,8 +442,8 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> 
     exp = client.get_experiment_by_name("regression")
     logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     by_stage = {client.get_run(m.source_run_id).data.tags["stage"]: m for m in logged}
-    assert sorted(by_stage) == sorted(f"train@{m}" for m in models())
-    serve = serve or models()[-1]
+    assert sorted(by_stage) == sorted(f"train@{m}" for m in model_names())
+    serve = serve or model_names()[-1]
     X, _ = data.read_split(repo / "data" / "test.parquet")
     X = X[:25]
     for stage, info in by_stage.items():

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    SYNC, background, create_user, dvc, files_holding, free_port, models, pipeline_stages, predict_rest, run_env, sh,
+    SYNC, background, create_user, dvc, files_holding, free_port, model_names, pipeline_stages, predict_rest, run_env, sh,
     warm_log,
 )
 
@@ -112,7 +112,7 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     as_alice = run_env(MLFLOW_TRACKING_URI=f"http://{alice[0]}:{alice[1]}@{host}")
     outputs = [dvc(project, "repro", env=as_alice).stdout]
     assert f"🏃 View run evaluate at: {shown}/#/experiments/" in outputs[0], outputs[0]
-    for model in models():
+    for model in model_names():
         assert f"registry: regression-{model} v1: first champion" in outputs[0], outputs[0]
     assert not (project / ".mlflow-spool").exists()
 
@@ -120,7 +120,7 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50})["runs"]
     assert sorted((r["info"]["run_name"], r["info"]["status"], r["info"]["user_id"]) for r in runs) == sorted(
         (stage, "FINISHED", "alice") for stage in pipeline_stages())
-    for model in models():  # alice created each registered model, so she manages it, and its champion is v1
+    for model in model_names():  # alice created each registered model, so she manages it, and its champion is v1
         name = f"regression-{model}"
         assert server.api("registered-models/alias", name=name, alias="champion")["model_version"]["version"] == "1"
         query = urllib.parse.urlencode({"username": "alice", "resource_type": "registered_model", "resource_id": name})
@@ -128,7 +128,7 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
         assert grant["permission"] == "MANAGE", grant
 
     compare = sh(project, sys.executable, "-m", "pipeline.compare", env=as_alice)
-    assert all(f"train@{m}" in compare.stdout for m in models()), compare.stdout
+    assert all(f"train@{m}" in compare.stdout for m in model_names()), compare.stdout
     synced = sh(project, *SYNC, env=as_alice)
     assert synced.stdout == f"sync: nothing to sync in .mlflow-spool/; the store at {shown} answers\n", synced.stdout
     outputs += [compare.stdout + compare.stderr, synced.stdout + synced.stderr]
@@ -138,7 +138,7 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     server.request("/api/3.0/mlflow/users/permissions/grant", {"username": "bob", "resource_type": "experiment",
                    "resource_id": exp["experiment_id"], "permission": "EDIT"}, auth=admin)
     as_bob = run_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=bob[0], MLFLOW_TRACKING_PASSWORD=bob[1])
-    first = models()[0]  # evaluate registers the models in params.yaml's order: the first is refused
+    first = model_names()[0]  # evaluate registers the models in params.yaml's order: the first is refused
     sh(project, sys.executable, "-m", "stages", "train", first, env=as_bob)
     refused = sh(project, sys.executable, "-m", "stages", "evaluate", check=False, env=as_bob)
     hand, line = refused.stderr.splitlines()  # a stage run by hand names its run first

@@ -25,7 +25,7 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    ROOT, copy_project, dvc, models, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint, warm_log,
+    ROOT, copy_project, dvc, model_names, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint, warm_log,
     warm_server,
 )
 
@@ -64,7 +64,7 @@ def test_warm_and_cold_stages_give_the_same_bytes_runs_and_lines(tmp_path: Path)
     cold_proc = dvc(cold, "repro", env=run_env(PIPELINE_WARM="0"))
     warm_proc = dvc(hot, "repro")
     served = warm_log()[len(before):]
-    for stage in ("generate", *(f"train {m}" for m in models()), "evaluate"):
+    for stage in ("generate", *(f"train {m}" for m in model_names()), "evaluate"):
         answers = _served(served, stage, hot)
         assert [a.split()[0] for a in answers] == ["run"], f"{stage} did not run warm: {answers}"
         assert not _served(served, stage, cold)

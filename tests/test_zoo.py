@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import config, zoo
-from tests.helpers import ROOT, models, run_env, tiny_params
+from tests.helpers import ROOT, model_names, run_env, tiny_params
 
 
 @pytest.mark.parametrize("name", zoo.available())
@@ -28,7 +28,7 @@ def test_every_model_module_says_what_the_pipeline_needs(name: str, defaults_fil
 
 
 def test_the_committed_params_list_models_that_have_modules(defaults_file: Path) -> None:
-    assert config.load(defaults_file).models == list(models()) and set(models()) <= set(zoo.available())
+    assert config.load(defaults_file).models == list(model_names()) and set(model_names()) <= set(zoo.available())
 
 
 def test_linear_gd_logs_its_full_batch_steps_as_what_they_are(defaults_file: Path) -> None:
@@ -38,7 +38,7 @@ def test_linear_gd_logs_its_full_batch_steps_as_what_they_are(defaults_file: Pat
                   "epochs": cfg.model("linear_gd").steps, "weight_decay": 0.0}
 
 
-TYPO = models()[-1][0] + models()[-1][2] + models()[-1][1] + models()[-1][3:]  # two letters swapped
+TYPO = model_names()[-1][0] + model_names()[-1][2] + model_names()[-1][1] + model_names()[-1][3:]  # two letters swapped
 
 
 def _with(**changes: Any) -> dict[str, Any]:
@@ -55,10 +55,10 @@ def _with(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("params", "expected"), [
     (_with(models=None), "models: missing; add the list of models to train"),
     (_with(models="mlp"), "models: got 'mlp'; must be a list of model names"),
-    (_with(models=[*models(), "ridge"]), "models: no model module pipeline/zoo/ridge.py; there are: "),
-    (_with(models=[*models(), TYPO]), f"models: no model module pipeline/zoo/{TYPO}.py (did you mean {models()[-1]!r}?)"),
-    (_with(models=[*models(), models()[0]]), f"models: {models()[0]} listed twice"),
-    (_with(models=list(models()[1:])), f"{models()[0]}: a model's block, but models does not list it"),
+    (_with(models=[*model_names(), "ridge"]), "models: no model module pipeline/zoo/ridge.py; there are: "),
+    (_with(models=[*model_names(), TYPO]), f"models: no model module pipeline/zoo/{TYPO}.py (did you mean {model_names()[-1]!r}?)"),
+    (_with(models=[*model_names(), model_names()[0]]), f"models: {model_names()[0]} listed twice"),
+    (_with(models=list(model_names()[1:])), f"{model_names()[0]}: a model's block, but models does not list it"),
 ], ids=["missing", "not-a-list", "no-module", "typo", "twice", "block-not-listed"])
 def test_a_bad_models_list_is_one_line(params: dict[str, Any], expected: str) -> None:
     with pytest.raises(config.ConfigError) as err:
@@ -70,8 +70,8 @@ def test_a_bad_models_list_is_one_line(params: dict[str, Any], expected: str) ->
 @pytest.mark.bad_input
 def test_a_listed_model_without_its_block_is_missing() -> None:
     params = tiny_params()
-    params.pop(models()[-1])
-    with pytest.raises(config.ConfigError, match=rf"invalid params.yaml: {models()[-1]}: missing"):
+    params.pop(model_names()[-1])
+    with pytest.raises(config.ConfigError, match=rf"invalid params.yaml: {model_names()[-1]}: missing"):
         config.parse(params)
 
 
@@ -82,4 +82,4 @@ def test_training_a_model_params_yaml_does_not_list_is_one_line(tmp_path: Path) 
     proc = subprocess.run([sys.executable, "-m", "stages", "train", "ridge"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=run_env(PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2
-    assert proc.stderr == f"train@ridge: no model 'ridge' in params.yaml's models ({', '.join(models())})\n"
+    assert proc.stderr == f"train@ridge: no model 'ridge' in params.yaml's models ({', '.join(model_names())})\n"
