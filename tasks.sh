@@ -18,7 +18,7 @@ usage: ./tasks.sh <command> [arguments]
   compare   table of the trained models, best test MSE first (--format csv|json|markdown, --limit N, --study S)
   search    an Optuna search over params.yaml's search: space, each trial a DVC experiment (--trials, --jobs)
   server    a shared MLflow tracking server at http://127.0.0.1:5001 (PORT, HOST; see server --help)
-  serve     serve models:/regression-<model>@champion (default mlp) at http://127.0.0.1:5002 (PORT to change)
+  serve     serve models:/regression-<model>@champion (default: the last of params.yaml's models) at http://127.0.0.1:5002 (PORT to change)
   bench     run the benchmark; figures and their meaning in bench/RESULTS.md
   sync      replay runs spooled while MLflow was down (--upgrade-store: back up, then migrate mlflow.db)
 EOF

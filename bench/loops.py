@@ -142,10 +142,10 @@ def bare_gd(params: config.Config, t: Tensors, steps: int) -> float:
 
 
 def project_gd(params: config.Config, t: Tensors, steps: int) -> float:
-    """pipeline.training.train_linear_gd as the stage calls it. Seconds."""
+    """pipeline.training.gradient_descent as train@linear_gd calls it. Seconds."""
     X, y, Xv, yv = t
     with _stopwatch(X.device) as took:
-        training.train_linear_gd(training.Splits(X, y, Xv, yv), steps=steps, lr=params.linear_gd.lr, progress=False)
+        training.gradient_descent(training.Splits(X, y, Xv, yv), steps=steps, lr=params.linear_gd.lr, progress=False)
     return took[0]
 
 

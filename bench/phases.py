@@ -32,7 +32,7 @@ PHASES: dict[str, tuple[tuple[str, str], ...]] = {
     "data read": (("pipeline/data.py", "read_truth"), ("pipeline/data.py", "read_checked_split"),
                   ("stages/paths.py", "verified_split_digests")),
     "generate (draw, write Parquet)": (("pipeline/data.py", "generate"),),
-    "training": (("pipeline/training.py", "fit"), ("pipeline/training.py", "train_linear_gd")),
+    "training": (("pipeline/training.py", "fit"), ("pipeline/training.py", "gradient_descent")),
     "scoring": (("pipeline/models.py", "load_weights"), ("pipeline/evaluation.py", "references"),
                 ("pipeline/models.py", "predict"), ("pipeline/evaluation.py", "score")),
     "outputs (weights, CSV, JSON)": (("pipeline/models.py", "save_weights"), ("pipeline/files.py", "write_csv"),

@@ -12,7 +12,7 @@ queried by pipeline/tracking/reading.py, this module only shapes and prints the 
 
     python -m pipeline.compare                      # aligned table
     python -m pipeline.compare --format markdown    # or csv, json
-    python -m pipeline.compare --model mlp --limit 20
+    python -m pipeline.compare --model <model> --limit 20
     python -m pipeline.compare --study search       # the trials of a search, best validation loss first
 """
 
@@ -210,7 +210,7 @@ def render_csv(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
 
 
 def study_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A study's train@mlp runs as trial rows, best validation loss first; pruned after complete, unfinished last."""
+    """A study's training runs as trial rows, best validation loss first; pruned after complete, unfinished last."""
     rows = []
     for run in runs:
         tags = run["tags"]
@@ -220,7 +220,7 @@ def study_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "val_mse": _number(run["metrics"].get("best_val_loss")),
             "epochs": _number(run["metrics"].get("steps_run")),
             "dvc_exp": tags.get("dvc.exp_name", ""),
-            "params": {k: v for k, v in run["params"].items() if k.startswith("mlp.")},
+            "params": {k: v for k, v in run["params"].items() if k.startswith(f"{tags.get('model')}.")},
             "run_id": run["run_id"],
         })
     rank = {"complete": 0, "pruned": 1}
@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment in params.yaml)")
     parser.add_argument("--limit", type=int, default=10, help="the best N distinct models per kind by test MSE (default 10)")
-    parser.add_argument("--model", action="append", choices=config.MODEL_NAMES, help="only this model (repeatable)")
+    parser.add_argument("--model", action="append", help="only this model, one of params.yaml's models (repeatable)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--study", help="the trials of this search study (python -m pipeline.search), best val loss first")
     return parser

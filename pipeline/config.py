@@ -8,6 +8,7 @@ user a fraction of a second and one readable line instead of a traceback.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from pathlib import Path
@@ -15,18 +16,17 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from pipeline import config_errors
+from pipeline import config_errors, zoo
 from pipeline.config_errors import ConfigError, InvalidValue, Unquoted
 
-MODEL_NAMES: tuple[str, ...] = ("linear_gd", "linear", "mlp")
 PARAMS_FILE = "params.yaml"
 
 # Upper bounds on everything that sizes work, so no value can exhaust the machine before a check
@@ -35,27 +35,12 @@ PARAMS_FILE = "params.yaml"
 MAX_PARAMS_BYTES = 128 * 1024  # the committed file is ~4 KiB; 128 KiB of YAML parses in ~0.3 s on a busy CPU
 MAX_SAMPLES = 1_000_000_000
 MAX_FEATURES = 10_000
-MAX_STEPS = 1_000_000          # linear_gd.steps
-MAX_EPOCHS = 100_000           # linear.epochs, mlp.epochs, mlp.patience
-MAX_BATCH = 1_000_000          # linear.batch_size, mlp.batch_size (also at most the train rows)
-MAX_LAYERS = 32                # entries of mlp.hidden
-MAX_WIDTH = 16_384             # each entry of mlp.hidden
-MAX_MLP_WEIGHTS = 100_000_000  # weights and biases of the whole MLP (400 MB as float32, before optimizer state)
 MAX_PLOT_POINTS = 100_000      # evaluate.plot_points
-MAX_NPROC = 64                 # mlp.distributed.nproc
 MAX_NAME = 250                 # mlflow.experiment, characters
 MAX_WAIT = 3600                # mlflow.wait_seconds
 
-Activation = Literal["relu", "gelu", "tanh", "silu"]
-Optimizer = Literal["sgd", "adam", "adamw"]
-Schedule = Literal["constant", "cosine", "step"]
 Device = Literal["auto", "cpu", "cuda"]
-
-
-class _Strict(BaseModel):
-    """Forbid unknown keys (a typo must not be silently ignored), type coercion, and inf/nan."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+_Strict = zoo.Block  # every section of params.yaml, the models' blocks too: unknown keys, coercion, inf/nan refused
 
 
 class Split(_Strict):
@@ -99,70 +84,6 @@ class DataConfig(_Strict):
         return self
 
 
-class LinearGDConfig(_Strict):
-    """Full-batch gradient descent written out by hand (the source notes' loop)."""
-
-    steps: int = Field(gt=0, le=MAX_STEPS)
-    lr: float = Field(gt=0)
-
-
-class LinearConfig(_Strict):
-    """nn.Linear trained with a torch.optim optimizer over mini-batches."""
-
-    optimizer: Optimizer
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(gt=0, le=MAX_BATCH)
-    epochs: int = Field(gt=0, le=MAX_EPOCHS)
-
-
-class DistributedConfig(_Strict):
-    """Data-parallel training: nproc > 1 runs DistributedDataParallel over that many processes."""
-
-    nproc: int = Field(default=1, ge=1, le=MAX_NPROC)
-
-
-class MLPConfig(_Strict):
-    """A configurable MLP with early stopping on validation loss."""
-
-    hidden: tuple[int, ...] = Field(min_length=1, max_length=MAX_LAYERS)
-    activation: Activation
-    dropout: float = Field(ge=0, lt=1)
-    optimizer: Optimizer
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    schedule: Schedule
-    batch_size: int = Field(gt=0, le=MAX_BATCH)
-    epochs: int = Field(gt=0, le=MAX_EPOCHS)
-    patience: int = Field(gt=0, le=MAX_EPOCHS)
-    distributed: DistributedConfig = DistributedConfig()
-
-    @model_validator(mode="after")
-    def _rows_for_every_rank(self) -> MLPConfig:
-        if self.distributed.nproc > self.batch_size:
-            raise ValueError(
-                f"distributed.nproc={self.distributed.nproc} is larger than batch_size={self.batch_size}; "
-                "each process needs at least one row of every batch"
-            )
-        return self
-
-    @field_validator("hidden", mode="before")
-    @classmethod
-    def _list_to_tuple(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):  # `-S mlp.hidden=32` instead of `[32]`
-            raise ValueError(f"must be a list of layer widths, e.g. [{v}] (dvc exp run -S 'mlp.hidden=[{v}]') or [64, 64]")
-        return tuple(v) if isinstance(v, list) else v
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(w <= 0 for w in v):
-            raise InvalidValue(None, list(v), "every width must be greater than 0")
-        if any(w > MAX_WIDTH for w in v):
-            raise InvalidValue(None, list(v), f"every width must be at most {MAX_WIDTH}")
-        return v
-
-
 class EvaluateConfig(_Strict):
     """How the evaluation reports."""
 
@@ -186,7 +107,6 @@ class CheckpointConfig(_Strict):
 
 
 SEARCH_KINDS = ("int", "float", "log", "choice")
-SEARCHABLE = ("mlp", "linear")  # the model blocks a search may change
 PRUNERS = ("median", "halving", "none")
 
 
@@ -249,7 +169,7 @@ class SearchRange(_Strict):
 
 
 class PrunerConfig(_Strict):
-    """Stops trials that cannot win, from the per-epoch validation loss train@mlp reports."""
+    """Stops trials that cannot win, from the per-epoch validation loss a trial's training reports."""
 
     kind: Literal["median", "halving", "none"]
     startup_trials: int = Field(default=3, ge=0)   # median: trials finished before any is pruned
@@ -264,73 +184,83 @@ class SearchConfig(_Strict):
     space: dict[str, SearchRange] = Field(min_length=1)
     pruner: PrunerConfig = PrunerConfig(kind="median")
 
+    @property
+    def model(self) -> str:
+        """The model a search tunes: the block its keys are in (one per search; Config checks it)."""
+        return next(iter(self.space)).partition(".")[0]
+
 
 class Config(_Strict):
-    """The whole of params.yaml."""
+    """The whole of params.yaml: the sections every pipeline has, and (in `config_class`'s subclass) a block per model
+    that `models` lists."""
 
     seed: int = Field(ge=0)
     device: Device
     cuda_graph: bool
     mlflow: TrackingConfig
     data: DataConfig
-    linear_gd: LinearGDConfig
-    linear: LinearConfig
-    mlp: MLPConfig
+    models: list[str]
     evaluate: EvaluateConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     search: SearchConfig | None = None
 
     @model_validator(mode="after")
     def _search_keys(self) -> Config:
-        """Every searched key is a key of mlp/linear, and every value its range can give is a valid value there."""
+        """Every searched key is a key of a model's block, and every value its range can give is a valid value there."""
         for key, rng in (self.search.space.items() if self.search else ()):
             check_search_value(self, key, rng)
+        blocks = sorted({key.partition(".")[0] for key in (self.search.space if self.search else ())})
+        if len(blocks) > 1:  # a trial's objective is one model's val loss
+            raise InvalidValue("search.space", Unquoted(f"keys of {', '.join(blocks)}"),
+                               "keys of one model's block: a search tunes one model")
         return self
 
     @model_validator(mode="after")
-    def _batches_fit(self) -> Config:
+    def _models_fit_the_data(self) -> Config:
         n_train = self.data.split.sizes(self.data.n_samples)["train"]
-        for name in ("linear", "mlp"):
-            batch = getattr(self, name).batch_size
-            if batch > n_train:
-                raise InvalidValue(
-                    f"{name}.batch_size", batch,
-                    f"must be at most {n_train}, the rows in the train split (or raise data.n_samples)",
-                )
-        widths = (self.data.n_features, *self.mlp.hidden, 1)
-        weights = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
-        if weights > MAX_MLP_WEIGHTS:
-            raise InvalidValue(
-                "mlp.hidden", list(self.mlp.hidden),
-                f"gives {weights} weights with data.n_features={self.data.n_features}; at most {MAX_MLP_WEIGHTS} are allowed",
-            )
+        for name in self.models:
+            try:
+                self.model(name).check(self.data.n_features, n_train)
+            except InvalidValue as bad:
+                raise InvalidValue(f"{name}.{bad.key}", bad.value, bad.allowed) from None
         return self
 
-    def model(self, name: str) -> LinearGDConfig | LinearConfig | MLPConfig:
-        """The params block of one model, by name."""
-        if name not in MODEL_NAMES:
-            raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    def model(self, name: str) -> zoo.Block:
+        """The params block of one listed model, by name."""
+        if name not in self.models:
+            raise ConfigError(f"model {name!r} is not in {PARAMS_FILE}'s models: {', '.join(self.models)}")
         return getattr(self, name)
 
 
-# The params every training run logs under the same names, whatever the model: MLflow's compare page
-# and charts line the three models up on these (each model's own `<model>.*` params stay as they are).
-NEUTRAL_PARAMS: tuple[str, ...] = ("model", "optimizer", "lr", "batch_size", "epochs", "weight_decay", "parameters")
+@functools.cache
+def config_class(models: tuple[str, ...]) -> type[Config]:
+    """Config with a required block per listed model, its schema the `Params` of the model's module (pipeline/zoo/)."""
+    blocks: dict[str, Any] = {name: (zoo.module(name).Params, ...) for name in models}
+    return create_model("Config", __base__=Config, __doc__=Config.__doc__, **blocks)
 
 
-def neutral_params(name: str, model: LinearGDConfig | LinearConfig | MLPConfig, train_rows: int,
-                   parameters: int) -> dict[str, Any]:
-    """A model's config as NEUTRAL_PARAMS, with values that are true for it.
-
-    linear_gd has no optimizer and no batches: each of its steps is plain gradient descent on the
-    whole train split, so it logs optimizer `gd (full batch)`, a batch of every train row, and an
-    epoch per step.
-    """
-    if isinstance(model, LinearGDConfig):
-        optimizer, batch_size, epochs, weight_decay = "gd (full batch)", train_rows, model.steps, 0.0
-    else:
-        optimizer, batch_size, epochs, weight_decay = model.optimizer, model.batch_size, model.epochs, model.weight_decay
-    return dict(zip(NEUTRAL_PARAMS, (name, optimizer, model.lr, batch_size, epochs, weight_decay, parameters)))
+def _listed_models(raw: dict[str, Any]) -> tuple[str, ...]:
+    """params.yaml's `models`, checked: a list of distinct names, each with a module; every model block listed."""
+    names = raw.get("models")
+    example = f"e.g. [{', '.join(zoo.available())}] (the modules in pipeline/zoo/)"
+    if names is None:
+        raise ConfigError(f"invalid {PARAMS_FILE}: models: missing; add the list of models to train, {example}")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"invalid {PARAMS_FILE}: models: got {config_errors.show(names)}; must be a list of model "
+                          f"names, {example}")
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"invalid {PARAMS_FILE}: models: {', '.join(twice)} listed twice; list each model once")
+    for name in names:
+        try:
+            zoo.module(name)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid {PARAMS_FILE}: {exc}") from None
+    unlisted = [k for k in raw if k not in Config.model_fields and k not in names and k in zoo.available()]
+    if unlisted:
+        raise ConfigError(f"invalid {PARAMS_FILE}: {unlisted[0]}: a model's block, but models does not list it; "
+                          f"add it to models ({', '.join(names)}) or delete the block")
+    return tuple(names)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -354,8 +284,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def searchable_keys(cfg: Config) -> list[str]:
-    """Every dotted key a search may set: the leaves of the mlp and linear blocks."""
-    return [k for block in SEARCHABLE for k in flatten({block: getattr(cfg, block).model_dump()})]
+    """Every dotted key a search may set: the leaves of the listed models' blocks."""
+    return [k for block in cfg.models for k in flatten({block: cfg.model(block).model_dump()})]
 
 
 def check_search_value(cfg: Config, key: str, rng: SearchRange) -> None:
@@ -365,7 +295,7 @@ def check_search_value(cfg: Config, key: str, rng: SearchRange) -> None:
     if key not in allowed:
         hint = difflib.get_close_matches(key, allowed, n=1)
         guess = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise InvalidValue(where, Unquoted("an unknown key"), f"not a key of mlp or linear{guess}; allowed: {', '.join(allowed)}")
+        raise InvalidValue(where, Unquoted("an unknown key"), f"not a key of a model's block{guess}; allowed: {', '.join(allowed)}")
     block, _, leaf = key.partition(".")
     model = type(getattr(cfg, block))
     values = rng.choice if rng.kind == "choice" else list(rng.bounds(rng.kind))
@@ -387,10 +317,11 @@ def parse(raw: Any) -> Config:
         raise ConfigError(f"{PARAMS_FILE} is empty; it must hold the sections {sections}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{PARAMS_FILE} must be a mapping of sections ({sections}), got {config_errors.show(raw)}")
+    schema = config_class(_listed_models(raw))
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        lines = config_errors.describe(Config, exc.errors())
+        lines = config_errors.describe(schema, exc.errors())
         if len(lines) == 1:
             raise ConfigError(f"invalid {PARAMS_FILE}: {lines[0]}") from None
         raise ConfigError(f"invalid {PARAMS_FILE} ({len(lines)} problems):\n  " + "\n  ".join(lines)) from None

@@ -1,4 +1,4 @@
-"""The three models, and their weights on disk as plain tensors.
+"""The architectures the models of pipeline/zoo/ build (a linear layer, an MLP), and their weights on disk as plain tensors.
 
 Every model maps X [n, d] to predictions [n, 1]. Weights are saved with
 safetensors together with the small architecture `ModelSpec` needed to rebuild the
@@ -49,7 +49,7 @@ class ModelSpec:
 
 
 def linear(n_features: int) -> nn.Linear:
-    """y = X·W + b: the model behind both linear_gd and linear."""
+    """y = X·W + b: the architecture of every linear model."""
     return nn.Linear(n_features, 1)
 
 

@@ -13,8 +13,9 @@ search runs per workspace (search.lock); a clone joins a study through its stora
 is drawn from the sampler seeded from (seed, k), so processes of one study draw different points.
 `dvc exp show` lists every trial and
 `dvc exp apply <study>-t<k>` restores a finished one. The objective is
-train@mlp's best validation loss (metrics/train/mlp.json), never a test metric: the test
-split stays for reporting the chosen model. train@mlp reports its validation loss per
+the tuned model's best validation loss (its metrics/train/<model>.json; the model whose params.yaml
+block the space's keys are in), never a test metric: the test split stays for reporting the chosen
+model. Its train stage reports its validation loss per
 epoch to the trial (pipeline/tracking/study.py) and fails when the pruner stops it: its
 experiment is a failed one, DVC's run cache never holds a cut-short training, and the
 trial's value is the best validation loss it had reported.
@@ -51,7 +52,6 @@ LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
 DEFAULT_STUDY = "search"
 STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is not given
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
-METRICS = "metrics/train/mlp.json"
 OBJECTIVE = "best_val_loss"
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
 KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
@@ -184,6 +184,7 @@ class Search:
         assert cfg.search is not None
         self.args, self.cfg, self.root = args, cfg, root
         self.space = cfg.search.space
+        self.metrics = f"metrics/train/{cfg.search.model}.json"  # the trial's objective: its best_val_loss
         self.url = storage_url(args.storage, root)
         storage = trial_env.open_storage(self.url)
         described = describe_space(self.space)
@@ -288,7 +289,7 @@ class Search:
                 raise SearchError(f"cannot queue trial {name}: {_failure(proc)}")
         names, polls = [name for _, name, _ in batch], 0
         while True:
-            found = experiments_state(self.root)
+            found = experiments_state(self.root, self.metrics)
             states = {found.get(n, ("failed", None))[0] for n in names}
             if "queued" in states and polls % 5 == 0:
                 # now and then while one of ours waits: a worker that went idle and quit just as we queued would
@@ -345,10 +346,10 @@ class Search:
             return None
 
 
-def experiments_state(root: Path) -> dict[str, tuple[str, float | None]]:
-    """{experiment name: (state, train@mlp's best_val_loss)} of the workspace's experiments, from
-    `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed), success for
-    an experiment run outside the queue."""
+def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, float | None]]:
+    """{experiment name: (state, best_val_loss in the `metrics` file, None without one)} of the workspace's
+    experiments, from `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed),
+    success for an experiment run outside the queue."""
     proc = _dvc(root, "exp", "show", "--json")
     if proc.returncode != 0:
         raise SearchError(f"dvc exp show failed: {_failure(proc)}")
@@ -358,7 +359,7 @@ def experiments_state(root: Path) -> dict[str, tuple[str, float | None]]:
             rev = exp["revs"][0]
             name = exp.get("name") or rev.get("name")
             state = (exp.get("executor") or {}).get("state") or ("failed" if rev.get("error") else "success")
-            data = ((rev.get("data") or {}).get("metrics") or {}).get(METRICS, {}).get("data") or {}
+            data = ((rev.get("data") or {}).get("metrics") or {}).get(metrics, {}).get("data") or {}
             if name:
                 out[name] = (state, data.get(OBJECTIVE))
     return out

@@ -22,16 +22,14 @@ from collections.abc import Sequence
 from pipeline import config, ports
 from pipeline.errors import PipelineError
 
-DEFAULT_MODEL = "mlp"
-
-
 def command(model: str, port: str) -> tuple[list[str], str]:
     """The model server's command line for `model`'s champion, and a line saying what it serves.
 
     Raises PipelineError on bad input.
     """
-    if model not in config.MODEL_NAMES:
-        raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(config.MODEL_NAMES)}")
+    listed = config.load().models
+    if model not in listed:
+        raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(listed)} (params.yaml's models)")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise PipelineError(f"PORT must be a TCP port number (1-65535), got {port!r}")
     from pipeline import tracking
@@ -45,7 +43,7 @@ def command(model: str, port: str) -> tuple[list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the arguments and the champion, then replace this process with the model server."""
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = (f"usage: python -m pipeline.serve [{'|'.join(config.MODEL_NAMES)}]  (default {DEFAULT_MODEL}; "
+    usage = ("usage: python -m pipeline.serve [model]  (one of params.yaml's models, default the last listed; "
              f"port from {ports.PORT_VAR}, default {ports.COMMANDS['serve'][0]})")
     if args[:1] in (["-h"], ["--help"]):
         print(usage)
@@ -59,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        cmd, serving = command(args[0] if args else DEFAULT_MODEL, str(port))
+        cmd, serving = command(args[0] if args else config.load().models[-1], str(port))
         from pipeline import tracking
 
         os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()

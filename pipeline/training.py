@@ -60,7 +60,7 @@ class Splits(NamedTuple):
 
 @dataclass
 class History:
-    """Loss curves: `step` is the gradient step (linear_gd) or the epoch (mini-batch)."""
+    """Loss curves: `step` is the gradient step (full-batch gradient descent) or the epoch (mini-batch)."""
 
     step: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
@@ -119,8 +119,8 @@ def _check_finite(values: list[float], first_step: int, history: History) -> Non
             raise Diverged(first_step + offset, value, history)
 
 
-def train_linear_gd(
-    splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True,
+def gradient_descent(
+    splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True, desc: str = "gd",
     checkpoint: Hook = no_checkpoints, resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Linear regression by full-batch gradient descent, written out as in the source notes.
@@ -150,7 +150,7 @@ def train_linear_gd(
         return {"done": done, "w": w, "b": b, "losses": losses[:done], "history": vars(history), "extra": extra,
                 "seconds": time.perf_counter() - start}
 
-    bar = tqdm(total=steps, initial=done, desc="linear_gd", unit="step", disable=None if progress else True, leave=False)
+    bar = tqdm(total=steps, initial=done, desc=desc, unit="step", disable=None if progress else True, leave=False)
     with small_step_threads(X.device, X.shape[0] * (n_features + 1)):
         for step in range(done, steps):
             y_hat = X @ w + b                      # forward

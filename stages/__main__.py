@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from pipeline import config, warm
+from pipeline import config, warm, zoo
 from pipeline.errors import PipelineError, fail, interrupted, raise_interrupt
 
 warm.stage_environment()  # before torch loads: the same settings here and in the warm server
 
-USAGE = f"usage: python -m stages {{params,generate,train {{{','.join(config.MODEL_NAMES)}}},evaluate}}"
+USAGE = "usage: python -m stages {params,generate,train <model>,evaluate}  (<model>: one of params.yaml's models)"
 
 
 def written_since(outputs: Sequence[Path], since: float) -> list[str]:
@@ -43,7 +43,7 @@ def parse(argv: Sequence[str]) -> tuple[str, list[str]] | None:
     """(stage module, its arguments) from the command line, None when it is not one of the stages."""
     if list(argv[:1]) in (["params"], ["generate"], ["evaluate"]) and len(argv) == 1:
         return argv[0], []
-    if len(argv) == 2 and argv[0] == "train" and argv[1] in config.MODEL_NAMES:
+    if len(argv) == 2 and argv[0] == "train" and zoo.NAME.match(argv[1]):
         return "train", [argv[1]]
     return None
 
@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(label, exc, 2)
     if stage == "params":  # dvc.yaml's check of the whole file: valid, nothing more to do
         return
+    if stage == "train" and args[0] not in cfg.models:
+        print(f"{label}: no model {args[0]!r} in {config.PARAMS_FILE}'s models ({', '.join(cfg.models)})", file=sys.stderr)
+        sys.exit(2)
     if argv is None and (code := warm.handoff(label)) is not None:
         sys.exit(code)  # the stage ran in a warm server's child (pipeline/warm.py), with this process's streams
     try:

@@ -1,8 +1,8 @@
-"""Data-parallel training for train@mlp: launch through torchrun, join and leave the process group.
+"""Data-parallel training of a model with `distributed.nproc` > 1: launch through torchrun, join and leave the group.
 
 The stage calls `launch` when params ask for more than one process: it runs PyTorch's
 own launcher (torch.distributed.run, i.e. `torchrun --standalone`) in this process,
-which starts `python -m stages train mlp` once per rank with RANK/WORLD_SIZE/LOCAL_RANK
+which starts `python -m stages train <model>` once per rank with RANK/WORLD_SIZE/LOCAL_RANK
 set. Each rank then calls `launched()` and trains inside `process_group(...)`, whose
 Group wraps the model in DDP; pipeline/training.py only sees that model and its shard.
 """
@@ -78,9 +78,9 @@ class Group:
         """Rank 0 (or the only process): the one that writes the outputs and logs the run."""
         return self.shard[0] == 0
 
-    def tags(self, model: str) -> dict[str, str]:
-        """The run's tags about data parallelism: the world size (mlp), the backend (under torchrun)."""
-        tags = {"distributed.world_size": str(self.shard[1])} if model == "mlp" else {}
+    def tags(self) -> dict[str, str]:
+        """The run's tags about data parallelism: the world size, the backend (under torchrun)."""
+        tags = {"distributed.world_size": str(self.shard[1])}
         return tags | ({"distributed.backend": self.backend} if self.backend else {})
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -42,7 +42,7 @@ def run(cfg: config.Config) -> None:
         data_digest = data.combined_digest(digests)
         mlflow_run.set_tags({"data.digest": data_digest})
 
-        trained = {name: models.load_weights(paths.weights_path(name))[0] for name in config.MODEL_NAMES}
+        trained = {name: models.load_weights(paths.weights_path(name))[0] for name in cfg.models}
 
         # compute: the references (least squares, the noise floor), then every model against them; each model's
         # validation MSE too, which the registry's champion is chosen on (the test split only reports)
@@ -60,7 +60,7 @@ def run(cfg: config.Config) -> None:
         with files.publish() as out:
             for row_name, row in scores.items():
                 files.write_metrics(out.path(SCORES / f"{row_name}.json"), row)
-            for name in config.MODEL_NAMES:
+            for name in cfg.models:
                 rows = [(f"{a:.6g}", f"{p:.6g}") for a, p in zip(y_test[:points], predictions[name][:points])]
                 files.write_csv(out.path(PREDICTIONS / f"{name}.csv"), ["actual", "predicted"], rows)
                 actual, predicted = np.array(rows, dtype=np.float64).T.reshape(2, -1)  # the picture shows the CSV's
@@ -75,7 +75,7 @@ def run(cfg: config.Config) -> None:
         mlflow_run.log_artifact(SCORES, "metrics")
         mlflow_run.log_artifact(PREDICTIONS, "plots/predictions")
         mlflow_run.log_artifact(paths.PLOTS / "loss", "plots/loss")
-        for name in config.MODEL_NAMES:
+        for name in cfg.models:
             model_digest = files.md5_file(paths.weights_path(name))
             mlflow_run.score_training_run(name, model_digest, scores[name], PREDICTIONS / f"{name}.png")
             row = scores[name]

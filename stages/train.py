@@ -1,28 +1,28 @@
 """DVC stage `train@<model>`: train one model, write its weights, curves and metrics, log them to MLflow.
 
-`python -m stages train {linear_gd,linear,mlp}` (stages/__main__.py checks params.yaml first, then calls
-`run`). With `mlp.distributed.nproc` > 1 the stage starts itself again under torchrun, once per rank
-(stages/distributed.py): every rank trains its slice of each batch, and rank 0 writes and logs.
+`python -m stages train <model>`, a model params.yaml's `models` lists (stages/__main__.py checks params.yaml
+first, then calls `run`); the model's module in pipeline/zoo/ trains it. A model that trains data-parallel
+(`<model>.distributed.nproc` > 1) starts the stage again under torchrun, once per rank (stages/distributed.py):
+every rank trains its slice of each batch, and rank 0 writes and logs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import checkpoint, config, cores, data, device, dvc_params, files, models, plots, tracking, training
+from pipeline import checkpoint, config, cores, data, device, dvc_params, files, models, plots, tracking, training, zoo
 from pipeline.errors import PipelineError
 from pipeline.tracking import study
 from stages import distributed, paths
 
-SWEEP_VIEW = "mlp-sweep"  # the UI's runs page with ?viewStateShareKey=mlp-sweep (docs/mlflow-ui.md)
+SWEEP_VIEW = "{}-sweep"  # a model's sweep in the UI: ?viewStateShareKey=<model>-sweep (docs/mlflow-ui.md)
 SWEEP_METRICS = ["test_mse", "ratio_to_noise_floor", "best_val_loss"]
-# the three models side by side (?viewStateShareKey=models): every training run's neutral params
-# (config.neutral_params) beside the metrics every model has; evaluate copies the test scores here
+# the models side by side (?viewStateShareKey=models): every training run's neutral params
+# (zoo.NEUTRAL_PARAMS) beside the metrics every model has; evaluate copies the test scores here
 MODELS_VIEW = "models"
 MODELS_METRICS = ["test_mse", "ratio_to_least_squares", "ratio_to_noise_floor", "best_val_loss", "train_seconds"]
 
@@ -34,20 +34,20 @@ def outputs(name: str) -> list[Path]:
 
 
 def run(cfg: config.Config, name: str) -> None:
-    """Train model `name` here, or the mlp over `mlp.distributed.nproc` torchrun ranks."""
-    nproc = cfg.mlp.distributed.nproc if name == "mlp" else 1
+    """Train model `name` here, or over `<name>.distributed.nproc` torchrun ranks for a model that trains data-parallel."""
+    nproc = cfg.model(name).processes()
     rank = distributed.launched()
     if rank is None:  # before any work, data that is not what generate wrote stops here (torchrun's ranks: checked)
         paths.verified_split_digests(data.read_truth(paths.TRUTH))
     where = device.prepare(cfg.device, cfg.seed, cores.claim(torch.get_num_threads()))
     if rank is None and nproc > 1:
-        distributed.check_devices(where, nproc, "mlp.distributed.nproc")
+        distributed.check_devices(where, nproc, f"{name}.distributed.nproc")
         distributed.launch(nproc, "train", name)  # every rank runs this stage again, and lands below
         return
-    if rank is not None and (name != "mlp" or rank.world != nproc):
+    if rank is not None and rank.world != nproc:
         raise PipelineError(
-            f"started by torchrun with WORLD_SIZE={rank.world}, but only train@mlp runs data-parallel, "
-            f"with mlp.distributed.nproc processes (now {nproc}); run `python -m stages train {name}` directly"
+            f"started by torchrun with WORLD_SIZE={rank.world}, but train@{name} runs {nproc} process(es) "
+            f"({name}.distributed.nproc where the model has it); run `python -m stages train {name}` directly"
         )
     with distributed.process_group(rank, where) as group:
         checkpoints, resume = open_checkpoint(cfg, name, group.lead)
@@ -56,9 +56,9 @@ def run(cfg: config.Config, name: str) -> None:
                 fit(cfg, name, read_splits(data.read_truth(paths.TRUTH), group.device), group, checkpoints, resume,
                     progress=False)
             return
-        tags = {"device": str(group.device), "model": name} | group.tags(name)
+        tags = {"device": str(group.device), "model": name} | group.tags()
         if resume is not None:
-            tags["resumed.from_epoch"] = str(resume["loop"]["done"])  # linear_gd: the step
+            tags["resumed.from_epoch"] = str(resume["loop"]["done"])  # a model saving by step: the step
         run_id = resume["meta"]["run_id"] if resume is not None else None
         with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags, resume=run_id,
                                 wait=cfg.mlflow.wait_seconds) as mlflow_run:
@@ -71,9 +71,9 @@ def run(cfg: config.Config, name: str) -> None:
             params = dvc_params.stage_params(cfg, f"train@{name}")
             mlflow_run.set_tags({"data.digest": data_digest})
             mlflow_run.log_params(params)
-            if name == "mlp":  # the UI view for sweeps: every mlp run, its params beside its test MSE
-                mlflow_run.save_view(SWEEP_VIEW, "tags.stage = 'train@mlp'", [p for p in params if p.startswith("mlp.")],
-                                     SWEEP_METRICS)
+            # the UI view for sweeps: every run of this model, its params beside its test MSE
+            mlflow_run.save_view(SWEEP_VIEW.format(name), f"tags.stage = 'train@{name}'",
+                                 [p for p in params if p.startswith(f"{name}.")], SWEEP_METRICS)
             mlflow_run.link_generate_run(data_digest)
             for split in ("train", "val"):
                 mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
@@ -85,10 +85,10 @@ def run(cfg: config.Config, name: str) -> None:
             except training.Diverged as exc:
                 mlflow_run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
                 mlflow_run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
-                lr = cfg.model(name).lr
+                lr = getattr(cfg.model(name), "lr", None)  # a model with a learning rate: the knob to turn
+                hint = f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g})" if lr else f"check the {name} block"
                 raise PipelineError(
-                    f"training diverged: the loss became {exc.loss} at step {exc.step}; "
-                    f"try a smaller {name}.lr (now {lr:g}, e.g. {lr / 10:g}). No model was written."
+                    f"training diverged: the loss became {exc.loss} at step {exc.step}; {hint}. No model was written."
                 ) from None
             summary = {
                 "final_train_loss": result.history.train_loss[-1],
@@ -102,9 +102,9 @@ def run(cfg: config.Config, name: str) -> None:
 
             # write: weights, loss curve (CSV and PNG), summary metrics, published together
             # (wall time stays out of the metrics file: a rerun writes the same bytes)
-            steps = result.step_losses  # linear_gd: the loss of every step, not just the logged ones
+            steps = result.step_losses  # gradient descent: the loss of every step, not just the logged ones
             train_curve = (range(len(steps)), steps) if steps else (result.history.step, result.history.train_loss)
-            x_label = "gradient step (full batch)" if name == "linear_gd" else "epoch"
+            x_label = zoo.module(name).X_LABEL
             with files.publish() as out:
                 models.save_weights(result.model, spec, out.path(paths.weights_path(name)))
                 files.write_csv(out.path(paths.loss_plot_path(name)), ["step", "train_loss", "val_loss"],
@@ -115,9 +115,9 @@ def run(cfg: config.Config, name: str) -> None:
                 files.write_metrics(out.path(paths.train_metrics_path(name)), summary)
 
             # log
-            mlflow_run.log_params(config.neutral_params(name, cfg.model(name), truth.rows["train"],
-                                                        summary["n_parameters"]))
-            mlflow_run.save_view(MODELS_VIEW, "tags.stage LIKE 'train@%'", config.NEUTRAL_PARAMS, MODELS_METRICS)
+            neutral = zoo.module(name).neutral(cfg.model(name), truth.rows["train"])
+            mlflow_run.log_params({"model": name} | neutral | {"parameters": summary["n_parameters"]})
+            mlflow_run.save_view(MODELS_VIEW, "tags.stage LIKE 'train@%'", zoo.NEUTRAL_PARAMS, MODELS_METRICS)
             mlflow_run.log_curve("train_loss", *train_curve)
             mlflow_run.log_curve("val_loss", result.history.step, result.history.val_loss)
             mlflow_run.log_metrics(summary | {"train_seconds": result.seconds})
@@ -139,11 +139,12 @@ def open_checkpoint(cfg: config.Config, name: str, lead: bool) -> tuple[checkpoi
     stage = f"train@{name}"
     key = checkpoint.key(dvc_params.stage_params(cfg, stage), dvc_params.stage_deps(stage))
     c = cfg.checkpoint
-    every, unit = (c.every_steps, "step") if name == "linear_gd" else (c.every_epochs, "epoch")
+    unit = zoo.module(name).CHECKPOINT_UNIT
+    every = c.every_steps if unit == "step" else c.every_epochs
     hook = checkpoint.Checkpoints(checkpoint.path_for(stage), key, every, c.min_seconds, unit, write=lead)
     saved, why_not = checkpoint.load(hook.path, key)
     if saved is not None:
-        hook.saved_at = saved["loop"]["done"]  # epochs (linear_gd: steps) already done
+        hook.saved_at = saved["loop"]["done"]  # epochs (or steps) already done
     if lead and why_not:
         print(f"{stage}: checkpoint not used: {why_not}; training from scratch", file=sys.stderr)
     elif lead and saved is not None:
@@ -163,27 +164,11 @@ def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
 def fit(cfg: config.Config, name: str, splits: training.Splits, group: distributed.Group,
         checkpoints: training.Hook = training.no_checkpoints, resume: dict[str, Any] | None = None,
         progress: bool = True) -> tuple[training.TrainResult, models.ModelSpec]:
-    """Train model `name` as params.yaml says (the mlp data-parallel in a group of several ranks),
-    from the checkpoint's state when `resume` holds one."""
-    n_features = splits.X.shape[1]
-    p = cfg.model(name)
-    state = resume["loop"] if resume is not None else None
-    if isinstance(p, config.LinearGDConfig):
-        result = training.train_linear_gd(splits, steps=p.steps, lr=p.lr, progress=progress, checkpoint=checkpoints,
-                                          resume=state)
-        return result, models.ModelSpec("linear", n_features)
-    settings = training.FitSettings(
-        optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=p.epochs,
-        seed=cfg.seed, cuda_graph=cfg.cuda_graph, shard=group.shard, progress=progress, desc=name,
-        checkpoint=checkpoints, resume=state,
-    )
-    if isinstance(p, config.LinearConfig):
-        spec = models.ModelSpec("linear", n_features)
-        return training.fit(models.build(spec), splits, settings), spec
-    spec = models.ModelSpec("mlp", n_features, p.hidden, p.activation, p.dropout)
+    """Train model `name` as params.yaml says (data-parallel in a group of several ranks), from the checkpoint's
+    state when `resume` holds one."""
     # under a search (pipeline/search.py), each epoch's val loss goes to the trial, which may prune it
-    pruning = study.epoch_reporter() if group.shard[1] == 1 else None
-    settings = dataclasses.replace(settings, schedule=p.schedule, patience=p.patience, on_epoch=pruning)
-    result = training.fit(group.wrap(models.build(spec)), splits, settings)
-    result.model = group.unwrap(result.model)  # the plain MLP inside DDP, for saving and logging
-    return result, spec
+    pruning = study.epoch_reporter if group.shard[1] == 1 else lambda: None
+    ctx = zoo.TrainContext(seed=cfg.seed, checkpoint=checkpoints, cuda_graph=cfg.cuda_graph, shard=group.shard,
+                           progress=progress, desc=name, resume=resume["loop"] if resume is not None else None,
+                           pruning=pruning, wrap=group.wrap, unwrap=group.unwrap)
+    return zoo.module(name).train(cfg.model(name), splits, ctx)

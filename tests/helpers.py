@@ -8,6 +8,7 @@ stage entry points as subprocesses, a real MLflow SQLite store or `mlflow server
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import os
@@ -55,6 +56,15 @@ def split_files(folder: Path) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     return {split: folder / f"{split}.parquet" for split in SPLITS}
+@functools.cache
+def model_names() -> tuple[str, ...]:
+    """The models the committed params.yaml lists: what a test iterates, or picks one from, instead of naming one."""
+    return tuple(yaml.safe_load(committed_params())["models"])
+
+
+def pipeline_stages() -> list[str]:
+    """Every stage of the committed pipeline that opens an MLflow run, in the order `dvc repro` runs them."""
+    return ["generate", *(f"train@{m}" for m in model_names()), "evaluate"]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -119,7 +129,8 @@ def longest_first(items: list[pytest.Item], durations: dict[str, float]) -> list
 
 
 def stage_name(argv: list[str]) -> str:
-    """`python -m stages train mlp` (argv: [.../stages/__main__.py, train, mlp]) -> 'train@mlp', as dvc.yaml names it."""
+    """`python -m stages train <model>` (argv: [.../stages/__main__.py, train, <model>]) -> 'train@<model>', as dvc.yaml
+    names it."""
     return "@".join(argv[1:])
 
 
@@ -444,11 +455,11 @@ def quiet(stderr: str) -> bool:
     return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
 
 
-def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
+def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> None:
     """Every logged model loads through pyfunc (pinned to the CPU) and as an nn.Module in one call
     (`tracking.load_torch_module`), predicting what the stage's safetensors weights predict on test rows;
-    the `serve` one answers the same over `mlflow models serve`'s REST API (JSON and CSV) and refuses
-    bad requests with a 4xx and one line, never a stack trace."""
+    the `serve` one (default: the last listed, as `./tasks.sh serve` picks) answers the same over `mlflow models
+    serve`'s REST API (JSON and CSV) and refuses bad requests with a 4xx and one line, never a stack trace."""
     from unittest import mock
 
     import mlflow
@@ -463,7 +474,8 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str = "mlp") -> None:
     exp = client.get_experiment_by_name("regression")
     logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     by_stage = {client.get_run(m.source_run_id).data.tags["stage"]: m for m in logged}
-    assert sorted(by_stage) == ["train@linear", "train@linear_gd", "train@mlp"]
+    assert sorted(by_stage) == sorted(f"train@{m}" for m in model_names())
+    serve = serve or model_names()[-1]
     X, _ = data.read_split(repo / "data" / "test.parquet")
     X = X[:25]
     for stage, info in by_stage.items():

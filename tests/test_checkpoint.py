@@ -61,13 +61,13 @@ def test_fit_resumed_from_a_checkpoint_ends_with_the_same_weights_and_curves(tmp
 
 
 def test_linear_gd_resumed_from_a_checkpoint_ends_with_the_same_weights_and_losses(tmp_path: Path) -> None:
-    whole = training.train_linear_gd(splits(), steps=50, lr=0.1, progress=False)
+    whole = training.gradient_descent(splits(), steps=50, lr=0.1, progress=False)
     path = tmp_path / "gd.safetensors"
     with pytest.raises(Stop):
-        training.train_linear_gd(splits(), steps=50, lr=0.1, progress=False, checkpoint=stop_after(path, 20))
+        training.gradient_descent(splits(), steps=50, lr=0.1, progress=False, checkpoint=stop_after(path, 20))
     saved, _ = checkpoint.load(path, "k")
     assert saved is not None
-    resumed = training.train_linear_gd(splits(), steps=50, lr=0.1, progress=False, resume=saved["loop"])
+    resumed = training.gradient_descent(splits(), steps=50, lr=0.1, progress=False, resume=saved["loop"])
     assert resumed.step_losses == whole.step_losses and resumed.history == whole.history
     assert resumed.extra == whole.extra and same_weights(resumed.model, whole.model)
 

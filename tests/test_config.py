@@ -200,18 +200,6 @@ def test_stage_params_come_from_dvc_yaml(tmp_path: Path, defaults_file: Path) ->
         dvc_params.stage_params(cfg, "generate", dvc_file)
 
 
-def test_neutral_params_are_true_for_every_model(defaults_file: Path) -> None:
-    """The same names for the three models; linear_gd's full-batch steps as what they are."""
-    cfg = config.load(defaults_file)
-    gd = config.neutral_params("linear_gd", cfg.linear_gd, 14000, 11)
-    assert gd == {"model": "linear_gd", "optimizer": "gd (full batch)", "lr": cfg.linear_gd.lr, "batch_size": 14000,
-                  "epochs": cfg.linear_gd.steps, "weight_decay": 0.0, "parameters": 11}
-    mlp = config.neutral_params("mlp", cfg.mlp, 14000, 4865)
-    assert (mlp["optimizer"], mlp["batch_size"], mlp["epochs"]) == (cfg.mlp.optimizer, cfg.mlp.batch_size, cfg.mlp.epochs)
-    for name in config.MODEL_NAMES:
-        assert tuple(config.neutral_params(name, cfg.model(name), 1, 1)) == config.NEUTRAL_PARAMS
-
-
 def _duplicated(text: str, block: str, line: str) -> str:
     """`text` (a dumped params.yaml) with `line` added as the first line of the top-level `block:`."""
     return text.replace(f"\n{block}:\n", f"\n{block}:\n{line}\n", 1) if block else f"{line}\n{text}"

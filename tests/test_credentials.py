@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from pipeline.tracking import spool, store
-from tests.helpers import SYNC, clone, copy_project, dvc, free_port, run_env, sh
+from tests.helpers import SYNC, clone, copy_project, dvc, free_port, pipeline_stages, run_env, sh
 
 PASSWORD = "pw:with@odd/chars-7Q"  # quoted into the URI; what must never be printed or stored
 USER = "al@ice"
@@ -128,8 +128,7 @@ def test_a_server_that_is_down_is_named_without_its_password_by_every_command(ba
     port = free_port()
     env = run_env(MLFLOW_TRACKING_URI=uri_with_credentials(port), PORT=str(free_port()))
     commands = {
-        **{stage: ["python", "-m", "stages", *stage.split("@")] for stage in
-           ("generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate")},
+        **{stage: ["python", "-m", "stages", *stage.split("@")] for stage in pipeline_stages()},
         "sync": SYNC, "compare": ["python", "-m", "pipeline.compare"], "serve": ["python", "-m", "pipeline.serve"],
     }
     for name, cmd in commands.items():

@@ -26,7 +26,7 @@ def default_scores(tmp_path_factory: pytest.TempPathFactory, defaults_file: Path
         cpu = device.prepare("cpu", cfg.seed, torch.get_num_threads())
         splits = train.read_splits(truth, cpu)
         trained = {}
-        for name in config.MODEL_NAMES:  # what stages/train.py computes, and in the same order of seeding
+        for name in cfg.models:  # what stages/train.py computes, and in the same order of seeding
             device.prepare("cpu", cfg.seed, torch.get_num_threads())
             trained[name] = train.fit(cfg, name, splits, distributed.Group(cpu), progress=False)[0].model
         X_test, y_test = data.read_split(paths.split_path("test"))

@@ -17,6 +17,9 @@ The convention, in the Markdown:
 - `<!-- docs-test: setup: <shell command> -->` right before a block (one or more, each on its line): run
   before the block, in the same shell, and must exit 0. For a situation the doc describes but that would
   confuse a reader as a command (a server's port taken, a run's process killed at a given moment).
+- `<!-- docs-test: write to <path> -->` or `<!-- docs-test: append to <path> -->` right before a block of any
+  language: the file the reader is told to write (or to add to), so the test writes that block's text there,
+  in the doc's shell's folder, when its turn comes (docs/models.md writes a model's module this way).
 
 README.md starts where a user starts, from a fresh `git clone` (of the shared tiny `baseline`: its
 dvc.lock is committed, so the first repro must leave `git status` clean); the other guides start from a
@@ -48,6 +51,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FRESH_CLONE = {"README.md"}  # the rest start from a finished pipeline
 DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(.+?)\s*-->$")
 SETUP = re.compile(r"^setup:\s*(.+)$")
+WRITE = re.compile(r"^(write|append) to (\S+)$")
 EXIT = re.compile(r"^\[exit (\d+)\]$")
 GAP = {"…", "..."}
 _MASKS = [
@@ -76,6 +80,7 @@ class Block:
     commands: list[Command]
     directive: str | None = None
     setup: list[Command] = field(default_factory=list)
+    file: tuple[str, str, str] | None = None  # (write or append, path, text): a file the doc has the reader write
 
     def where(self) -> str:
         return f"{self.doc.name}:{self.line}"
@@ -108,6 +113,9 @@ def parse(doc: Path) -> list[Block]:
                 i += 1
             if lang == "console":
                 blocks.append(Block(doc, start + 1, _commands(doc, body), directive, setup))
+            elif directive is not None and (w := WRITE.match(directive)):
+                text = "".join(f"{line}\n" for _, line in body)
+                blocks.append(Block(doc, start + 1, [], None, setup, (w[1], w[2], text)))
             elif directive is not None or setup:
                 raise DocFailure(f"{doc.name}:{start + 1}: a docs-test directive before a block that is not ```console")
             directive, setup = None, []
@@ -187,6 +195,8 @@ def run_doc(doc: Path, repo: Path, env: dict[str, str], timeout: float = 600) ->
                 continue
             for cmd in block.setup:
                 shell.check(doc, cmd, "setup ")
+            if block.file is not None:
+                shell.write(*block.file)
             for cmd in block.commands:
                 shell.check(doc, cmd)
         return skipped
@@ -203,6 +213,12 @@ class Shell:
 
     SCRIPT = ('cd "$(cat "$2" 2>/dev/null || echo "$1")"; [ -f "$3" ] && . "$3"; eval "$4"; rc=$?; '
               'export -p > "$3"; pwd > "$2"; exit $rc')
+
+    def write(self, mode: str, path: str, text: str) -> None:
+        """Write (or append) a file the doc tells its reader to write, where the doc's shell now is."""
+        folder = Path((self.state / "cwd").read_text().strip()) if (self.state / "cwd").exists() else self.repo
+        with open(folder / path, "a" if mode == "append" else "w") as fh:
+            fh.write(text)
 
     def check(self, doc: Path, cmd: Command, what: str = "") -> None:
         """Run `cmd`; raise DocFailure unless it exits as the doc says and prints what it shows."""
@@ -306,6 +322,18 @@ def test_runner_reads_the_convention(tmp_path: Path) -> None:
     assert mismatch(["store at …/mlflow.db answers"], "store at /tmp/mlflow.db.bak answers") is not None  # the rest is literal
 
 
+def test_a_file_the_doc_has_written_is_written(tmp_path: Path) -> None:
+    """`write to` / `append to` before a block of any language: the runner writes its text, in the doc's shell's folder."""
+    doc = tmp_path / "doc.md"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "params.yaml").write_text("a: 1\n")
+    doc.write_text("```console\n$ cd sub\n```\n<!-- docs-test: write to m.py -->\n```python\nx = 1\n```\n"
+                   "<!-- docs-test: append to params.yaml -->\n```yaml\nb: 2\n```\n```console\n$ cat m.py params.yaml\n"
+                   "x = 1\na: 1\nb: 2\n```\n")
+    assert [b.file for b in parse(doc)] == [None, ("write", "m.py", "x = 1\n"), ("append", "params.yaml", "b: 2\n"), None]
+    assert run_doc(doc, tmp_path, run_env()) == []
+
+
 @pytest.mark.parametrize(("block", "error"), [
     ("$ exit 1\n", r"`exit 1` exited 1 \(the doc shows no `\[exit N\]`, so 0\)"),    # a failure the doc does not show
     ("$ true\n[exit 2]\n", r"`true` exited 0 \(the doc shows \[exit 2\]\)"),       # a failure that did not happen
@@ -355,6 +383,34 @@ def test_documented_commands_work(doc: Path, tmp_path: Path, request: pytest.Fix
     start = time.perf_counter()
     skipped = run_doc(doc, repo, run_env())
     print(f"{doc.name}: ran in {time.perf_counter() - start:.0f} s; not run:\n{not_run(skipped)}")  # noqa: T201
+    if doc.name in LEFT_BEHIND:
+        LEFT_BEHIND[doc.name](repo)
+
+
+def added_model_only(repo: Path, name: str = "ridge") -> None:
+    """What docs/models.md promises beyond what it prints: adding a model is its module and its params.yaml block (the
+    list and the block), every other change is DVC's, and the model was trained, evaluated and registered (the page's
+    `./tasks.sh compare --model ridge` printed its row, and `dvc metrics show` its metrics, or it failed already)."""
+    status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
+    changed = {line[3:] for line in status}
+    by_dvc = {"dvc.lock"} | {p for p in changed if p.endswith("/.gitignore")}
+    assert changed - by_dvc == {"params.yaml", f"pipeline/zoo/{name}.py"}, status
+    before = yaml.safe_load(sh(repo, "git", "show", "HEAD:params.yaml").stdout)
+    after = yaml.safe_load((repo / "params.yaml").read_text())
+    block = after.pop(name)
+    assert after == before | {"models": [*before["models"], name]} and block, block
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert f"models/{name}.safetensors" in [o["path"] for o in lock[f"train@{name}"]["outs"]]
+    assert (repo / "metrics" / "evaluation" / f"{name}.json").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(f"regression-{name}", "champion")
+    assert client.get_run(champion.run_id).data.tags["stage"] == f"train@{name}"
+
+
+# Checks run after a doc's commands, on the workspace they left: what a doc promises beyond what its commands print.
+LEFT_BEHIND = {"models.md": added_model_only}
 
 
 METRICS_COMMAND = re.compile(r"^dvc metrics (show|diff)\b.*--precision (\d+)")

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from pipeline.files import round_sig
-from tests.helpers import busy_cpus, clone, dvc, experiments, run_queue, sh
+from tests.helpers import busy_cpus, clone, dvc, experiments, model_names, run_queue, sh
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
     assert grid == {(lr, h) for lr in (0.001, 0.1) for h in ((4,), (6, 6))}
     for exp in exps.values():
         scores = exp["metrics"]
-        assert all(scores[f"metrics/evaluation/{m}.json"]["test_mse"] > 0 for m in ("linear_gd", "linear", "mlp"))
+        assert all(scores[f"metrics/evaluation/{m}.json"]["test_mse"] > 0 for m in model_names())
 
     # Every run is in the workspace's store, FINISHED, tagged with its experiment and pipeline.
     from mlflow.tracking import MlflowClient
@@ -75,7 +75,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
         # evaluate scored this experiment's models and copied their test metrics onto the train runs.
         (evaluate,) = [r for r in mine if r.data.tags["stage"] == "evaluate"]
         assert evaluate.data.tags["scored.mlp.run_id"] == mlp_run.info.run_id
-        for model in ("linear_gd", "linear", "mlp"):
+        for model in model_names():
             scored = by_id[evaluate.data.tags[f"scored.{model}.run_id"]]
             assert scored.data.metrics["test_mse"] > 0
         test_mse = exp["metrics"]["metrics/evaluation/mlp.json"]["test_mse"]

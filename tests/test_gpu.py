@@ -18,7 +18,7 @@ def test_both_loops_train_on_cuda() -> None:
     assert device.type == "cuda"
     X = torch.randn(2048, 8, device=device)
     y = X @ torch.randn(8, 1, device=device) + 0.1 * torch.randn(2048, 1, device=device)
-    gd = training.train_linear_gd(training.Splits(X[:1536], y[:1536], X[1536:], y[1536:]), steps=100, lr=0.1, progress=False)
+    gd = training.gradient_descent(training.Splits(X[:1536], y[:1536], X[1536:], y[1536:]), steps=100, lr=0.1, progress=False)
     assert gd.model.weight.device.type == "cuda" and gd.history.val_loss[-1] < 0.05
     mlp = training.fit(models.mlp(8, [32], "relu", 0.0), training.Splits(X[:1536], y[:1536], X[1536:], y[1536:]), training.FitSettings(optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=128, epochs=10, seed=0, schedule="cosine", patience=5, progress=False))
     assert next(mlp.model.parameters()).device.type == "cuda"

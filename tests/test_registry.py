@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import serve, tracking
 from pipeline.errors import PipelineError
-from tests.helpers import background, dvc, free_port, post, post_chunked, run_env, set_params
+from tests.helpers import background, dvc, free_port, model_names, post, post_chunked, run_env, set_params
 
 EXPERIMENT = "registry-test"
 DATA, OTHER_DATA = "d" * 32, "e" * 32
@@ -113,7 +113,7 @@ def test_run_without_logged_model_is_not_registered(workspace: Path) -> None:
 
 @pytest.mark.bad_input
 def test_serve_refuses_bad_input_in_one_line(workspace: Path) -> None:
-    with pytest.raises(PipelineError, match="unknown model 'cnn'; allowed: linear_gd, linear, mlp"):
+    with pytest.raises(PipelineError, match=f"unknown model 'cnn'; allowed: {', '.join(model_names())} \\(params.yaml's models\\)"):
         serve.command("cnn", "5000")
     with pytest.raises(PipelineError, match=r"PORT must be a TCP port number \(1-65535\), got '70000'"):
         serve.command("mlp", "70000")

@@ -65,7 +65,7 @@ def _evaluate(cfg: config.Config) -> tuple[dict[str, bytes], dict]:
     truth = data.read_truth(Path("data/truth.json"))
     train, test = data.read_split(Path("data/train.parquet")), data.read_split(Path("data/test.parquet"))
     refs = evaluation.references(train, test, truth.noise_std, truth.w_true, truth.b_true)
-    trained = {name: models.load_weights(Path(f"models/{name}.safetensors"))[0] for name in config.MODEL_NAMES}
+    trained = {name: models.load_weights(Path(f"models/{name}.safetensors"))[0] for name in cfg.models}
     metrics = refs.rows | {name: evaluation.score(refs, test[1], models.predict(m, test[0]), models.linear_weights(m))
                            for name, m in trained.items()}
     out = {}

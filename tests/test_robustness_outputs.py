@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import data
 from pipeline.files import md5_file
-from tests.helpers import clone, dvc, statuses
+from tests.helpers import clone, dvc, model_names, pipeline_stages, statuses
 
 
 # ---------------------------------------------------------------- bit-for-bit reruns
@@ -26,9 +26,9 @@ def test_forced_rerun_is_bit_for_bit(baseline: Path, tmp_path: Path) -> None:
     repo = clone(baseline, tmp_path / "repo")
     dvc(repo, "repro", "--force")
     assert (repo / "dvc.lock").read_bytes() == (baseline / "dvc.lock").read_bytes()
-    for rel in [*(f"data/{s}.parquet" for s in data.SPLITS), *(f"models/{m}.safetensors" for m in ("linear_gd", "linear", "mlp"))]:
+    for rel in [*(f"data/{s}.parquet" for s in data.SPLITS), *(f"models/{m}.safetensors" for m in model_names())]:
         assert md5_file(repo / rel) == md5_file(baseline / rel), rel
-    assert statuses(repo).keys() == {"generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate"}
+    assert statuses(repo).keys() == set(pipeline_stages())
 
 
 # ---------------------------------------------------------------- safe weights
@@ -46,7 +46,7 @@ def test_weights_load_without_unpickling(baseline: Path, monkeypatch: pytest.Mon
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("unpickling was attempted")
 
-    for name in ("linear_gd", "linear", "mlp"):
+    for name in model_names():
         raw = (baseline / "models" / f"{name}.safetensors").read_bytes()
         (size,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw tensor bytes
         header = json.loads(raw[8 : 8 + size])

@@ -49,7 +49,7 @@ def _trials(repo: Path, study: str) -> list[Any]:
 # (edit of the search block, fragments of the one line it must give)
 BAD_SPACES: list[tuple[dict[str, Any], tuple[str, ...]]] = [
     ({"mlp.lrr": {"log": [0.001, 0.1]}}, ("search.space.mlp.lrr", "unknown key", "did you mean 'mlp.lr'")),
-    ({"data.n_samples": {"int": [10, 20]}}, ("search.space.data.n_samples", "not a key of mlp or linear")),
+    ({"data.n_samples": {"int": [10, 20]}}, ("search.space.data.n_samples", "not a key of a model's block")),
     ({"mlp.lr": {"log": [0.1, 0.001]}}, ("search.space.mlp.lr.log: got [0.1, 0.001]", "empty or inverted range")),
     ({"mlp.epochs": {"int": [5, 5]}}, ("search.space.mlp.epochs.int: got [5, 5]", "empty or inverted range")),
     ({"mlp.lr": {"log": [0, 0.1]}}, ("search.space.mlp.lr.log", "above 0")),

@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import MODEL_NAMES
-from tests.helpers import SYNC, background, create_user, dvc, files_holding, free_port, predict_rest, run_env, sh, warm_log
+from tests.helpers import (
+    SYNC, background, create_user, dvc, files_holding, free_port, model_names, pipeline_stages, predict_rest, run_env, sh,
+    warm_log,
+)
 
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"generate", "train@linear_gd", "train@linear", "train@mlp", "evaluate"}
+STAGES = set(pipeline_stages())
 
 
 def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any) -> None:
@@ -110,15 +112,15 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     as_alice = run_env(MLFLOW_TRACKING_URI=f"http://{alice[0]}:{alice[1]}@{host}")
     outputs = [dvc(project, "repro", env=as_alice).stdout]
     assert f"🏃 View run evaluate at: {shown}/#/experiments/" in outputs[0], outputs[0]
-    for model in MODEL_NAMES:
+    for model in model_names():
         assert f"registry: regression-{model} v1: first champion" in outputs[0], outputs[0]
     assert not (project / ".mlflow-spool").exists()
 
     exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
     runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 50})["runs"]
     assert sorted((r["info"]["run_name"], r["info"]["status"], r["info"]["user_id"]) for r in runs) == sorted(
-        (stage, "FINISHED", "alice") for stage in ("generate", *(f"train@{m}" for m in MODEL_NAMES), "evaluate"))
-    for model in MODEL_NAMES:  # alice created each registered model, so she manages it, and its champion is v1
+        (stage, "FINISHED", "alice") for stage in pipeline_stages())
+    for model in model_names():  # alice created each registered model, so she manages it, and its champion is v1
         name = f"regression-{model}"
         assert server.api("registered-models/alias", name=name, alias="champion")["model_version"]["version"] == "1"
         query = urllib.parse.urlencode({"username": "alice", "resource_type": "registered_model", "resource_id": name})
@@ -126,7 +128,7 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
         assert grant["permission"] == "MANAGE", grant
 
     compare = sh(project, sys.executable, "-m", "pipeline.compare", env=as_alice)
-    assert all(f"train@{m}" in compare.stdout for m in MODEL_NAMES), compare.stdout
+    assert all(f"train@{m}" in compare.stdout for m in model_names()), compare.stdout
     synced = sh(project, *SYNC, env=as_alice)
     assert synced.stdout == f"sync: nothing to sync in .mlflow-spool/; the store at {shown} answers\n", synced.stdout
     outputs += [compare.stdout + compare.stderr, synced.stdout + synced.stderr]
@@ -136,13 +138,14 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     server.request("/api/3.0/mlflow/users/permissions/grant", {"username": "bob", "resource_type": "experiment",
                    "resource_id": exp["experiment_id"], "permission": "EDIT"}, auth=admin)
     as_bob = run_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=bob[0], MLFLOW_TRACKING_PASSWORD=bob[1])
-    sh(project, sys.executable, "-m", "stages", "train", "linear_gd", env=as_bob)
+    first = model_names()[0]  # evaluate registers the models in params.yaml's order: the first is refused
+    sh(project, sys.executable, "-m", "stages", "train", first, env=as_bob)
     refused = sh(project, sys.executable, "-m", "stages", "evaluate", check=False, env=as_bob)
     hand, line = refused.stderr.splitlines()  # a stage run by hand names its run first
     assert refused.returncode == 1 and hand.startswith("evaluate: run by hand") and line == (
-        f"evaluate: MLflow server at {server.url} answered HTTP 403 when running register_model for model linear_gd: "
+        f"evaluate: MLflow server at {server.url} answered HTTP 403 when running register_model for model {first}: "
         "a permission problem (not an outage); user 'bob' may not write here: ask an admin for EDIT permission on "
-        "registered model regression-linear_gd, or log in as a user who has it"
+        f"registered model regression-{first}, or log in as a user who has it"
     ), refused.stderr
     assert not (project / ".mlflow-spool").exists()
     evaluates = [r for r in server.api("runs/search", {"experiment_ids": [exp["experiment_id"]],

@@ -36,7 +36,7 @@ def test_autograd_gradient_matches_the_analytical_one() -> None:
 
 def test_linear_gd_reaches_the_least_squares_weights_on_linear_data() -> None:
     X, y, Xv, yv = _problem()
-    result = training.train_linear_gd(training.Splits(X, y, Xv, yv), steps=300, lr=0.1, progress=False)
+    result = training.gradient_descent(training.Splits(X, y, Xv, yv), steps=300, lr=0.1, progress=False)
     w_ls, b_ls = evaluation.least_squares(X.numpy(), y.numpy().ravel())
     np.testing.assert_allclose(result.model.weight.detach().numpy().ravel(), w_ls, atol=1e-4)
     assert abs(result.model.bias.item() - b_ls) < 1e-4
@@ -85,7 +85,7 @@ def test_same_seed_same_weights() -> None:
 def test_divergence_names_the_step_and_keeps_the_curve() -> None:
     X, y, Xv, yv = _problem()
     with pytest.raises(training.Diverged) as gd:
-        training.train_linear_gd(training.Splits(X * 100, y, Xv, yv), steps=50, lr=10.0, log_every=5, progress=False)
+        training.gradient_descent(training.Splits(X * 100, y, Xv, yv), steps=50, lr=10.0, log_every=5, progress=False)
     assert 0 < gd.value.step < 50 and "at step" in str(gd.value)
     with pytest.raises(training.Diverged) as mb:
         training.fit(models.linear(4), training.Splits(X * 100, y, Xv, yv), training.FitSettings(optimizer="sgd", lr=100.0, weight_decay=0.0, batch_size=32, epochs=5, seed=0, progress=False))

@@ -25,7 +25,8 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    ROOT, SYNC, copy_project, dvc, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint, warm_log, warm_server,
+    ROOT, SYNC, copy_project, dvc, model_names, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint,
+    warm_log, warm_server,
 )
 
 LONG_MLP = {"mlp.epochs": 100_000, "mlp.patience": 100_000, "checkpoint.min_seconds": 0.0}
@@ -63,7 +64,7 @@ def test_warm_and_cold_stages_give_the_same_bytes_runs_and_lines(tmp_path: Path)
     cold_proc = dvc(cold, "repro", env=run_env(PIPELINE_WARM="0"))
     warm_proc = dvc(hot, "repro")
     served = warm_log()[len(before):]
-    for stage in ("generate", "train linear_gd", "train linear", "train mlp", "evaluate"):
+    for stage in ("generate", *(f"train {m}" for m in model_names()), "evaluate"):
         answers = _served(served, stage, hot)
         assert [a.split()[0] for a in answers] == ["run"], f"{stage} did not run warm: {answers}"
         assert not _served(served, stage, cold)

@@ -144,7 +144,7 @@ def load_torch_module(model_uri: str, device: str = "cpu") -> nn.Module:
     return pyfunc.unwrap_python_model().module.to(device)
 
 
-REGISTERED_PREFIX = "regression-"  # registered model names: regression-linear_gd, regression-linear, regression-mlp
+REGISTERED_PREFIX = "regression-"  # registered model names: regression-<model>, a name params.yaml's models list
 CHAMPION = "champion"
 
 

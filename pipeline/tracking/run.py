@@ -85,7 +85,7 @@ class StageRun:
         self.client = client  # type: ignore[assignment]
         self.run_id = run_id  # type: ignore[assignment]
         self.experiment_id = experiment_id  # type: ignore[assignment]
-        self.model = model  # the name its logged model gets: mlp, linear, linear_gd
+        self.model = model  # the name its logged model gets: the model's, as params.yaml's models list it
         self._metrics: list[Metric] = []
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
         self.start_time = now_ms()

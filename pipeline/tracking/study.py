@@ -1,6 +1,6 @@
 """A search's tracking: one MLflow parent run per study, the trials' stage runs under it; the stage's side of a trial.
 
-The stage's side: train@mlp reports its validation loss per epoch to its Optuna
+The stage's side: the tuned model's train stage reports its validation loss per epoch to its Optuna
 trial and, when the pruner says so, fails with TrialPruned (`epoch_reporter`). `python -m pipeline.search`
 names each trial's DVC experiment and passes the study through the environment; DVC
 sets DVC_EXP_NAME in every stage it runs, so the stage finds its trial by that name.
@@ -100,11 +100,11 @@ def save_study_view(client: MlflowClient, experiment_id: str, study: str, keys: 
 
 
 def study_trials(experiment: str, study: str) -> list[dict[str, Any]]:
-    """The train@mlp runs of a study's trials, as plain rows (for `python -m pipeline.compare --study`)."""
+    """The training runs of a study's trials, as plain rows (for `python -m pipeline.compare --study`)."""
     client, exp_id = connect(experiment)
     runs = client.search_runs(
         [exp_id], max_results=5000,
-        filter_string=f"tags.`search.study` = '{study}' and tags.stage = 'train@mlp'",
+        filter_string=f"tags.`search.study` = '{study}' and tags.stage LIKE 'train@%'",
     )
     return [
         {"run_id": r.info.run_id, "status": r.info.status, "params": dict(r.data.params),
