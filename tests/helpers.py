@@ -314,6 +314,19 @@ def stage_pid(repo: Path, model: str) -> int | None:
     return None
 
 
+def stage_pids(repo: Path) -> list[int]:
+    """Every `python -m stages train mlp` process in `repo` (torchrun's launcher and its ranks)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"stages\0train\0mlp" in (proc / "cmdline").read_bytes() \
+                    and (proc / "cwd").resolve() == repo.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def running(repo: Path, stage: str) -> bool:
     """Whether `stage` has a RUNNING run, read-only (the poller must not create the store the stage is creating)."""
     db = repo / "mlflow.db"
