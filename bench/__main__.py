@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("throughput", "workflow", "scale", "gpu", "checkpoint", "search")
+SECTIONS = ("throughput", "live", "workflow", "scale", "gpu", "checkpoint", "search")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -70,6 +70,9 @@ def main(argv: list[str]) -> int:
         if "throughput" in args.only:
             print("measuring training throughput (CPU) ...", flush=True)
             rows += loops.throughput(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)
+        if "live" in args.only:
+            print("measuring the cost of live logging and system metrics (CPU) ...", flush=True)
+            rows += loops.live_cost(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)
         if "gpu" in args.only:
             if torch.cuda.is_available():
                 print("measuring training throughput (CUDA against the eager loop and this CPU) ...", flush=True)
