@@ -142,7 +142,6 @@ def live_cost(params: config.Config, device: torch.device, *, epochs: int, repea
     against the same loop logging its curves at the end in a run without system metrics; same data, same process."""
     t = problem(params, device)
     m = params.mlflow
-    epochs = max(epochs, params.mlp.epochs)  # at least the stage's training: sends and samples have time to happen
     with tempfile.TemporaryDirectory(prefix="bench-live-") as store:
 
         def timed(live: bool) -> float:  # a run of its own each time (MLflow has one active run), opened untimed
