@@ -71,9 +71,10 @@ def main(argv: list[str]) -> int:
             print("measuring training throughput (CPU) ...", flush=True)
             rows += loops.throughput(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)
         if "live" in args.only:
-            print("measuring the cost of live logging and system metrics (CPU) ...", flush=True)
+            print("measuring the cost of live logging and system metrics (CPU; and CUDA when present) ...", flush=True)
             epochs = args.epochs if args.tiny else max(args.epochs, params.mlp.epochs)  # the stage's training at least
-            rows += loops.live_cost(params, torch.device("cpu"), epochs=epochs, repeats=args.repeats)
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                rows += loops.live_cost(params, torch.device(device), epochs=epochs, repeats=args.repeats)
         if "gpu" in args.only:
             if torch.cuda.is_available():
                 print("measuring training throughput (CUDA against the eager loop and this CPU) ...", flush=True)

@@ -150,7 +150,8 @@ def live_cost(params: config.Config, device: torch.device, *, epochs: int, repea
 
         project_mlp(params, t, 1, None)  # first-call costs out of the timings
         best = best_of(repeats, {"off": lambda: timed(False), "on": lambda: timed(True)})
-    return [Row("mlp loop, live logging + system metrics", best["on"], best["off"], "s", "curves at the end, no system metrics",
+    label = "" if device.type == "cpu" else f" [{device.type}]"
+    return [Row(f"mlp loop, live logging + system metrics{label}", best["on"], best["off"], "s", "curves at the end, no system metrics",
                 ("<=", 1.03), f"flush every {m.flush_seconds:g} s, system metrics every {m.system_metrics_seconds:g} s; "
                 f"{epochs} epochs of {t[0].shape[0]} rows, best of {repeats}")]
 
