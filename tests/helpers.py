@@ -419,7 +419,7 @@ def bad_requests(n_features: int) -> dict[str, tuple[bytes, str, str]]:
 
 
 def quiet(stderr: str) -> bool:
-    """A normal run's stderr: no warning, no traceback, no error (progress bars are off without a terminal)."""
+    """A normal run's stderr: no warning, no traceback, no error (without a terminal, progress lines instead of bars)."""
     return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
 
 
