@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("throughput", "workflow", "scale", "gpu", "checkpoint", "search")
+SECTIONS = ("throughput", "live", "workflow", "scale", "gpu", "checkpoint", "search")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -70,6 +70,11 @@ def main(argv: list[str]) -> int:
         if "throughput" in args.only:
             print("measuring training throughput (CPU) ...", flush=True)
             rows += loops.throughput(params, torch.device("cpu"), epochs=args.epochs, repeats=args.repeats)
+        if "live" in args.only:
+            print("measuring the cost of live logging and system metrics (CPU; and CUDA when present) ...", flush=True)
+            epochs = args.epochs if args.tiny else max(args.epochs, params.mlp.epochs)  # the stage's training at least
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                rows += loops.live_cost(params, torch.device(device), epochs=epochs, repeats=args.repeats)
         if "gpu" in args.only:
             if torch.cuda.is_available():
                 print("measuring training throughput (CUDA against the eager loop and this CPU) ...", flush=True)

@@ -7,6 +7,7 @@ them alike, and the best run counts (the least disturbed one).
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -97,30 +98,57 @@ def dataloader_mlp(params: config.Config, t: Tensors, epochs: int) -> float:
 
 
 @contextmanager
-def tracked_run(store: str) -> Iterator[StageRun]:
-    """A real MLflow run of the project's tracking module, on a throwaway SQLite store in `store`."""
+def tracked_run(store: str, system_metrics: float | None = None) -> Iterator[StageRun]:
+    """A real MLflow run of the project's tracking module, on a throwaway SQLite store in `store`; with
+    `system_metrics` (seconds), MLflow's system metrics sampled at that interval beside it, as on a training run."""
     from pipeline import tracking
     from pipeline.tracking.store import environ_kept
 
     with environ_kept("DVC_ROOT", "MLFLOW_TRACKING_URI"):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         os.environ["DVC_ROOT"] = store  # tracking resolves the store at the workspace root
-        with tracking.stage_run("bench", "bench", {}, "bench") as run:
+        with tracking.stage_run("bench", "bench", {}, "bench", system_metrics=system_metrics) as run:
             yield run
 
 
-def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None, cuda_graph: bool = True) -> float:
-    """pipeline.training.fit as the stage calls it, curves logged to `run` when given. Seconds."""
+def project_mlp(params: config.Config, t: Tensors, epochs: int, run: StageRun | None, cuda_graph: bool = True,
+                live: bool = False) -> float:
+    """pipeline.training.fit as the stage calls it, curves logged to `run` when given (`live`: sent while training,
+    every mlflow.flush_seconds, as the stage does). Seconds."""
     X, y, Xv, yv = t
     p = params.mlp
     model = _mlp(params, X.device)
+    report = None
+    if run is not None and live:
+        from pipeline.tracking import LiveReport
+
+        report = LiveReport(run, "bench", "epoch", params.mlflow.flush_seconds, io.StringIO())  # its lines: printed
     with _stopwatch(X.device) as took:
-        result = training.fit(model, training.Splits(X, y, Xv, yv), training.FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule, patience=p.patience, progress=False, cuda_graph=cuda_graph))
+        result = training.fit(model, training.Splits(X, y, Xv, yv), training.FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size, epochs=epochs, seed=params.seed, schedule=p.schedule, patience=p.patience, progress=False, cuda_graph=cuda_graph, report=report))
         if run is not None:
             run.log_curve("train_loss", result.history.step, result.history.train_loss)
             run.log_curve("val_loss", result.history.step, result.history.val_loss)
             run.flush()
     return took[0]
+
+
+def live_cost(params: config.Config, device: torch.device, *, epochs: int, repeats: int) -> list[Row]:
+    """Train time of the MLP loop with its curves sent live and MLflow's system metrics on (params.yaml's intervals),
+    against the same loop logging its curves at the end in a run without system metrics; same data, same process."""
+    t = problem(params, device)
+    m = params.mlflow
+    with tempfile.TemporaryDirectory(prefix="bench-live-") as store:
+
+        def timed(live: bool) -> float:  # a run of its own each time (MLflow has one active run), opened untimed
+            with tracked_run(store, m.system_metrics_seconds if live else None) as run:
+                return project_mlp(params, t, epochs, run, live=live)
+
+        project_mlp(params, t, 1, None)  # first-call costs out of the timings
+        best = best_of(repeats, {"off": lambda: timed(False), "on": lambda: timed(True)})
+    label = "" if device.type == "cpu" else f" [{device.type}]"
+    return [Row(f"mlp loop, live logging + system metrics{label}", best["on"], best["off"], "s", "curves at the end, no system metrics",
+                ("<=", 1.03), f"flush every {m.flush_seconds:g} s, system metrics every {m.system_metrics_seconds:g} s; "
+                f"{epochs} epochs of {t[0].shape[0]} rows, best of {repeats}")]
 
 
 def bare_gd(params: config.Config, t: Tensors, steps: int) -> float:

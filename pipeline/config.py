@@ -38,6 +38,7 @@ MAX_FEATURES = 10_000
 MAX_PLOT_POINTS = 100_000      # evaluate.plot_points
 MAX_NAME = 250                 # mlflow.experiment, characters
 MAX_WAIT = 3600                # mlflow.wait_seconds
+MAX_INTERVAL = 3600            # mlflow.flush_seconds, mlflow.system_metrics_seconds
 
 Device = Literal["auto", "cpu", "cuda"]
 _Strict = zoo.Block  # every section of params.yaml, the models' blocks too: unknown keys, coercion, inf/nan refused
@@ -95,6 +96,10 @@ class TrackingConfig(_Strict):
 
     experiment: str = Field(min_length=1, max_length=MAX_NAME)
     wait_seconds: float = Field(default=60.0, ge=0, le=MAX_WAIT)  # a server down at a stage's start is asked again this long
+    # a training run's curves and progress are sent at most this often while it trains; 0: at its end only
+    flush_seconds: float = Field(default=5.0, ge=0, le=MAX_INTERVAL)
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network; GPU) on every training run
+    system_metrics_seconds: float = Field(default=10.0, ge=1, le=MAX_INTERVAL)  # how often they are sampled
 
 
 class CheckpointConfig(_Strict):

@@ -5,7 +5,9 @@ of the data (no DataLoader, no per-sample Python), and read losses back to the
 host once per epoch (or once per `log_every` steps for gradient descent), which
 is also where divergence is detected and the progress bar moves.
 
-At those same points a loop calls its checkpoint hook (pipeline/checkpoint.py) with a
+At those same points a loop calls its `report` callback, when it has one, with what it just
+recorded (a `Record`): how a stage shows the run while it trains (pipeline/tracking/live.py);
+and its checkpoint hook (pipeline/checkpoint.py) with a
 function that builds its whole state: weights, optimizer and scheduler, RNG states, early
 stopping, histories. Given that state back as `resume`, a loop continues where it stopped
 and ends with the same bytes as a run that was never interrupted.
@@ -37,6 +39,19 @@ Hook = Callable[[int, Callable[[], dict[str, Any]]], None]
 
 def no_checkpoints(_done: int, _state: Callable[[], dict[str, Any]]) -> None:
     """The hook of a loop run without checkpoints."""
+
+
+class Record(NamedTuple):
+    """What a loop just recorded, for its `report` callback: the points since the last record, and how far it is."""
+
+    done: int                # epochs (linear_gd: steps) done
+    planned: int             # epochs (steps) the loop runs at most
+    steps: list[int]         # the train-loss points since the last record: the epoch; linear_gd: every step since
+    train_loss: list[float]  # their losses
+    val_loss: float          # the validation loss at steps[-1]
+
+
+Report = Callable[[Record], None]
 
 
 class Diverged(PipelineError):
@@ -121,7 +136,7 @@ def _check_finite(values: list[float], first_step: int, history: History) -> Non
 
 def gradient_descent(
     splits: Splits, *, steps: int, lr: float, log_every: int = 10, progress: bool = True, desc: str = "gd",
-    checkpoint: Hook = no_checkpoints, resume: dict[str, Any] | None = None,
+    checkpoint: Hook = no_checkpoints, resume: dict[str, Any] | None = None, report: Report | None = None,
 ) -> TrainResult:
     """Linear regression by full-batch gradient descent, written out as in the source notes.
 
@@ -175,6 +190,8 @@ def gradient_descent(
                 _check_finite(chunk, done, history)
                 val = ((X_val @ w + b - y_val) ** 2).mean().item()
                 history.append(step, chunk[-1], val)
+                if report is not None:
+                    report(Record(step + 1, steps, list(range(done, step + 1)), chunk, val))
                 bar.update(step + 1 - done)
                 bar.set_postfix(loss=f"{chunk[-1]:.4g}", val=f"{val:.4g}")
                 done = step + 1
@@ -208,6 +225,7 @@ class FitSettings:
     checkpoint: Hook = no_checkpoints
     resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
     on_epoch: Callable[[int, float], None] | None = None  # (epoch, val loss) after each epoch; raises to stop (pruning)
+    report: Report | None = None  # called with each epoch's Record (the run shown while it trains)
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
@@ -298,6 +316,8 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 bad = next((j for j, v in enumerate(per_batch) if not math.isfinite(v)), len(per_batch) - 1)
                 raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
             history.append(epoch, train_loss, val_loss)
+            if s.report is not None:
+                s.report(Record(epoch + 1, epochs, [epoch], [train_loss], val_loss))
             bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
             if val_loss < best_val:
                 best_val, best_step, stale = val_loss, epoch, 0

@@ -9,7 +9,8 @@
 #            stderr must be quiet, and train@linear and train@mlp must have replayed CUDA graphs
 #   models   every model that repro logged, through mlflow.pyfunc, pipeline.tracking.load_torch_module
 #            and `mlflow models serve`, against the stage's own weights on test rows
-#   bench    python -m bench --only gpu: CUDA loop vs bare eager CUDA loop, vs this CPU, and at 1M rows
+#   bench    python -m bench --only gpu,live: CUDA loop vs bare eager CUDA loop, vs this CPU, and at 1M rows;
+#            live logging + system metrics (GPU through nvidia-ml-py) on / off, on the CPU and on CUDA
 # Exit status: 0 when every step passed. GPU_CHECK_ALLOW_CPU=1 runs it without CUDA (to try the script itself).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,7 +113,7 @@ if [[ $verdict == ok ]]; then
   step tests 40 python -m pytest -q -n 0 -m "gpu and not slow" -p no:cacheprovider
   step repro 180 repro
   step models 60 models
-  step bench 90 python -m bench --only gpu
+  step bench 150 python -m bench --only gpu,live
 fi
 echo
 echo "gpu-check summary (logs in $LOGS):"

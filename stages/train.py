@@ -60,8 +60,9 @@ def run(cfg: config.Config, name: str) -> None:
         if resume is not None:
             tags["resumed.from_epoch"] = str(resume["loop"]["done"])  # a model saving by step: the step
         run_id = resume["meta"]["run_id"] if resume is not None else None
-        with tracking.stage_run(f"train@{name}", cfg.mlflow.experiment, tags, resume=run_id,
-                                wait=cfg.mlflow.wait_seconds) as mlflow_run:
+        m = cfg.mlflow
+        with tracking.stage_run(f"train@{name}", m.experiment, tags, resume=run_id, wait=m.wait_seconds,
+                                system_metrics=m.system_metrics_seconds if m.system_metrics else None) as mlflow_run:
             checkpoints.meta = {"run_id": mlflow_run.run_id}  # the run a resumed stage continues
             # read
             truth = data.read_truth(paths.TRUTH)
@@ -78,10 +79,12 @@ def run(cfg: config.Config, name: str) -> None:
             for split in ("train", "val"):
                 mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
 
-            # compute
+            # compute (the curves and progress reach the run while it trains: every mlflow.flush_seconds)
+            live = tracking.LiveReport(mlflow_run, f"train@{name}", zoo.module(name).CHECKPOINT_UNIT,
+                                       m.flush_seconds)
             try:
                 with checkpoints.deferring_interrupts():  # SIGTERM/Ctrl-C: save at the end of the epoch, then stop
-                    result, spec = fit(cfg, name, splits, group, checkpoints, resume)
+                    result, spec = fit(cfg, name, splits, group, checkpoints, resume, report=live)
             except training.Diverged as exc:
                 mlflow_run.log_curve("train_loss", exc.history.step, exc.history.train_loss)
                 mlflow_run.log_curve("val_loss", exc.history.step, exc.history.val_loss)
@@ -118,8 +121,9 @@ def run(cfg: config.Config, name: str) -> None:
             neutral = zoo.module(name).neutral(cfg.model(name), truth.rows["train"])
             mlflow_run.log_params({"model": name} | neutral | {"parameters": summary["n_parameters"]})
             mlflow_run.save_view(MODELS_VIEW, "tags.stage LIKE 'train@%'", zoo.NEUTRAL_PARAMS, MODELS_METRICS)
-            mlflow_run.log_curve("train_loss", *train_curve)
+            mlflow_run.log_curve("train_loss", *train_curve)  # the points not sent while training
             mlflow_run.log_curve("val_loss", result.history.step, result.history.val_loss)
+            live.send()  # and the last progress tags
             mlflow_run.log_metrics(summary | {"train_seconds": result.seconds})
             mlflow_run.set_tags({"training.loop": result.loop})
             mlflow_run.log_artifact(paths.weights_path(name), "weights")
@@ -163,12 +167,12 @@ def read_splits(truth: data.Truth, where: torch.device) -> training.Splits:
 
 def fit(cfg: config.Config, name: str, splits: training.Splits, group: distributed.Group,
         checkpoints: training.Hook = training.no_checkpoints, resume: dict[str, Any] | None = None,
-        progress: bool = True) -> tuple[training.TrainResult, models.ModelSpec]:
+        progress: bool = True, report: training.Report | None = None) -> tuple[training.TrainResult, models.ModelSpec]:
     """Train model `name` as params.yaml says (data-parallel in a group of several ranks), from the checkpoint's
-    state when `resume` holds one."""
+    state when `resume` holds one, each recorded point given to `report`."""
     # under a search (pipeline/search.py), each epoch's val loss goes to the trial, which may prune it
     pruning = study.epoch_reporter if group.shard[1] == 1 else lambda: None
     ctx = zoo.TrainContext(seed=cfg.seed, checkpoint=checkpoints, cuda_graph=cfg.cuda_graph, shard=group.shard,
                            progress=progress, desc=name, resume=resume["loop"] if resume is not None else None,
-                           pruning=pruning, wrap=group.wrap, unwrap=group.unwrap)
+                           pruning=pruning, wrap=group.wrap, unwrap=group.unwrap, report=report)
     return zoo.module(name).train(cfg.model(name), splits, ctx)

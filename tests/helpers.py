@@ -359,6 +359,19 @@ def stage_pid(repo: Path, model: str) -> int | None:
     return None
 
 
+def stage_pids(repo: Path) -> list[int]:
+    """Every `python -m stages train mlp` process in `repo` (torchrun's launcher and its ranks)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"stages\0train\0mlp" in (proc / "cmdline").read_bytes() \
+                    and (proc / "cwd").resolve() == repo.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def running(repo: Path, stage: str) -> bool:
     """Whether `stage` has a RUNNING run, read-only (the poller must not create the store the stage is creating)."""
     db = repo / "mlflow.db"
@@ -451,7 +464,7 @@ def bad_requests(n_features: int) -> dict[str, tuple[bytes, str, str]]:
 
 
 def quiet(stderr: str) -> bool:
-    """A normal run's stderr: no warning, no traceback, no error (progress bars are off without a terminal)."""
+    """A normal run's stderr: no warning, no traceback, no error (without a terminal, progress lines instead of bars)."""
     return not re.search(r"warn|traceback|error", stderr, re.IGNORECASE)
 
 

@@ -18,6 +18,7 @@ ROWS = (
     "mlp loop, tracking on",
     "mlp loop vs DataLoader",
     "linear_gd loop",
+    "mlp loop, live logging + system metrics",
     "GPU throughput",  # the skip row without CUDA; with CUDA the "mlp loop on CUDA (graphs)" rows
     "cold dvc repro (5 stages), warm server",
     "first ./tasks.sh repro (server start + repro)",

@@ -65,6 +65,8 @@ BAD_PARAMS: list[tuple[str, Any, tuple[str, ...]]] = [
     ("data.noise_std", -1.0, ("data.noise_std: got -1.0", "must be greater than or equal to 0")),
     ("data.nonlinearity", -0.5, ("data.nonlinearity: got -0.5", "must be greater than or equal to 0")),
     ("mlp.dropout", 1.0, ("mlp.dropout: got 1.0", "must be less than 1")),
+    ("mlflow.flush_seconds", -1, ("mlflow.flush_seconds: got -1", "must be greater than or equal to 0")),
+    ("mlflow.system_metrics_seconds", 0.5, ("mlflow.system_metrics_seconds: got 0.5", "greater than or equal to 1")),
     ("mlp.dropout", -0.1, ("mlp.dropout: got -0.1", "must be greater than or equal to 0")),
     ("mlp.weight_decay", -1.0, ("mlp.weight_decay: got -1.0", "must be greater than or equal to 0")),
     ("data.split.train", -0.1, ("data.split.train: got -0.1", "must be greater than 0")),

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, runs, set_params
+from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, runs, set_params, stage_pids
 
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
@@ -42,19 +42,6 @@ def reference(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         assert not (repo / CHECKPOINT).exists()  # a finished stage removes its checkpoint
         outs[nproc] = mlp_outs(repo)
     return outs
-
-
-def stage_pids(repo: Path) -> list[int]:
-    """Every `python -m stages train mlp` process in `repo` (torchrun's launcher and its ranks)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"stages\0train\0mlp" in (proc / "cmdline").read_bytes() \
-                    and (proc / "cwd").resolve() == repo.resolve():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return sorted(found)
 
 
 def kill_mid_training(repo: Path, spawn: Any, sig: signal.Signals) -> str:

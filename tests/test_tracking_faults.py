@@ -358,3 +358,43 @@ def test_a_queued_sweep_of_four_survives_a_30_s_outage(project: Path, proxy: Fau
     assert {r.info.status for r in runs} == {"FINISHED"}
     print(f"\nqueued sweep through a 30 s outage: {len(proxy.failed)} requests refused, "
           f"{synced.stdout.count('synced as')} run(s) spooled and synced")
+
+
+# ---------------------------------------------------------------- an outage while a run is sent live
+
+
+def test_an_outage_mid_training_moves_the_run_to_the_spool_and_sync_gives_every_step_once(
+    project: Path, proxy: FaultProxy, tmp_path: Path, spawn: Any,
+) -> None:
+    """The store fails while train@mlp sends its curves live (pipeline/tracking/live.py): the next send moves the run to
+    the spool, training goes on, the stage ends 0 with its outputs; after sync the store's one run has every step once."""
+    from mlflow.tracking import MlflowClient
+
+    epochs = 120
+    repo = copy_of(project, tmp_path / "repo", "live-outage")
+    set_params(repo, {"mlp.epochs": epochs, "mlp.patience": 200, "mlp.batch_size": 8, "mlflow.flush_seconds": 0.2})
+    direct = MlflowClient(f"http://{proxy.host}:{proxy.port}")  # the server itself, past the proxy's faults
+    job = spawn([sys.executable, "-m", "dvc", "repro", "train@mlp"], repo, env_for(proxy))
+    deadline, sent = time.monotonic() + 120, 0
+    while sent < 3:  # a few epochs reached the store: training is under way
+        assert job.poll() is None and time.monotonic() < deadline, f"not sent live: {job.communicate()}"
+        time.sleep(0.1)
+        if (exp := direct.get_experiment_by_name("live-outage")) and (found := direct.search_runs([exp.experiment_id])):
+            sent = len(direct.get_metric_history(found[0].info.run_id, "train_loss"))
+    try:
+        proxy.fail_now("503")
+        out, err = job.communicate(timeout=300)
+    finally:
+        proxy.heal()
+    assert job.returncode == 0 and "Traceback" not in err, out + err
+    assert all((repo / path).is_file() for path in ("models/mlp.safetensors", "metrics/train/mlp.json"))
+    assert "train@mlp: the MLflow store failed during the run" in err and ".mlflow-spool/" in err, err
+    before = len(direct.get_metric_history(found[0].info.run_id, "train_loss"))
+    assert 3 <= before < epochs  # the rest waits in the spool
+
+    synced = sync(repo, proxy)
+    assert synced.returncode == 0 and "synced as FINISHED" in synced.stdout, synced.stdout + synced.stderr
+    (run,) = direct.search_runs([exp.experiment_id])
+    assert run.info.run_id == found[0].info.run_id and run.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss"):
+        assert sorted(m.step for m in direct.get_metric_history(run.info.run_id, key)) == list(range(epochs)), key

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -44,6 +45,10 @@ from pipeline.tracking.store import (
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 F = TypeVar("F", bound=Callable[..., Any])
+SYSTEM_PREFIX = "system/"  # the keys of MLflow's system metrics
+# MLflow's system-metrics monitor says at INFO that it starts and that there is no GPU, at WARNING that it stops when
+# the store fails (the run moves to the spool, where a new monitor goes on): none of it belongs in a stage's output
+logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 REASON_CHARS = 1000  # a closed run's `closed.reason`: the stage's one-line error, cut to this length
 
 
@@ -87,6 +92,8 @@ class StageRun:
         self.experiment_id = experiment_id  # type: ignore[assignment]
         self.model = model  # the name its logged model gets: the model's, as params.yaml's models list it
         self._metrics: list[Metric] = []
+        self.curve_steps: dict[str, set[int]] = {}  # the steps of each curve logged so far (or by the run resumed)
+        self.system_metrics = False  # MLflow's system-metrics monitor runs beside the run (started by stage_run)
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
         self.start_time = now_ms()
         self.spool: Path | None = None
@@ -117,7 +124,7 @@ class StageRun:
         point_fluent_api_at(client.tracking_uri)  # Model.log uses the active run: make that the spool's
         with suppress(Exception):
             mlflow.end_run()  # drops the store's run from the active stack (ending it there fails: it is not in the spool)
-        mlflow.start_run(run_id=run_id)
+        mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics)
         self.client, self.run_id, self.experiment_id, self.spool = client, run_id, exp_id, folder
 
     @contextmanager
@@ -240,9 +247,13 @@ class StageRun:
         self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
 
     def log_curve(self, key: str, steps: Sequence[int], values: Sequence[float]) -> None:
-        """Buffer a whole curve (one point per step)."""
+        """Buffer a curve's points (one per step), or the part of it since the last call: a step logged before,
+        here or by the run this one resumes, is left out, so a curve sent while training has each step once."""
         ts = now_ms()
-        self._metrics += [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)]
+        logged = self.curve_steps.setdefault(key, set())
+        new = [(int(s), float(v)) for s, v in zip(steps, values) if int(s) not in logged]
+        logged.update(s for s, _ in new)
+        self._metrics += [Metric(key, v, ts, s) for s, v in new]
 
     @_spooling
     def flush(self) -> None:
@@ -299,7 +310,7 @@ class StageRun:
 @contextmanager
 def stage_run(
     stage: str, experiment: str, tags: dict[str, str], name: str | None = None, resume: str | None = None,
-    wait: float = 0.0,
+    wait: float = 0.0, system_metrics: float | None = None,
 ) -> Iterator[StageRun]:
     """Check the store, start a run for a stage; end it FINISHED, FAILED, or KILLED (Ctrl-C / SIGTERM).
 
@@ -313,19 +324,27 @@ def stage_run(
     the stage's, plus the DVC experiment's when there is one, unless `name` is given.
     `resume`, the id of an interrupted run (from a checkpoint), continues that run when
     the store still has it, ended, in this experiment; else a new run is tagged
-    `resumed.from_run_id`.
+    `resumed.from_run_id`; a continued run's curves go on from the steps it has.
+    `system_metrics`, a sampling interval in seconds, runs MLflow's system-metrics monitor
+    (CPU, memory, disk, network; GPU through nvidia-ml-py) beside the run, a thread of this process.
     """
     uri = preflight(wait, stage)
     all_tags = {"stage": stage, **context_tags(), **process_tags(), **login_tag(uri), **tags}
     name = name or run_name(stage)
     tracked = StageRun(None, None, None, experiment, name, all_tags, all_tags.get("model", "model"))
+    if system_metrics is not None:
+        mlflow.set_system_metrics_sampling_interval(system_metrics)
+        tracked.system_metrics = True
     try:
         client, exp_id = connect(experiment)
         close_orphaned_runs(client, [exp_id], stage)
         if resume and not _resumable(client, exp_id, resume):
             all_tags["resumed.from_run_id"], resume = resume, None
+        if resume:
+            tracked.curve_steps = _logged_steps(client, resume)
         # the fluent run: MLflow's context tags and Model.log's experiment (see the module docstring)
-        run = mlflow.start_run(run_id=resume, experiment_id=exp_id, run_name=None if resume else name, tags=all_tags)
+        run = mlflow.start_run(run_id=resume, experiment_id=exp_id, run_name=None if resume else name, tags=all_tags,
+                               log_system_metrics=tracked.system_metrics)
         tracked.client, tracked.run_id, tracked.experiment_id = client, run.info.run_id, exp_id
         tracked.start_time = run.info.start_time
     except OUTAGE as exc:
@@ -373,6 +392,12 @@ def _resumable(client: MlflowClient, experiment_id: str, run_id: str) -> bool:
     if "closed.reason" in old.data.tags:
         client.delete_tag(run_id, "closed.reason")
     return True
+
+
+def _logged_steps(client: MlflowClient, run_id: str) -> dict[str, set[int]]:
+    """The steps of each metric run `run_id` has (a resumed run's curves: the points it sent before it was killed)."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith(SYSTEM_PREFIX)]
+    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
 
 
 def close_orphaned_runs(client: MlflowClient, experiment_ids: list[str], found_by: str) -> int:

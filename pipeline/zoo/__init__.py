@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.config_errors import InvalidValue, ConfigError
+from pipeline.config_errors import ConfigError, InvalidValue
 
 if TYPE_CHECKING:
-    from pipeline.training import FitSettings, Hook
+    from pipeline.training import FitSettings, Hook, Report
 
 FOLDER = Path(__file__).parent
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")  # a model's name: its module, its stage train@<name>, its files
@@ -81,7 +81,8 @@ def fit_settings(p: Any, ctx: TrainContext, **more: Any) -> FitSettings:
 
     return FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
                        epochs=p.epochs, seed=ctx.seed, cuda_graph=ctx.cuda_graph, shard=ctx.shard,
-                       progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint, resume=ctx.resume, **more)
+                       progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint, resume=ctx.resume,
+                       report=ctx.report, **more)
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,10 @@ class TrainContext:
     progress: bool = True
     desc: str = "train"
     resume: dict[str, Any] | None = None
-    pruning: Callable[[], Callable[[int, float], bool] | None] = lambda: None
+    pruning: Callable[[], Callable[[int, float], None] | None] = lambda: None
     wrap: Callable[[Any], Any] = field(default=lambda module: module)
     unwrap: Callable[[Any], Any] = field(default=lambda module: module)
+    report: Report | None = None  # each recorded point, as it is recorded (the run shown while it trains)
 
 
 def available() -> list[str]:

@@ -38,5 +38,5 @@ def train(p: Params, splits: Splits, ctx: TrainContext) -> tuple[TrainResult, Mo
     from pipeline import models, training
 
     result = training.gradient_descent(splits, steps=p.steps, lr=p.lr, progress=ctx.progress, desc=ctx.desc,
-                                       checkpoint=ctx.checkpoint, resume=ctx.resume)
+                                       checkpoint=ctx.checkpoint, resume=ctx.resume, report=ctx.report)
     return result, models.ModelSpec("linear", splits.X.shape[1])
