@@ -316,8 +316,8 @@ def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:
                 bad = next((j for j, v in enumerate(per_batch) if not math.isfinite(v)), len(per_batch) - 1)
                 raise Diverged(epoch * len(per_batch) + bad, per_batch[bad], history)
             history.append(epoch, train_loss, val_loss)
-            if s.report is not None:
-                s.report(Record(epoch + 1, epochs, [epoch], [train_loss], val_loss))
+            if settings.report is not None:
+                settings.report(Record(epoch + 1, epochs, [epoch], [train_loss], val_loss))
             bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
             if val_loss < best_val:
                 best_val, best_step, stale = val_loss, epoch, 0
