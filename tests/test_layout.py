@@ -131,10 +131,12 @@ def test_no_two_project_modules_import_each_other_directly_or_around_a_loop() ->
     for module in sorted(graph):
         visit(module, ())
 
+
 @pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "stages").glob("*.py") if not p.stem.startswith("__")))
 def test_a_stage_module_run_by_itself_fails_with_the_usage_line(module: str, tmp_path: Path) -> None:
     """`python -m stages.train mlp` is no entry point: exit 2 and the usage line, before the module (torch) loads."""
     proc = subprocess.run([sys.executable, "-m", f"stages.{module}", "mlp"], cwd=tmp_path, capture_output=True, text=True,
                           env=run_env(PYTHONPATH=str(ROOT)), timeout=120)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr.startswith("usage: python -m stages {params,generate,train {") and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("usage: python -m stages {params,generate,train <model>,evaluate}") \
+        and f"(`python -m stages.{module}` runs nothing)" in proc.stderr and len(proc.stderr.splitlines()) == 1
