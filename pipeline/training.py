@@ -201,8 +201,23 @@ def gradient_descent(
     return TrainResult(model, history, steps - 1, False, time.perf_counter() - start, extra, losses.tolist())
 
 
-@dataclass(frozen=True)
-class FitSettings:
+@dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+    """What a training stage gives every loop besides its model's params: the seed, the device's options, the
+    process's shard, how it shows progress, and its checkpoint and report hooks."""
+
+    seed: int
+    cuda_graph: bool = False
+    shard: tuple[int, int] = (0, 1)
+    progress: bool = True
+    desc: str = "train"
+    checkpoint: Hook = no_checkpoints
+    resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
+    report: Report | None = None  # called with each epoch's Record (the run shown while it trains)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitSettings(LoopSettings):
     """How `fit` trains: one object instead of a dozen arguments, built by the stage from params.yaml.
 
     `shard=(rank, world)` is for a DistributedDataParallel model in an initialised process group.
@@ -215,17 +230,9 @@ class FitSettings:
     weight_decay: float
     batch_size: int
     epochs: int
-    seed: int
     schedule: str = "constant"
     patience: int | None = None
-    cuda_graph: bool = False
-    shard: tuple[int, int] = (0, 1)
-    progress: bool = True
-    desc: str = "train"
-    checkpoint: Hook = no_checkpoints
-    resume: dict[str, Any] | None = None  # a state the hook was given: continue from there
     on_epoch: Callable[[int, float], None] | None = None  # (epoch, val loss) after each epoch; raises to stop (pruning)
-    report: Report | None = None  # called with each epoch's Record (the run shown while it trains)
 
 
 def fit(model: nn.Module, splits: Splits, settings: FitSettings) -> TrainResult:

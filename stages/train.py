@@ -172,7 +172,8 @@ def fit(cfg: config.Config, name: str, splits: training.Splits, group: distribut
     state when `resume` holds one, each recorded point given to `report`."""
     # under a search (pipeline/search.py), each epoch's val loss goes to the trial, which may prune it
     pruning = study.epoch_reporter if group.shard[1] == 1 else lambda: None
-    ctx = zoo.TrainContext(seed=cfg.seed, checkpoint=checkpoints, cuda_graph=cfg.cuda_graph, shard=group.shard,
-                           progress=progress, desc=name, resume=resume["loop"] if resume is not None else None,
-                           pruning=pruning, wrap=group.wrap, unwrap=group.unwrap, report=report)
+    loop = training.LoopSettings(seed=cfg.seed, cuda_graph=cfg.cuda_graph, shard=group.shard, progress=progress,
+                                 desc=name, checkpoint=checkpoints, resume=resume["loop"] if resume is not None else None,
+                                 report=report)
+    ctx = zoo.TrainContext(loop, pruning=pruning, wrap=group.wrap, unwrap=group.unwrap)
     return zoo.module(name).train(cfg.model(name), splits, ctx)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.config_errors import ConfigError, InvalidValue
 
 if TYPE_CHECKING:
-    from pipeline.training import FitSettings, Hook, Report
+    from pipeline.training import FitSettings, LoopSettings
 
 FOLDER = Path(__file__).parent
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")  # a model's name: its module, its stage train@<name>, its files
@@ -79,10 +79,8 @@ def fit_settings(p: Any, ctx: TrainContext, **more: Any) -> FitSettings:
     """pipeline.training.fit's settings for a mini-batch model's block and its stage's context (`more`: the rest)."""
     from pipeline.training import FitSettings
 
-    return FitSettings(optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
-                       epochs=p.epochs, seed=ctx.seed, cuda_graph=ctx.cuda_graph, shard=ctx.shard,
-                       progress=ctx.progress, desc=ctx.desc, checkpoint=ctx.checkpoint, resume=ctx.resume,
-                       report=ctx.report, **more)
+    return FitSettings(**vars(ctx.loop), optimizer=p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                       batch_size=p.batch_size, epochs=p.epochs, **more)
 
 
 @dataclass(frozen=True)
@@ -95,17 +93,10 @@ class TrainContext:
     connection to the study's storage.
     """
 
-    seed: int
-    checkpoint: Hook
-    cuda_graph: bool = False
-    shard: tuple[int, int] = (0, 1)
-    progress: bool = True
-    desc: str = "train"
-    resume: dict[str, Any] | None = None
+    loop: LoopSettings  # what every loop takes (seed, device options, shard, progress, checkpoint, report)
     pruning: Callable[[], Callable[[int, float], None] | None] = lambda: None
     wrap: Callable[[Any], Any] = field(default=lambda module: module)
     unwrap: Callable[[Any], Any] = field(default=lambda module: module)
-    report: Report | None = None  # each recorded point, as it is recorded (the run shown while it trains)
 
 
 def available() -> list[str]:

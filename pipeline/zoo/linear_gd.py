@@ -37,6 +37,7 @@ def train(p: Params, splits: Splits, ctx: TrainContext) -> tuple[TrainResult, Mo
     """The hand-written loop, its weights as an nn.Linear."""
     from pipeline import models, training
 
-    result = training.gradient_descent(splits, steps=p.steps, lr=p.lr, progress=ctx.progress, desc=ctx.desc,
-                                       checkpoint=ctx.checkpoint, resume=ctx.resume, report=ctx.report)
+    loop = ctx.loop
+    result = training.gradient_descent(splits, steps=p.steps, lr=p.lr, progress=loop.progress, desc=loop.desc,
+                                       checkpoint=loop.checkpoint, resume=loop.resume, report=loop.report)
     return result, models.ModelSpec("linear", splits.X.shape[1])
