@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from pipeline import config, ports
+from pipeline import config, ports, zoo
 from pipeline.errors import PipelineError
 
 def command(model: str, port: str) -> tuple[list[str], str]:
@@ -27,9 +27,9 @@ def command(model: str, port: str) -> tuple[list[str], str]:
 
     Raises PipelineError on bad input.
     """
-    listed = config.load().models
-    if model not in listed:
-        raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(listed)} (params.yaml's models)")
+    known = zoo.available()  # not params.yaml: a teammate serves the champion from any folder
+    if model not in known:
+        raise PipelineError(f"unknown model {model!r}; allowed: {', '.join(known)} (the modules in pipeline/zoo/)")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise PipelineError(f"PORT must be a TCP port number (1-65535), got {port!r}")
     from pipeline import tracking
@@ -43,7 +43,7 @@ def command(model: str, port: str) -> tuple[list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the arguments and the champion, then replace this process with the model server."""
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m pipeline.serve [model]  (one of params.yaml's models, default the last listed; "
+    usage = ("usage: python -m pipeline.serve [model]  (a model of pipeline/zoo/, default the last of params.yaml's models; "
              f"port from {ports.PORT_VAR}, default {ports.COMMANDS['serve'][0]})")
     if args[:1] in (["-h"], ["--help"]):
         print(usage)

@@ -473,7 +473,8 @@ class Server:
                 payload += chunk
             req = json.loads(payload)
             self.last_work = time.monotonic()  # asked, even if it answers "cold": not idle
-            command = [] if req["module"] == MODULES["stages"] else [req["module"]]
+            command = [] if req.get("module", MODULES["stages"]) == MODULES["stages"] else [req["module"]]  # an older
+            # client (another venv, an earlier install) names none: it is answered cold below, as it says why
             about = f"pid {peer} in {req['cwd']}: {' '.join(command + req['argv'][1:])} "
             reason = self._cold_reason(req)
             if reason:
@@ -506,7 +507,7 @@ class Server:
             return "other venv"
         if req["stamp"] != self.stamp or req["code"] != CODE or install_stamp() != self.stamp:
             return "stale"
-        if req["module"] not in MODULES.values():
+        if req.get("module") not in MODULES.values():
             raise ValueError(f"{req['module']} is not one of {', '.join(MODULES.values())}")
         if req["interpreter"] != self.interpreter:
             return "other interpreter settings"

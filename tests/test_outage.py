@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -222,7 +222,7 @@ def test_a_store_locked_mid_run_is_one_line_without_mlflow_tracebacks(
 def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM in each phase: before any output, and after the weights (while logging)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(entry.config, "load", lambda: None)
+    monkeypatch.setattr(entry.config, "load", lambda: SimpleNamespace(models=("mlp",)))  # only the models list is read
     stage = ModuleType("stages.fake")  # the dispatcher imports the stage only after params.yaml is read
     outs = [paths.weights_path("mlp"), paths.loss_plot_path("mlp")]
     stage.outputs = lambda _model: outs

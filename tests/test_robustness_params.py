@@ -157,7 +157,8 @@ def _hostile(good: str) -> dict[str, tuple[str, str]]:
         return text.replace(f"{section}:\n", f"{section}:\n  {key}: {value}\n", 1)
 
     return {
-        "50 MB file": (good + "junk: [" + "1, " * 16_000_000 + "1]\n", "params.yaml: larger than 128 KiB (48000"),
+        "50 MB file": (big := good + "junk: [" + "1, " * 16_000_000 + "1]\n",
+                       f"params.yaml: larger than 128 KiB ({len(big.encode())} bytes)"),
         "alias bomb in mlp.hidden": (
             bomb := edited("mlp", "hidden", ALIAS_BOMB),
             f"params.yaml: the value at line {_line_of(bomb, '&')} is reused through a YAML anchor and alias (&name, *name)",
