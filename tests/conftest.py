@@ -178,7 +178,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """`--record-durations`, in the process that deals the tests (xdist's controller, or the only one)."""
     if session.config.getoption("--record-durations") and not hasattr(session.config, "workerinput") and RECORDED:
-        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(RECORDED.items())}, indent=0) + "\n")
+        seconds = known_durations() | {k: round(v, 1) for k, v in RECORDED.items()}  # a partial run updates its tests
+        DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=0) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

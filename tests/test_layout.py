@@ -10,10 +10,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, run_env
+from tests.helpers import ROOT, longest_first, run_env
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
@@ -140,3 +142,15 @@ def test_a_stage_module_run_by_itself_fails_with_the_usage_line(module: str, tmp
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.startswith("usage: python -m stages {params,generate,train <model>,evaluate}") \
         and f"(`python -m stages.{module}` runs nothing)" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_the_longest_unit_of_work_is_dealt_first() -> None:
+    """conftest's order for xdist: a group's tests stay together, costed as their sum; unknown tests count as the
+    median; ties keep the collection order."""
+    def item(nodeid: str, group: str | None = None) -> Any:
+        marker = SimpleNamespace(args=(group,), kwargs={}) if group else None
+        return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: marker if name == "xdist_group" else None)
+
+    items = [item("a"), item("g1", "g"), item("b"), item("g2", "g"), item("new"), item("c")]
+    order = [i.nodeid for i in longest_first(items, {"a": 5.0, "b": 30.0, "c": 1.0, "g1": 10.0, "g2": 10.0})]
+    assert order == ["b", "g1", "g2", "new", "a", "c"]  # g: 20 s in all; new: the median, 10 s
