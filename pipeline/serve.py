@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pipeline import config, ports, zoo
 from pipeline.errors import PipelineError
 
+
 def command(model: str, port: str) -> tuple[list[str], str]:
     """The model server's command line for `model`'s champion, and a line saying what it serves.
 
@@ -43,8 +44,8 @@ def command(model: str, port: str) -> tuple[list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the arguments and the champion, then replace this process with the model server."""
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m pipeline.serve [model]  (a model of pipeline/zoo/, default the last of params.yaml's models; "
-             f"port from {ports.PORT_VAR}, default {ports.COMMANDS['serve'][0]})")
+    usage = ("usage: python -m pipeline.serve [model]  (a model of pipeline/zoo/, default the last of params.yaml's "
+             f"models; port from {ports.PORT_VAR}, default {ports.COMMANDS['serve'][0]})")
     if args[:1] in (["-h"], ["--help"]):
         print(usage)
         return 0

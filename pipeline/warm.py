@@ -198,7 +198,8 @@ def _process_settings() -> dict[str, Any]:
 def _request(argv: list[str], module: str) -> bytes:
     return json.dumps({
         "process": _process_settings(),
-        "argv": argv, "module": module, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "prefix": sys.prefix,
+        "argv": argv, "module": module, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
+        "prefix": sys.prefix,
         "stamp": install_stamp(), "code": CODE,
         "interpreter": interpreter(),
         "streams": [_stream_settings(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
@@ -473,8 +474,9 @@ class Server:
                 payload += chunk
             req = json.loads(payload)
             self.last_work = time.monotonic()  # asked, even if it answers "cold": not idle
-            command = [] if req.get("module", MODULES["stages"]) == MODULES["stages"] else [req["module"]]  # an older
-            # client (another venv, an earlier install) names none: it is answered cold below, as it says why
+            # a stage is logged by its arguments, another command by its module too (an older client, of another
+            # venv or install, names no module: it is answered cold below, saying why)
+            command = [] if req.get("module", MODULES["stages"]) == MODULES["stages"] else [req["module"]]
             about = f"pid {peer} in {req['cwd']}: {' '.join(command + req['argv'][1:])} "
             reason = self._cold_reason(req)
             if reason:
@@ -486,7 +488,8 @@ class Server:
             pid = os.fork()
             if pid == 0:
                 self._become_child(conn)
-                return Request(req["argv"], req["module"], req["cwd"], req["env"], req["path"], req["streams"], req["process"], fds)
+                return Request(req["argv"], req["module"], req["cwd"], req["env"], req["path"], req["streams"],
+                               req["process"], fds)
         finally:
             if fds and (not IN_CHILD):
                 for fd in fds:

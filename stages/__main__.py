@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if stage == "params":  # dvc.yaml's check of the whole file: valid, nothing more to do
         return
     if stage == "train" and args[0] not in cfg.models:
-        fail(label, PipelineError(f"no model {args[0]!r} in {config.PARAMS_FILE}'s models ({', '.join(cfg.models)})"), 2)
+        listed = ", ".join(cfg.models)
+        fail(label, PipelineError(f"no model {args[0]!r} in {config.PARAMS_FILE}'s models ({listed})"), 2)
     if argv is None and (code := warm.handoff(label)) is not None:
         sys.exit(code)  # the stage ran in a warm server's child (pipeline/warm.py), with this process's streams
     try:

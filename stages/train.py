@@ -36,6 +36,7 @@ def outputs(name: str) -> list[Path]:
 def run(cfg: config.Config, name: str) -> None:
     """Train model `name` here, or over `<name>.distributed.nproc` torchrun ranks for a model that trains data-parallel."""
     nproc = cfg.model(name).processes()
+    model = zoo.module(name)  # what the pipeline knows of the model: its curve's axis, checkpoint unit, neutral params
     rank = distributed.launched()
     if rank is None:  # before any work, data that is not what generate wrote stops here (torchrun's ranks: checked)
         paths.verified_split_digests(data.read_truth(paths.TRUTH))
@@ -80,8 +81,7 @@ def run(cfg: config.Config, name: str) -> None:
                 mlflow_run.log_dataset(paths.split_path(split), split, digests[split], split, truth.rows[split])
 
             # compute (the curves and progress reach the run while it trains: every mlflow.flush_seconds)
-            live = tracking.LiveReport(mlflow_run, f"train@{name}", zoo.module(name).CHECKPOINT_UNIT,
-                                       m.flush_seconds)
+            live = tracking.LiveReport(mlflow_run, f"train@{name}", model.CHECKPOINT_UNIT, m.flush_seconds)
             try:
                 with checkpoints.deferring_interrupts():  # SIGTERM/Ctrl-C: save at the end of the epoch, then stop
                     result, spec = fit(cfg, name, splits, group, checkpoints, resume, report=live)
@@ -107,7 +107,7 @@ def run(cfg: config.Config, name: str) -> None:
             # (wall time stays out of the metrics file: a rerun writes the same bytes)
             steps = result.step_losses  # gradient descent: the loss of every step, not just the logged ones
             train_curve = (range(len(steps)), steps) if steps else (result.history.step, result.history.train_loss)
-            x_label = zoo.module(name).X_LABEL
+            x_label = model.X_LABEL
             with files.publish() as out:
                 models.save_weights(result.model, spec, out.path(paths.weights_path(name)))
                 files.write_csv(out.path(paths.loss_plot_path(name)), ["step", "train_loss", "val_loss"],
@@ -118,7 +118,7 @@ def run(cfg: config.Config, name: str) -> None:
                 files.write_metrics(out.path(paths.train_metrics_path(name)), summary)
 
             # log
-            neutral = zoo.module(name).neutral(cfg.model(name), truth.rows["train"])
+            neutral = model.neutral(cfg.model(name), truth.rows["train"])
             mlflow_run.log_params({"model": name} | neutral | {"parameters": summary["n_parameters"]})
             mlflow_run.save_view(MODELS_VIEW, "tags.stage LIKE 'train@%'", zoo.NEUTRAL_PARAMS, MODELS_METRICS)
             mlflow_run.log_curve("train_loss", *train_curve)  # the points not sent while training

@@ -21,7 +21,7 @@ import difflib
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +54,7 @@ class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     def check(self, n_features: int, train_rows: int) -> None:
-        """Raise InvalidValue (its key relative to the block) when the block does not fit the data; nothing to check here."""
+        """Raise InvalidValue (its key relative to the block) when the block does not fit the data; here, nothing."""
 
     def processes(self) -> int:
         """How many data-parallel processes train the model (1: one process; a model that can use more says so)."""
@@ -65,7 +65,7 @@ def check_batch(batch_size: int, train_rows: int) -> None:
     """A mini-batch model's batch must fit in the train split."""
     if batch_size > train_rows:
         raise InvalidValue("batch_size", batch_size,
-                  f"must be at most {train_rows}, the rows in the train split (or raise data.n_samples)")
+                           f"must be at most {train_rows}, the rows in the train split (or raise data.n_samples)")
 
 
 def mini_batch_neutral(p: Any, train_rows: int) -> dict[str, Any]:
@@ -88,15 +88,15 @@ class TrainContext:
     """What a model's `train` gets from its stage besides its own params: the run's settings and hooks.
 
     `wrap`/`unwrap` put a module in (and take it out of) DistributedDataParallel when several processes
-    train. `pruning()` gives a search trial's `on_epoch(epoch, val_loss)`, which raises to stop it (None outside a search), for a
-    model whose loop reports its epochs; asked for only by such a model, since finding the trial costs a
-    connection to the study's storage.
+    train. `pruning()` gives a search trial's `on_epoch(epoch, val_loss)`, which raises to stop it (None outside
+    a search), for a model whose loop reports its epochs; asked for only by such a model, since finding the
+    trial costs a connection to the study's storage.
     """
 
     loop: LoopSettings  # what every loop takes (seed, device options, shard, progress, checkpoint, report)
     pruning: Callable[[], Callable[[int, float], None] | None] = lambda: None
-    wrap: Callable[[Any], Any] = field(default=lambda module: module)
-    unwrap: Callable[[Any], Any] = field(default=lambda module: module)
+    wrap: Callable[[Any], Any] = lambda module: module
+    unwrap: Callable[[Any], Any] = lambda module: module
 
 
 def available() -> list[str]:

@@ -79,7 +79,7 @@ class Params(Block):
         weights = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
         if weights > MAX_WEIGHTS:
             raise InvalidValue("hidden", list(self.hidden),
-                      f"gives {weights} weights with data.n_features={n_features}; at most {MAX_WEIGHTS} are allowed")
+                               f"gives {weights} weights with data.n_features={n_features}; at most {MAX_WEIGHTS} are allowed")
 
     def processes(self) -> int:
         """distributed.nproc processes, each training its slice of every batch."""
