@@ -18,8 +18,8 @@ import pytest
 from pipeline import warm
 from tests.helpers import (
     DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports,
-    background, committed_params, known_durations, longest_first,
-    copy_project, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
+    background, built_once, committed_params, known_durations, longest_first, bare_nodeid,
+    copy_project, copy_with_store, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
 )
 
 
@@ -71,17 +71,23 @@ def defaults_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
-    """The session's `dvc repro` of a tiny project (stages from the warm server), committed. Tests read it, or copy it.
+    """The run's `dvc repro` of a tiny project (stages from the warm server), committed. Tests read it, or copy it.
 
-    Secrets are in every stage's environment and a token in the git remote's URL (the
-    secrets tests look for them in the store).
+    Built once for all the workers (helpers.built_once); each worker gets a copy of its own, its store's paths
+    moved (helpers.copy_with_store), so no two workers' commands share a repository. Secrets are in every stage's
+    environment and a token in the git remote's URL (the secrets tests look for them in the store).
     """
-    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "repo")
-    sh(repo, "git", "remote", "add", "origin", f"https://ci:{REMOTE_TOKEN}@example.invalid/team/pipeline.git")
-    proc = dvc(repo, "repro", env=run_env(**SECRETS))
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline run")
-    return Reproduced(repo, proc.stdout + proc.stderr, proc.stderr)
+    def build(folder: Path) -> dict[str, str]:
+        repo = copy_project(folder / "repo")
+        sh(repo, "git", "remote", "add", "origin", f"https://ci:{REMOTE_TOKEN}@example.invalid/team/pipeline.git")
+        proc = dvc(repo, "repro", env=run_env(**SECRETS))
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "baseline run")
+        return {"output": proc.stdout + proc.stderr, "stderr": proc.stderr}
+
+    folder, said = built_once(tmp_path_factory, "reproduced", build)
+    repo = copy_with_store(folder / "repo", tmp_path_factory.mktemp("reproduced") / "repo")
+    return Reproduced(repo, said["output"], said["stderr"])
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +154,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return len(os.sched_getaffinity(0)) + 1
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to deal the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Keep a module's tests in one xdist worker when they share a module-scoped fixture (a server, a project).
 
@@ -172,7 +179,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    RECORDED[report.nodeid] = RECORDED.get(report.nodeid, 0.0) + report.duration  # setup, call and teardown
+    nodeid = bare_nodeid(report.nodeid)
+    RECORDED[nodeid] = RECORDED.get(nodeid, 0.0) + report.duration  # setup, call and teardown
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -8,6 +8,7 @@ stage entry points as subprocesses, a real MLflow SQLite store or `mlflow server
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import http.client
 import json
@@ -112,6 +113,32 @@ def known_durations() -> dict[str, float]:
         return dict(json.loads(DURATIONS.read_text()))
     except (OSError, ValueError):
         return {}
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """A folder that `build` fills, and what it returned (JSON): built once for all the xdist workers of this run.
+
+    The first worker builds it in the run's temp folder the workers share, under a file lock; the others wait for
+    it, then read it (copy it before changing anything). Without xdist: built in this session's temp folder.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = factory.mktemp(name)
+        return folder, build(folder)
+    shared = factory.getbasetemp().parent  # pytest-N: this run's, above each worker's popen-gwK
+    folder, said = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not said.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            said.write_text(json.dumps(build(folder)))
+    return folder, json.loads(said.read_text())
+
+
+def bare_nodeid(nodeid: str) -> str:
+    """A test's node id without the `@group` suffix xdist gives a grouped test's reports (a group name has no '@';
+    a parameter may)."""
+    return nodeid[: nodeid.rfind("@")] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
 
 
 def longest_first(items: list[pytest.Item], durations: dict[str, float]) -> list[pytest.Item]:
