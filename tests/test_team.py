@@ -86,6 +86,12 @@ def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -
     exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
     runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert [(r["info"]["run_name"], r["info"]["user_id"]) for r in runs] == [("generate", "alice")]
+    # a worker trusts a password it checked for 60 s (each check is a slow hash by design): a wrong one still fails
+    assert "\nauth_cache_ttl_seconds = 60\n" in (server.folder / "basic_auth.ini").read_text()
+    server.auth = (alice[0], alice[1] + "-wrong")
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        server.api("experiments/get-by-name", experiment_name="regression")
+    assert wrong.value.code == 401
 
 
 def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
