@@ -100,6 +100,16 @@ def test_a_trial_reports_its_best_val_loss_so_far(tmp_path: Path, monkeypatch: p
     assert study.trials[0].intermediate_values == {0: 3.0, 1: 2.0, 2: 2.0, 3: 1.5, 4: 1.5}
 
 
+def test_a_batch_is_looked_up_soon_after_a_change_and_less_often_while_nothing_changes() -> None:
+    from pipeline.search import POLL_MAX_S, POLL_S, poll_delay
+
+    delays, delay = [], POLL_S
+    for changed in (True, False, False, False, False, False, True, False):
+        delay = poll_delay(delay, changed)
+        delays.append(delay)
+    assert delays == [POLL_S, 3.0, 4.5, 6.75, POLL_MAX_S, POLL_MAX_S, POLL_S, 3.0]
+
+
 @pytest.mark.bad_input
 def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})
