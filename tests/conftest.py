@@ -18,8 +18,9 @@ import pytest
 from pipeline import warm
 from tests.helpers import (
     DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports,
-    background, built_once, committed_params, known_durations, longest_first, bare_nodeid,
-    copy_project, copy_with_store, dvc, free_port, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name, warm_log,
+    background, bare_nodeid, built_once, committed_params, copy_project, copy_with_store, dvc, free_port,
+    known_durations, longest_first, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name,
+    warm_log,
 )
 
 

@@ -115,7 +115,9 @@ def known_durations() -> dict[str, float]:
         return {}
 
 
-def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+def built_once(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]],
+) -> tuple[Path, dict[str, Any]]:
     """A folder that `build` fills, and what it returned (JSON): built once for all the xdist workers of this run.
 
     The first worker builds it in the run's temp folder the workers share, under a file lock; the others wait for

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, longest_first, run_env, bare_nodeid
+from tests.helpers import ROOT, bare_nodeid, longest_first, run_env
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "RESULTS.md"]
