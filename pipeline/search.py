@@ -46,7 +46,6 @@ from typing import Any
 from pipeline import config
 from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError, raise_interrupt
-from pipeline.processes import run_leaving_children
 
 STORE_FILE = "optuna.db"
 LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
@@ -299,10 +298,9 @@ class Search:
             if "queued" in states and polls % 5 == 0:
                 # now and then while one of ours waits: a worker that went idle and quit just as we queued would
                 # leave it stranded (workers already running are not started twice)
-                start = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.args.jobs)]
-                code, said = run_leaving_children(start, self.root, self.env)  # the workers outlive it
-                if code != 0:
-                    raise SearchError(f"dvc queue start failed: {error_line(said)}")
+                proc = _dvc(self.root, "queue", "start", "-j", str(self.args.jobs), env=self.env)
+                if proc.returncode != 0:
+                    raise SearchError(f"dvc queue start failed: {_failure(proc)}")
             elif not states & {"queued", "running"}:
                 break
             delay = poll_delay(delay, changed=now != before)

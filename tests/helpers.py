@@ -44,7 +44,6 @@ from bench.workspace import ROOT, TINY, committed_params, free_port, set_params,
 from bench.workspace import env as run_env
 from pipeline import warm
 from pipeline.files import md5_file
-from pipeline.processes import run_leaving_children
 
 
 def tiny_params() -> dict[str, Any]:
@@ -562,13 +561,10 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> 
 
 
 def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500, jobs: int = 2) -> str:
-    """`dvc queue start -j <jobs>`, poll until nothing is queued or running, stop the workers; return the last status.
-    The workers outlive `dvc queue start` (processes.run_leaving_children)."""
+    """`dvc queue start -j <jobs>`, poll until nothing is queued or running, stop the workers; return the last status."""
     end = time.monotonic() + deadline_s
     try:
-        code, said = run_leaving_children([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], repo,
-                                          env or run_env())
-        assert code == 0, f"dvc queue start exited {code}:\n{said}"
+        dvc(repo, "queue", "start", "-j", str(jobs), env=env)
         while True:
             status = dvc(repo, "queue", "status").stdout
             if not any(word in status for word in ("Queued", "Running")):

@@ -110,22 +110,6 @@ def test_a_batch_is_looked_up_soon_after_a_change_and_less_often_while_nothing_c
     assert delays == [POLL_S, 3.0, 4.5, 6.75, POLL_MAX_S, POLL_MAX_S, POLL_S, 3.0]
 
 
-def test_a_command_whose_children_outlive_it_returns_at_its_own_end(tmp_path: Path) -> None:
-    """`dvc queue start`'s workers keep its output streams open: the search waits for the command, not for them."""
-    from pipeline.processes import pid_exists, run_leaving_children
-
-    child = "import time; time.sleep(60)"
-    parent = (f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', {child!r}]).pid); "
-              "print('started', file=sys.stderr)")
-    code, said = run_leaving_children([sys.executable, "-c", parent], tmp_path)
-    pid = int(said.split()[0])
-    try:
-        assert code == 0 and "started" in said, said
-        assert pid_exists(pid), "it returned only once its child had ended"
-    finally:
-        os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.bad_input
 def test_bad_options_and_a_changed_space_are_one_line_before_any_trial(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", {"search": SEARCH})
