@@ -570,6 +570,15 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
     or running, the workers are told to stop.
     """
     end = time.monotonic() + deadline_s
+
+    def status_while_busy() -> tuple[str, bool]:
+        """`dvc queue status`, and whether anything is queued or running (past the deadline: an error)."""
+        status = dvc(repo, "queue", "status").stdout
+        busy = any(word in status for word in ("Queued", "Running"))
+        if busy and time.monotonic() > end:
+            raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
+        return status, busy
+
     start = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
                              env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     idle_since = None
@@ -580,23 +589,17 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
                 break
             except subprocess.TimeoutExpired:
                 pass
-            status = dvc(repo, "queue", "status").stdout
-            if any(word in status for word in ("Queued", "Running")):
+            _, busy = status_while_busy()
+            if busy:
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > grace_s:
                 dvc(repo, "queue", "stop", check=False)  # a worker that missed its empty queue
-            if time.monotonic() > end:
-                raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
         assert start.returncode == 0, f"dvc queue start exited {start.returncode}:\n{out}"
-        while True:
-            status = dvc(repo, "queue", "status").stdout
-            if not any(word in status for word in ("Queued", "Running")):
-                return status
-            if time.monotonic() > end:
-                raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
+        while (found := status_while_busy())[1]:
             time.sleep(5)
+        return found[0]
     finally:
         dvc(repo, "queue", "stop", check=False)
         if start.stdout and not start.stdout.closed:  # an error while waiting: the workers are stopping now
