@@ -46,6 +46,7 @@ from typing import Any
 from pipeline import config
 from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError, raise_interrupt
+from pipeline.processes import output_of_detaching
 
 STORE_FILE = "optuna.db"
 LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
@@ -58,6 +59,9 @@ KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials 
 # How often a batch's trials are looked up (`dvc exp show --json`, about 1.3 s of CPU a call, taken from the trials
 # themselves): every 2 s after a change, 1.5 times longer each time nothing changed, at most every 8 s.
 POLL_S, POLL_GROWTH, POLL_MAX_S = 2.0, 1.5, 8.0
+# While `dvc queue start`'s workers run a batch: a look every 30 s whether any of it is left, and 60 s after none is,
+# the workers are told to stop (a worker that never noticed its empty queue held a CI run 600 s; processes.py).
+WORKER_POLL_S, WORKER_GRACE_S = 30.0, 60.0
 
 
 class SearchError(PipelineError):
@@ -298,9 +302,7 @@ class Search:
             if "queued" in states and polls % 5 == 0:
                 # now and then while one of ours waits: a worker that went idle and quit just as we queued would
                 # leave it stranded (workers already running are not started twice)
-                proc = _dvc(self.root, "queue", "start", "-j", str(self.args.jobs), env=self.env)
-                if proc.returncode != 0:
-                    raise SearchError(f"dvc queue start failed: {_failure(proc)}")
+                self._run_workers(names)
             elif not states & {"queued", "running"}:
                 break
             delay = poll_delay(delay, changed=now != before)
@@ -315,6 +317,27 @@ class Search:
                 logs = _dvc(self.root, "queue", "logs", name)
                 out.append((None, error_line(logs.stdout) if logs.returncode == 0 else _failure(logs)))
         return out
+
+    def _run_workers(self, names: list[str]) -> None:
+        """`dvc queue start -j J`, returning when its workers have quit, or have been told to (processes.py says why):
+        at most 2 * WORKER_GRACE_S after none of `names` is queued or running any more."""
+        cmd = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.args.jobs)]
+        proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+        def busy() -> bool:
+            found = experiments_state(self.root)
+            return any(found.get(n, ("", None))[0] in ("queued", "running") for n in names)
+
+        try:
+            out, err = output_of_detaching(proc, busy, lambda: _dvc(self.root, "queue", "stop"),
+                                           WORKER_POLL_S, WORKER_GRACE_S)
+        finally:
+            if proc.poll() is None:  # interrupted while waiting: as subprocess.run does
+                proc.kill()
+        if proc.returncode != 0:
+            done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            raise SearchError(f"dvc queue start failed: {_failure(done)}")
 
     def tell(self, trial: Any, name: str, value: float | None) -> tuple[str, float | None]:
         """Finish a trial in Optuna (COMPLETE, PRUNED or FAIL) and in MLflow; return its state and value.

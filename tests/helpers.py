@@ -44,6 +44,7 @@ from bench.workspace import ROOT, TINY, committed_params, free_port, set_params,
 from bench.workspace import env as run_env
 from pipeline import warm
 from pipeline.files import md5_file
+from pipeline.processes import output_of_detaching
 
 
 def tiny_params() -> dict[str, Any]:
@@ -562,13 +563,8 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> 
 
 def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500, jobs: int = 2,
               grace_s: float = 60) -> str:
-    """`dvc queue start -j <jobs>`, wait until its workers quit, stop them; return the last `dvc queue status`.
-
-    The workers inherit the command's output streams, so its output ends when the last worker quits, which they do
-    seconds after the queue is empty. Now and then one never notices (a clean-clone run: three of four quit 1-15 s
-    after the last experiment, the fourth only at `dvc queue stop`, 600 s later): `grace_s` after nothing is queued
-    or running, the workers are told to stop.
-    """
+    """`dvc queue start -j <jobs>`, wait until its workers quit (or `grace_s` after the queue is idle, are told to:
+    pipeline/processes.py says why), stop them; return the last `dvc queue status`."""
     end = time.monotonic() + deadline_s
 
     def status_while_busy() -> tuple[str, bool]:
@@ -581,21 +577,9 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
 
     start = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
                              env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    idle_since = None
     try:
-        while True:
-            try:
-                out = start.communicate(timeout=15)[0]  # the end of the output: every worker quit
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            _, busy = status_while_busy()
-            if busy:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > grace_s:
-                dvc(repo, "queue", "stop", check=False)  # a worker that missed its empty queue
+        out, _ = output_of_detaching(start, lambda: status_while_busy()[1],
+                                     lambda: dvc(repo, "queue", "stop", check=False), 15, grace_s)
         assert start.returncode == 0, f"dvc queue start exited {start.returncode}:\n{out}"
         while (found := status_while_busy())[1]:
             time.sleep(5)
@@ -603,7 +587,7 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
     finally:
         dvc(repo, "queue", "stop", check=False)
         if start.stdout and not start.stdout.closed:  # an error while waiting: the workers are stopping now
-            with suppress(subprocess.TimeoutExpired):
+            with suppress(subprocess.TimeoutExpired, ValueError):
                 start.communicate(timeout=60)
 
 

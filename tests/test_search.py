@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,68 @@ def test_a_batch_is_looked_up_soon_after_a_change_and_less_often_while_nothing_c
         delay = poll_delay(delay, changed)
         delays.append(delay)
     assert delays == [POLL_S, 3.0, 4.5, 6.75, POLL_MAX_S, POLL_MAX_S, POLL_S, 3.0]
+
+
+# A command that starts a daemon holding its output streams and exits, as `dvc queue start` does with its workers;
+# the daemon prints its pid, then quits after `linger` s, or at SIGTERM (as a worker at `dvc queue stop`) unless
+# it ignores SIGTERM (a worker that never notices).
+WORKER = """
+import os, signal, sys, time
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(os.getpid(), flush=True)
+time.sleep(float(sys.argv[1]))
+print("worker done", flush=True)
+"""
+DETACHING = f"""
+import subprocess, sys
+print("started 1 worker", flush=True)
+subprocess.Popen([sys.executable, "-c", {WORKER!r}, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize(("linger", "on_stop", "ends"), [
+    (1.0, "quit", "quits on its own"), (300.0, "quit", "quits when told to stop"), (300.0, "ignore", "never quits"),
+])
+def test_queue_workers_output_ends_when_they_quit_or_soon_after_the_queue_is_idle(
+        linger: float, on_stop: str, ends: str) -> None:
+    from pipeline.processes import output_of_detaching, pid_exists
+
+    proc = subprocess.Popen([sys.executable, "-c", DETACHING, str(linger), on_stop], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "started 1 worker\n"
+    worker, looks, stops, grace = int(proc.stdout.readline()), [], [], 1.0
+
+    def busy() -> bool:  # the queue has work for the first two looks
+        looks.append(time.monotonic())
+        return len(looks) <= 2
+
+    def stop() -> None:
+        stops.append(time.monotonic())
+        os.kill(worker, signal.SIGTERM)
+
+    began = time.monotonic()
+    try:
+        out, _ = output_of_detaching(proc, busy, stop, 0.2, grace)
+        ended = time.monotonic()
+        assert proc.returncode == 0, ends
+        if ends == "quits on its own":
+            assert out == "worker done\n" and not stops and ended - began < grace + 0.5
+        elif ends == "quits when told to stop":
+            assert out == "" and len(stops) == 1 and looks[2] + grace < stops[0] < looks[2] + grace + 1, looks
+            assert not pid_exists(worker) or _zombie(worker)
+        else:
+            assert out == "" and len(stops) == 1 and stops[0] + grace < ended < stops[0] + grace + 1
+            assert pid_exists(worker), "only its output is left: the worker is the queue's to stop"
+        assert ended - began < 2 * grace + 3
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
 
 
 @pytest.mark.bad_input
