@@ -73,6 +73,11 @@ STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "CUD
 # Not compared: applied to the child's own streams; and the compile cache folder, which torch exports into the
 # environment of any process that used its compiler (read only when compiling, from the child's environment).
 PER_REQUEST = frozenset({"PYTHONUNBUFFERED", "TORCHINDUCTOR_CACHE_DIR"})
+# Set by torchrun for each rank of a data-parallel stage and read when the rank joins its group, never at import: not
+# compared, so the ranks start warm too. Its split of the cores, OMP_NUM_THREADS (stages/distributed.py), a child
+# applies itself (torch.set_num_threads, as OpenMP applies it when a fresh process starts) where the server has none.
+LAUNCH_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+THREADS = "OMP_NUM_THREADS"
 # Every stage process starts with these (a value the user set wins), cold or warm, before torch loads:
 # OpenMP threads that wait spin briefly, then sleep (pipeline/cores.py says what it was measured against).
 STAGE_ENV = {"GOMP_SPINCOUNT": "1000"}
@@ -144,7 +149,14 @@ CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 def startup_env(environ: dict[str, str]) -> dict[str, str]:
     """The variables that libraries and the interpreter read when they start."""
-    return {k: v for k, v in environ.items() if k.startswith(STARTUP_PREFIXES) and k not in PER_REQUEST}
+    return {k: v for k, v in environ.items()
+            if k.startswith(STARTUP_PREFIXES) and k not in PER_REQUEST and not k.startswith(LAUNCH_PREFIXES)}
+
+
+def thread_count(environ: dict[str, str]) -> int | None:
+    """OMP_NUM_THREADS when it is one whole number of threads (a child can apply that itself), else None."""
+    value = environ.get(THREADS, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def interpreter() -> dict[str, Any]:
@@ -514,7 +526,10 @@ class Server:
             raise ValueError(f"{req['module']} is not one of {', '.join(MODULES.values())}")
         if req["interpreter"] != self.interpreter:
             return "other interpreter settings"
-        if (theirs := startup_env(req["env"])) != self.startup:
+        theirs = startup_env(req["env"])
+        if THREADS not in self.startup and thread_count(theirs):
+            del theirs[THREADS]  # applied by the child
+        if theirs != self.startup:
             names = sorted(k for k in theirs.keys() | self.startup.keys() if theirs.get(k) != self.startup.get(k))
             return f"other start-up variables ({', '.join(names)})"
         return None
@@ -672,6 +687,8 @@ def run_child(request: Request) -> None:
     streams = [_text_stream(fd, s, unbuffered) for fd, s in enumerate(request.streams)]
     sys.stdin, sys.stdout, sys.stderr = streams  # type: ignore[assignment]
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
+    if threads := thread_count(request.env):
+        sys.modules["torch"].set_num_threads(threads)  # as a fresh process takes OMP_NUM_THREADS (LAUNCH_PREFIXES)
     random.seed()  # a fresh process draws its own; the children must not share the server's state
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()

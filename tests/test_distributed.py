@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import config
-from tests.helpers import dvc, set_params, sh, tiny_params
+from tests.helpers import dvc, set_params, sh, tiny_params, warm_log
 
 # Stated tolerance: DDP with per-rank slices and averaged gradients takes the same steps as one
 # process, up to the order of float additions (measured ~3e-8 on these params).
@@ -42,8 +43,12 @@ def test_two_gloo_processes_match_one(project: Path) -> None:
     """One MLflow run records world size 2; outputs match single-process training within tolerance."""
     # 421 train rows: the last batch of 37 rows splits unevenly (18 + 19) across the two ranks
     set_params(project, {"mlp.distributed.nproc": 2, "data.n_samples": 601, "mlp.epochs": 4})
+    before = len(warm_log())
     repro = dvc(project, "repro", "train@mlp")
     assert "Traceback" not in repro.stdout + repro.stderr
+    # the stage and its two ranks all start warm: torchrun's variables are not start-up variables
+    served = re.findall(rf" in {re.escape(str(project))}: train mlp -> (\w+)", warm_log()[before:])
+    assert served == ["run"] * 3, warm_log()[before:]
 
     runs = _mlp_runs(project)
     assert len(runs) == 1, "rank 0 alone logs: one run, not one per rank"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, runs, set_params, stage_pids
+from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, run_env, runs, set_params, stage_pids
 
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
@@ -33,12 +33,13 @@ def mlp_outs(repo: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def reference(baseline: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
-    """train@mlp's outs of uninterrupted runs with LONG params, single process and data-parallel, by nproc."""
+    """train@mlp's outs of uninterrupted runs with LONG params, single process and data-parallel, by nproc: cold, so
+    that a warm training killed and resumed is compared with stages that were each a process of their own."""
     outs = {}
     for nproc in (1, 2):
         repo = clone(baseline, tmp_path_factory.mktemp("reference") / "repo")
         set_params(repo, LONG | {"mlp.distributed.nproc": nproc})
-        dvc(repo, "repro", "train@mlp")
+        dvc(repo, "repro", "train@mlp", env=run_env(PIPELINE_WARM="0"))
         assert not (repo / CHECKPOINT).exists()  # a finished stage removes its checkpoint
         outs[nproc] = mlp_outs(repo)
     return outs
@@ -70,8 +71,8 @@ def resumed_from(text: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "nproc", "stage_start"), [
     *((sig, nproc, "warm") for nproc in (1, 2) for sig in (signal.SIGKILL, signal.SIGTERM)),
-    # cold: SIGKILL reaches the stage process itself, not a client (SIGTERM cold: test_robustness_interrupts);
-    # data-parallel ranks start cold anyway (torchrun's variables)
+    # cold: SIGKILL reaches the stage process itself, not a client (SIGTERM cold: test_robustness_interrupts; the
+    # data-parallel reference is cold)
     (signal.SIGKILL, 1, "cold"),
 ], ids=lambda v: {1: "single", 2: "data-parallel"}.get(v, getattr(v, "name", v)), indirect=["stage_start"])
 def test_killed_training_resumes_to_the_same_outputs_and_the_same_run(

@@ -186,10 +186,15 @@ def test_requests_of_another_venv_or_start_up_run_cold_and_the_server_stays(tmp_
                    "stamp": "x", "interpreter": {}, "streams": [None, None, None]}
         assert _raw_request(Path(state["socket"]), request) == "cold other venv"
         repo = copy_project(tmp_path / "repo")
-        proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"OMP_NUM_THREADS": "1"})
+        # what torchrun gives each rank runs warm: its variables, and its thread count, which the child applies
+        rank = {"OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "x", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+        assert sh(repo, sys.executable, "-m", "stages", "generate", env=env | rank).returncode == 0
+        proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"MKL_NUM_THREADS": "1"})
         assert proc.returncode == 0 and (repo / "data" / "truth.json").exists()
-        assert _served(warm_log(env), "generate", repo) == ["cold other start-up variables (OMP_NUM_THREADS)"]
+        (first, second) = _served(warm_log(env), "generate", repo)
+        assert first.startswith("run ") and second == "cold other start-up variables (MKL_NUM_THREADS)"
         assert warm.running() is not None
+        assert (warm.thread_count({"OMP_NUM_THREADS": "3"}), warm.thread_count({"OMP_NUM_THREADS": "2,1"})) == (3, None)
 
 
 def _raw_request(path: Path, request: dict[str, Any]) -> str:
