@@ -59,9 +59,10 @@ KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials 
 # How often a batch's trials are looked up (`dvc exp show --json`, about 1.3 s of CPU a call, taken from the trials
 # themselves): every 2 s after a change, 1.5 times longer each time nothing changed, at most every 8 s.
 POLL_S, POLL_GROWTH, POLL_MAX_S = 2.0, 1.5, 8.0
-# While `dvc queue start`'s workers run a batch: a look every 30 s whether any of it is left, and 60 s after none is,
-# the workers are told to stop (a worker that never noticed its empty queue held a CI run 600 s; processes.py).
-WORKER_POLL_S, WORKER_GRACE_S = 30.0, 60.0
+# While `dvc queue start`'s workers run a batch: a look a minute whether any of it is left (most batches of short
+# trials end before the first), and 60 s after none is, the workers are told to stop (a worker that never noticed
+# its empty queue held a CI run 600 s; processes.py).
+WORKER_POLL_S, WORKER_GRACE_S = 60.0, 60.0
 
 
 class SearchError(PipelineError):
