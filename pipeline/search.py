@@ -153,7 +153,9 @@ def set_args(point: dict[str, Any]) -> list[str]:
 
 
 def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    """A DVC command in a warm server's child where one runs (pipeline/warm.py), else in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "pipeline.warm", "run", "dvc", *args], cwd=root, env=env,
+                          capture_output=True, text=True)
 
 
 def error_line(output: str) -> str:

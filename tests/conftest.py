@@ -19,8 +19,8 @@ from pipeline import warm
 from tests.helpers import (
     DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports,
     background, bare_nodeid, built_once, committed_params, copy_project, copy_with_store, dvc, free_port,
-    known_durations, longest_first, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, sh, stage_name,
-    warm_log,
+    known_durations, longest_first, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, served_stages, sh,
+    stage_name, warm_log,
 )
 
 
@@ -59,7 +59,7 @@ def stage_start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     before = len(warm_log())
     yield start
     if start == "warm" and os.environ.get("PIPELINE_WARM") != "0":
-        assert " -> run " in warm_log()[before:], "no stage of this test started from the warm server"
+        assert served_stages(warm_log()[before:], "run"), "no stage of this test started from the warm server"
 
 
 @pytest.fixture(scope="session")

@@ -77,9 +77,12 @@ def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = N
     return proc
 
 
+DVC = [sys.executable, "-m", "pipeline.warm", "run", "dvc"]  # `python -m dvc`, warm where a server runs
+
+
 def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run the real DVC CLI of this environment."""
-    return sh(repo, sys.executable, "-m", "dvc", *args, **kwargs)
+    """Run the real DVC CLI of this environment, in a warm server's child where one runs (as the search does)."""
+    return sh(repo, *DVC, *args, **kwargs)
 
 
 def copy_project(dest: Path, updates: dict[str, Any] | None = None) -> Path:
@@ -887,6 +890,12 @@ def warm_log(env: dict[str, str] | None = None) -> str:
     folder = Path((env or os.environ).get("PIPELINE_WARM_DIR") or warm.runtime_dir())
     log = warm.paths(folder)["log"]
     return log.read_text() if log.exists() else ""
+
+
+def served_stages(log: str, answer: str) -> list[str]:
+    """The stages (not the other commands, `dvc.cli:main …`, `…spool:main …`) a warm server's log shows answered with
+    `answer` ('run' or 'cold')."""
+    return re.findall(rf"^\S+ \S+ pid \d+ in .*?: ((?!\S+:\S+ )[^\n]*?) -> {answer}\b", log, re.M)
 
 
 @contextmanager

@@ -25,8 +25,8 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    ROOT, SYNC, copy_project, dvc, model_names, outputs, run_env, sh, statuses, store_content, wait_for_checkpoint,
-    warm_log, warm_server,
+    DVC, ROOT, SYNC, copy_project, dvc, model_names, outputs, run_env, served_stages, sh, statuses, store_content,
+    wait_for_checkpoint, warm_log, warm_server,
 )
 
 LONG_MLP = {"mlp.epochs": 100_000, "mlp.patience": 100_000, "checkpoint.min_seconds": 0.0}
@@ -292,6 +292,32 @@ def test_sync_runs_in_a_warm_child_with_the_lines_and_exit_codes_of_a_cold_one(t
     served = re.findall(rf" in {re.escape(str(repo))}: pipeline\.tracking\.spool:main (?:--bogus )?-> (\w+)",
                         warm_log()[before:])
     assert served == ["run", "run"], warm_log()[before:]
+
+
+def test_dvc_commands_run_in_a_warm_child_as_in_a_process_of_their_own_and_start_no_server(tmp_path: Path) -> None:
+    """`python -m pipeline.warm run dvc …` (the search's DVC commands, and the suite's `dvc` helper): the output and
+    exit code of `python -m dvc …`; where no server runs, it runs cold and starts none."""
+    repo = copy_project(tmp_path / "repo")
+    before = len(warm_log())
+    commands = (["status", "--json"], ["repro", "--dry", "train@mlp"], ["repro", "no-such-stage"])
+    for args in commands:
+        cold = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=run_env(), capture_output=True,
+                              text=True, timeout=120)
+        hot = subprocess.run([*DVC, *args], cwd=repo, env=run_env(), capture_output=True, text=True, timeout=120)
+        assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
+    assert cold.returncode != 0 and "no-such-stage" in cold.stderr  # the last one fails
+    served = re.findall(rf" in {re.escape(str(repo))}: dvc\.cli:main [^\n]*-> (\w+)", warm_log()[before:])
+    assert served == ["run"] * len(commands), warm_log()[before:]
+    assert not served_stages(warm_log()[before:], "run"), "a DVC command is not counted as a stage"
+
+    none = tmp_path / "no-server"
+    none.mkdir(mode=0o700)
+    proc = subprocess.run([*DVC, "status", "--json"], cwd=repo, env=run_env(PIPELINE_WARM_DIR=str(none)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == json.loads(
+        subprocess.run([*DVC, "status", "--json"], cwd=repo, env=run_env(), capture_output=True, text=True).stdout)
+    time.sleep(1)
+    assert not list(none.iterdir()), "a DVC command started a server"
 
 
 # ---------------------------------------------------------------- fast checks
