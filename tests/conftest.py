@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
@@ -102,7 +103,9 @@ def stage_imports(tmp_path_factory: pytest.TempPathFactory) -> StageImports:
     """
     repo = copy_project(tmp_path_factory.mktemp("imports-repo") / "repo")
     out = tmp_path_factory.mktemp("imports")
-    dvc(repo, "repro", env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
+    # DVC's own command line (not the warm `dvc` helper, a project process the probe would record as well)
+    sh(repo, sys.executable, "-m", "dvc", "repro",
+       env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
     modules: dict[str, set[str]] = {}
     compiler: dict[str, set[str]] = {}
     for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
