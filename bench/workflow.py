@@ -56,18 +56,24 @@ def warm_server(folder: Path) -> Iterator[float]:
 
 
 def user_loop(repo: Path, repeats: int, bare_mlp: float) -> list[Row]:
-    """The rerun after mlp.lr changes (against the bare MLP script) and a no-op repro, with the warm server."""
+    """The rerun after mlp.lr changes (against the bare MLP script), a no-op repro, and a DVC command through the warm
+    server (against the same in a process of its own)."""
     lr = yaml.safe_load((repo / "params.yaml").read_text())["mlp"]["lr"]
     set_params(repo, {"mlp.lr": lr / 2})
     rerun = timed(repo, PY, "-m", "dvc", "repro")
     ran = re.findall(r"Running stage '([^']+)'", rerun.stdout)
     worked = [stage for stage in ran if stage != "params"]  # `params` checks the edited file (0.2 s) and stops
-    best = _best(repeats, repo, {"repro": ((PY, "-m", "dvc", "repro"), {}), "status": ((PY, "-m", "dvc", "status"), {})})
+    show = ("exp", "show", "--json")
+    best = _best(repeats, repo, {"repro": ((PY, "-m", "dvc", "repro"), {}), "status": ((PY, "-m", "dvc", "status"), {}),
+                                 "show": ((PY, "-m", "dvc", *show), {}),
+                                 "warm show": ((PY, "-m", "pipeline.warm", "run", "dvc", *show), {})})
     return [
         Row("dvc repro after mlp.lr changed", rerun.seconds, bare_mlp, "s", "bare MLP script", ("<=", 1.3)),
         Row("  stages rerun after mlp.lr changed", len(worked), None, "stages", target=("==", 2),
             note=", ".join(worked) + (" (and the params check)" if "params" in ran else "")),
         Row("no-op dvc repro", best["repro"], best["status"], "s", "dvc status", ("<=", 1.3)),
+        Row("dvc exp show --json, warm", best["warm show"], best["show"], "s", "the same, a process of its own",
+            ("<=", 0.8), note="a search's look at its trials: python -m pipeline.warm run dvc exp show --json"),
     ]
 
 

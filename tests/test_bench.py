@@ -25,6 +25,7 @@ ROWS = (
     "dvc repro after mlp.lr changed",
     "stages rerun after mlp.lr changed",
     "no-op dvc repro",
+    "dvc exp show --json, warm",
     "train@mlp stage, warm",
     "warm stage start-up (1-step train@linear_gd)",
     "2 queued [128,128] experiments, -j 2",
