@@ -1,4 +1,5 @@
-"""The warm stage server: third-party modules loaded once, a child forked per stage (and per `./tasks.sh sync`).
+"""The warm stage server: third-party modules loaded once, a child forked per stage (and per `./tasks.sh sync`, and
+per DVC command of a search).
 
 Every stage process used to pay `import torch, mlflow` (seconds, more under load) before any
 work. A server, one per virtual environment, imports those modules once and waits on a Unix

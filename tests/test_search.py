@@ -130,7 +130,7 @@ subprocess.Popen([sys.executable, "-c", {WORKER!r}, *sys.argv[1:]])
 
 
 @pytest.mark.parametrize(("linger", "on_stop", "ends"), [
-    (1.0, "quit", "quits on its own"), (300.0, "quit", "quits when told to stop"), (300.0, "ignore", "never quits"),
+    (0.3, "quit", "quits on its own"), (300.0, "quit", "quits when told to stop"), (300.0, "ignore", "never quits"),
 ])
 def test_queue_workers_output_ends_when_they_quit_or_soon_after_the_queue_is_idle(
         linger: float, on_stop: str, ends: str) -> None:
@@ -156,21 +156,28 @@ def test_queue_workers_output_ends_when_they_quit_or_soon_after_the_queue_is_idl
         ended = time.monotonic()
         assert proc.returncode == 0, ends
         if ends == "quits on its own":
-            assert out == "worker done\n" and not stops and ended - began < grace + 0.5
+            assert out == "worker done\n" and not stops
         elif ends == "quits when told to stop":
-            assert out == "" and len(stops) == 1 and looks[2] + grace < stops[0] < looks[2] + grace + 1, looks
-            assert not pid_exists(worker) or _zombie(worker)
+            assert out == "" and len(stops) == 1 and looks[2] + grace < stops[0] < looks[2] + grace + 3, looks
+            deadline = time.monotonic() + 10  # its output closes as it exits: the exit itself may still be ending
+            while not _gone(worker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _gone(worker)
         else:
-            assert out == "" and len(stops) == 1 and stops[0] + grace < ended < stops[0] + grace + 1
+            assert out == "" and len(stops) == 1 and stops[0] + grace < ended < stops[0] + grace + 3
             assert pid_exists(worker), "only its output is left: the worker is the queue's to stop"
-        assert ended - began < 2 * grace + 3
+        assert ended - began < 2 * grace + 5  # bounded (a loaded machine adds seconds, not minutes)
     finally:
         with suppress(ProcessLookupError):
             os.kill(worker, signal.SIGKILL)
 
 
-def _zombie(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie not yet reaped by whoever adopted it counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 @pytest.mark.bad_input
