@@ -217,3 +217,31 @@ def test_the_private_schema_lookup_matches_a_store_made_through_the_public_api(t
     with closing(sqlite3.connect(tmp_path / "new.db")) as con:
         (made,) = con.execute("SELECT version_num FROM alembic_version").fetchone()
     assert store._schema_head() == made
+
+
+def test_stages_setting_the_same_experiment_tag_at_once_all_succeed(tmp_path: Path) -> None:
+    """Queued experiments save the same runs-table view together; MLflow's SQL store looks, then inserts, so the
+    second writer of a new tag hit the unique key (seen in a clean-clone run). store.set_experiment_tag writes again."""
+    from mlflow.tracking import MlflowClient
+
+    clients = [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}") for _ in range(4)]
+    exp_id = clients[0].create_experiment("regression")
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(clients))
+
+    def writer(client: MlflowClient) -> None:
+        start.wait()
+        for k in range(40):
+            try:
+                store.set_experiment_tag(client, exp_id, f"mlflow.sharedViewState.v{k}", f'{{"n": {k}}}')
+            except BaseException as exc:  # noqa: BLE001 - every failure is the test's finding
+                failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    tags = clients[0].get_experiment(exp_id).tags
+    assert all(tags[f"mlflow.sharedViewState.v{k}"] == f'{{"n": {k}}}' for k in range(40))

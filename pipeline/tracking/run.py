@@ -37,7 +37,7 @@ from pipeline.tracking.spool import SpoolUnwritable, defer, spool_run_end, open_
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_server,
     is_sqlite, login_tag, now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link,
-    redact, sqlite_file, tracking_uri, workspace_root,
+    redact, set_experiment_tag, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -286,7 +286,7 @@ class StageRun:
             "searchFilter": filter_string, "orderByKey": columns[len(params)], "orderByAsc": True,
             "selectedColumns": ["tags.`pipeline`", *columns],
         }
-        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+        set_experiment_tag(self.client, self.experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
 
     @_spooling
     def log_dict(self, payload: dict[str, Any], artifact_file: str) -> None:

@@ -436,7 +436,22 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
 def _tag_kind(client: MlflowClient, exp: Any, exp_id: str) -> None:
     """Tag experiments made before the kind tag, or by the UI, with it."""
     if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        set_experiment_tag(client, exp_id, *EXPERIMENT_KIND)
+
+
+def set_experiment_tag(client: MlflowClient, exp_id: str, key: str, value: str) -> None:
+    """`client.set_experiment_tag`, once more when another stage set the same tag at the same moment.
+
+    MLflow's SQL store looks for the tag, then inserts it: two stages of queued experiments saving the same view at
+    once, the second failed on the table's unique key (a clean-clone run: its run went to the spool). The tag
+    exists then, so the second call updates it.
+    """
+    try:
+        client.set_experiment_tag(exp_id, key, value)
+    except OUTAGE as exc:
+        if "unique constraint" not in str(exc).lower():
+            raise
+        client.set_experiment_tag(exp_id, key, value)
 
 
 def permission_status(exc: BaseException) -> int | None:

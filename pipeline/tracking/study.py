@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError, first_line
 from pipeline.tracking.run import VIEW_TAG_PREFIX
-from pipeline.tracking.store import connect, now_ms, redact
+from pipeline.tracking.store import connect, now_ms, redact, set_experiment_tag
 
 ROLE = ("search.role", "study")
 
@@ -95,7 +95,7 @@ def save_study_view(client: MlflowClient, experiment_id: str, study: str, keys: 
     state = {"searchFilter": f"tags.`search.study` = '{study}'", "orderByKey": "attributes.start_time",
              "orderByAsc": True, "selectedColumns": columns}
     key = f"search-{study}"
-    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+    set_experiment_tag(client, experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
     return key
 
 
