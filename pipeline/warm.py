@@ -3,9 +3,9 @@ per DVC command of a search).
 
 Every stage process used to pay `import torch, mlflow` (seconds, more under load) before any
 work. A server, one per virtual environment, imports those modules once and waits on a Unix
-socket. `python -m stages …` (stages/__main__.py, the client) checks params.yaml, then sends its
-argv, working directory, environment and stdin/stdout/stderr here; the server forks a child that
-runs the stage as a fresh process would: the project's own code imported fresh from the client's
+socket. `python -m stages …` (stages/__main__.py, the client) sends its argv, working directory,
+environment and stdin/stdout/stderr here; the server forks a child that runs the stage as a fresh
+process would (params.yaml checked first): the project's own code imported fresh from the client's
 working directory, with the client's environment, streams and interpreter settings. The client
 relays Ctrl-C and SIGTERM to the child and exits with the child's status, so DVC sees the process
 it started behave as the stage itself.
@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,12 +247,14 @@ def _readline(sock: socket.socket) -> str:
     return data.decode().strip()
 
 
-def handoff(label: str, command: str = "stages", argv: list[str] | None = None) -> int | None:
+def handoff(label: str, command: str = "stages", argv: list[str] | None = None,
+            before_start: Callable[[], object] = lambda: None) -> int | None:
     """Run this process's stage (sys.argv), or another of MODULES' commands with `argv`, in a warm server's child;
     its exit status, None to run it here, cold.
 
     Where no server runs, one is started in the background for the stages that follow (this
     one runs cold), except for NO_START's commands; PIPELINE_WARM=0 runs cold and starts none.
+    `before_start` runs first (the stage's check of params.yaml: bad input starts nothing).
     """
     if not enabled():
         return None
@@ -263,6 +265,7 @@ def handoff(label: str, command: str = "stages", argv: list[str] | None = None) 
     sock = _connect(where["sock"], timeout=30)
     if sock is None:
         if command not in NO_START:
+            before_start()
             start_in_background()
         return None
     child: list[int] = []
@@ -293,6 +296,7 @@ def handoff(label: str, command: str = "stages", argv: list[str] | None = None) 
             for sig, handler in before.items():
                 signal.signal(sig, handler)
             if reply == "cold stale" and command not in NO_START:
+                before_start()
                 start_in_background()
             for signum in pending:  # arrived before the server answered: this process handles it, cold
                 os.kill(os.getpid(), signum)

@@ -160,7 +160,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to deal the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep a module's tests in one xdist worker when they share a module-scoped fixture (a server, a project).
+    """Keep a module's tests in one xdist worker when they share a module-scoped fixture (a server, a project), or a
+    session-scoped one no other module uses.
 
     The suite runs with `--dist loadgroup` (pyproject.toml): every other test is dealt to
     whichever worker is free, so no worker is left with a whole file of long tests at the end;
@@ -168,11 +169,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     its own group (long cases of a module, split across workers) keeps it: each worker that runs
     one of the module's groups builds the module's fixtures for itself.
     """
+    def fixtures(item: pytest.Item) -> list[Any]:
+        return [defs[-1] for defs in item._fixtureinfo.name2fixturedefs.values()]  # type: ignore[attr-defined]
+
+    modules_using: dict[Any, set[str]] = {}
+    for item in items:
+        for fixture in fixtures(item):
+            modules_using.setdefault(fixture, set()).add(item.module.__name__)  # type: ignore[attr-defined]
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
-        fixtures = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
-        if any(defs[-1].scope == "module" for defs in fixtures):
+        # a session fixture only one module uses (tests/test_stage_deps.py's probe) is built once too, not per worker
+        if any(f.scope == "module" or (f.scope == "session" and len(modules_using[f]) == 1) for f in fixtures(item)):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
     items[:] = longest_first(items, known_durations())
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import tracking
+from pipeline import config, tracking
 from pipeline.files import round_sig
 from stages import __main__ as entry
 from stages import paths
@@ -222,7 +222,7 @@ def test_a_store_locked_mid_run_is_one_line_without_mlflow_tracebacks(
 def test_interruption_message_names_the_outputs_already_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM in each phase: before any output, and after the weights (while logging)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(entry.config, "load", lambda: SimpleNamespace(models=("mlp",)))  # only the models list is read
+    monkeypatch.setattr(config, "load", lambda: SimpleNamespace(models=("mlp",)))  # only the models list is read
     stage = ModuleType("stages.fake")  # the dispatcher imports the stage only after params.yaml is read
     outs = [paths.weights_path("mlp"), paths.loss_plot_path("mlp")]
     stage.outputs = lambda _model: outs
@@ -277,7 +277,6 @@ class _FailingClient:
 
 def _evaluate_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int, calls: list[str]) -> str:
     """Run stages/evaluate.py in-process in `repo`, its store client failing at call `fail_at`; then sync. Output."""
-    from pipeline import config
     from pipeline.tracking import run as run_module
     from pipeline.tracking import spool
     from stages import evaluate

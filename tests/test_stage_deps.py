@@ -84,9 +84,12 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
 COMPILER = ("torch._dynamo", "torch._inductor", "torch.export")
 
 
-def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(stage_imports: StageImports) -> None:
+def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(stage_imports: StageImports,
+                                                                      request: pytest.FixtureRequest) -> None:
     """torch.use_deterministic_algorithms and the optimizers import torch's compiler (seconds, cold): a stage
     started warm finds every such module loaded already, so it imports none anew."""
+    if hasattr(request.config, "workerinput"):  # the probe (a cold repro) is built by one worker, not by each
+        assert request.node.nodeid.endswith("@test_stage_deps"), request.node.nodeid
     probe = (f"import runpy, sys; runpy.run_path({str(ROOT / 'pipeline' / 'warm.py')!r}, run_name='probe')['preload']()\n"
              f"print('\\n'.join(m for m in sys.modules if m.startswith({COMPILER!r})))")
     preloaded = set(subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, check=True,

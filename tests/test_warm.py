@@ -46,6 +46,11 @@ def _served(log: str, stage: str, cwd: Path | None = None) -> list[str]:
     return re.findall(rf" in {where}: {re.escape(stage)} -> ((?:run|cold) [^\n]*)", log)
 
 
+def _log_of(repo: Path, since: int) -> str:
+    """The session server's log lines, from offset `since`, for requests from `repo` (other workers' are mixed in)."""
+    return "".join(ln for ln in warm_log()[since:].splitlines(keepends=True) if f" in {repo}: " in ln)
+
+
 # ---------------------------------------------------------------- same results
 
 
@@ -308,7 +313,7 @@ def test_dvc_commands_run_in_a_warm_child_as_in_a_process_of_their_own_and_start
     assert cold.returncode != 0 and "no-such-stage" in cold.stderr  # the last one fails
     served = re.findall(rf" in {re.escape(str(repo))}: dvc\.cli:main [^\n]*-> (\w+)", warm_log()[before:])
     assert served == ["run"] * len(commands), warm_log()[before:]
-    assert not served_stages(warm_log()[before:], "run"), "a DVC command is not counted as a stage"
+    assert not served_stages(_log_of(repo, before), "run"), "a DVC command is not counted as a stage"
 
     none = tmp_path / "no-server"
     none.mkdir(mode=0o700)
@@ -318,6 +323,35 @@ def test_dvc_commands_run_in_a_warm_child_as_in_a_process_of_their_own_and_start
         subprocess.run([*DVC, "status", "--json"], cwd=repo, env=run_env(), capture_output=True, text=True).stdout)
     time.sleep(1)
     assert not list(none.iterdir()), "a DVC command started a server"
+
+
+@pytest.mark.bad_input
+def test_bad_params_and_model_names_are_the_cold_lines_warm_and_start_no_server(tmp_path: Path,
+                                                                              request: pytest.FixtureRequest) -> None:
+    """The client hands a stage off before params.yaml's schema is loaded (it stays light); the child checks the file
+    first: the same line and exit code as a cold stage. Where no server runs, a bad file starts none."""
+    repo = copy_project(tmp_path / "repo")
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("epochs: 3", "epochs: three", 1))
+    cases = {("train", "mlp"): "train@mlp: ", ("train", "No-Such"): "usage: python -m stages", ("evaluate",): "evaluate: "}
+    before = len(warm_log())
+    for args, start in cases.items():
+        hot = subprocess.run([sys.executable, "-m", "stages", *args], cwd=repo, env=run_env(), capture_output=True,
+                             text=True, timeout=120)
+        cold = subprocess.run([sys.executable, "-m", "stages", *args], cwd=repo, env=run_env(PIPELINE_WARM="0"),
+                              capture_output=True, text=True, timeout=120)
+        assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
+        assert hot.returncode == 2 and hot.stdout == "" and hot.stderr.count("\n") == 1, (args, hot.stderr)
+        assert hot.stderr.startswith(start) and ("mlp.epochs" in hot.stderr or "No-Such" in args), hot.stderr
+    assert len(served_stages(_log_of(repo, before), "run")) == len(cases), "each was checked in a warm child"
+
+    none = tmp_path / "no-server"
+    none.mkdir(mode=0o700)
+    proc = subprocess.run([sys.executable, "-m", "stages", "train", "mlp"], cwd=repo,
+                          env=run_env(PIPELINE_WARM_DIR=str(none)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "mlp.epochs" in proc.stderr, proc.stderr
+    time.sleep(1)
+    assert not list(none.iterdir()), "a bad params.yaml started a server"
+    request.node.user_properties.append(("bad_input_cases", len(cases) + 1))
 
 
 # ---------------------------------------------------------------- fast checks
