@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline import config
+from pipeline import config, warm
 from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError, raise_interrupt
 from pipeline.processes import output_of_detaching
@@ -326,8 +326,8 @@ class Search:
         """`dvc queue start -j J`, returning when its workers have quit, or have been told to (processes.py says why):
         at most 2 * WORKER_GRACE_S after none of `names` is queued or running any more."""
         cmd = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.args.jobs)]
-        proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(cmd, cwd=self.root, env=warm.queue_env(self.env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # its experiments' DVC processes start warm
 
         def busy() -> bool:
             found = experiments_state(self.root)

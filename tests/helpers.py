@@ -579,7 +579,8 @@ def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float =
         return status, busy
 
     start = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
-                             env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env=warm.queue_env(env or run_env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)  # as the search starts its workers: each experiment's DVC process warm
     try:
         out, _ = output_of_detaching(start, lambda: status_while_busy()[1],
                                      lambda: dvc(repo, "queue", "stop", check=False), 15, grace_s)
@@ -916,7 +917,9 @@ def warm_server(folder: Path, cwd: Path = ROOT, **env: str) -> Iterator[tuple[di
         try:
             yield state, environ
         finally:
-            warm.stop()
+            deadline = time.monotonic() + 60
+            while warm.stop() is not None and time.monotonic() < deadline:  # and one a stage started, loading
+                time.sleep(0.1)
 
 
 def edit_checkpoint_state(path: Path, edit: Callable[[str], str]) -> None:
@@ -988,13 +991,29 @@ def files_holding(secret: str, *roots: Path) -> list[Path]:
 
 
 @contextmanager
-def busy_cpus(count: int | None = None) -> Iterator[int]:
-    """Keep `count` CPUs (default: every one) busy with spinning processes for a block; they are killed after it."""
+def busy_cpus(count: int | None = None, until: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """Keep `count` CPUs (default: every one) busy with spinning processes for a block, or until `until()` (asked
+    twice a second) is true; they are killed then."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
                 for _ in range(count or os.cpu_count() or 1)]
-    try:
-        yield len(spinners)
-    finally:
+    done = threading.Event()
+
+    def stop() -> None:
         for proc in spinners:
             proc.kill()
             proc.wait()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if until():
+                stop()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield len(spinners)
+    finally:
+        done.set()
+        watcher.join()
+        stop()

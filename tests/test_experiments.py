@@ -8,7 +8,10 @@ two executors in .dvc/tmp/exps create the store at the same moment.
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -16,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from pipeline.files import round_sig
-from tests.helpers import busy_cpus, clone, dvc, experiments, model_names, run_queue, sh
+from tests.helpers import busy_cpus, clone, dvc, experiments, model_names, run_queue, sh, warm_log
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +127,22 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
 
 
 QUEUED_AT_ONCE = 4
+OPENING_S = 5  # after its start, well past the moment a stage has the store created or opened (under load)
+
+
+def _opened_the_store(repo: Path, since: int) -> Callable[[], bool]:
+    """Whether every queued experiment's evaluate (each one's first stage) has run OPENING_S seconds: the race this
+    test is about is over, and the busy processes need not slow the rest of the round. With warm stages off (no
+    log of their starts): never, the processes spin to the end."""
+    all_started: list[float] = []  # when the log first showed every one
+
+    def opened() -> bool:
+        if not all_started and len(re.findall(rf" in {re.escape(str(repo))}/\.dvc/tmp/exps/[^\n]*: evaluate -> run",
+                                              warm_log()[since:])) >= QUEUED_AT_ONCE:
+            all_started.append(time.monotonic())
+        return bool(all_started) and time.monotonic() - all_started[0] > OPENING_S
+
+    return opened
 ROUNDS_BUSY = (False, False, True)  # two rounds as the machine is, then one with every core kept busy
 
 
@@ -144,9 +163,14 @@ def test_queued_experiments_started_together_on_a_workspace_without_a_store(base
             queued = dvc(repo, "exp", "run", "--queue", "-S", f"evaluate.plot_points={100 + 10 * (QUEUED_AT_ONCE * number + i)}")
             names += re.findall(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
         assert len(names) == QUEUED_AT_ONCE, names
-        with busy_cpus() if busy else nullcontext():
+        before = len(warm_log())
+        with busy_cpus(until=_opened_the_store(repo, before)) if busy else nullcontext():
             status = run_queue(repo, jobs=QUEUED_AT_ONCE)
         round_ = f"round {number + 1}{' (busy)' if busy else ''}"
+        if os.environ.get("PIPELINE_WARM") != "0":  # the workers ran each experiment's `dvc exp exec-run` warm
+            served = re.findall(rf" in {re.escape(str(repo))}: dvc\.cli:main exp exec-run [^\n]*-> (\w+)",
+                                warm_log()[before:])
+            assert served == ["run"] * QUEUED_AT_ONCE, f"{round_}: {served} (pipeline/warm.py, queue_env)"
         for name in names:
             line = next((line for line in status.splitlines() if name in line), "")
             log = dvc(repo, "queue", "logs", name).stdout

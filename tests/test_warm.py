@@ -7,6 +7,7 @@ stops, kills or outdates it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -182,6 +183,8 @@ def test_an_edited_server_exits_and_its_requests_run_cold(tmp_path: Path) -> Non
             time.sleep(0.1)
         assert not _alive(state["pid"]), "an outdated server kept running"
         assert re.search(r"exit: outdated", warm_log(env))
+    with open(warm.paths(tmp_path / "own")["lock"]) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no server holds it: none is left for its idle minutes
 
 
 @pytest.mark.slow
