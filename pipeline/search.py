@@ -534,4 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the search itself in a warm server's child where one runs (pipeline/warm.py): MLflow, for its parent run, loaded
+    warm.stage_environment()  # the variables the server was started with (else it answers "cold")
+    code = warm.handoff("search", "search")
+    sys.exit(main() if code is None else code)

@@ -895,9 +895,9 @@ def warm_log(env: dict[str, str] | None = None) -> str:
 
 
 def served_stages(log: str, answer: str) -> list[str]:
-    """The stages (not the other commands, `dvc.cli:main …`, `…spool:main …`) a warm server's log shows answered with
-    `answer` ('run' or 'cold')."""
-    return re.findall(rf"^\S+ \S+ pid \d+ in .*?: ((?!\S+:\S+ )[^\n]*?) -> {answer}\b", log, re.M)
+    """The stages (not the other commands, named by their module: `dvc.cli:main …`, `pipeline.search …`) a warm
+    server's log shows answered with `answer` ('run' or 'cold')."""
+    return re.findall(rf"^\S+ \S+ pid \d+ in .*?: ((?!\S+[.:]\S* )[^\n]*?) -> {answer}\b", log, re.M)
 
 
 @contextmanager

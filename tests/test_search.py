@@ -25,7 +25,7 @@ import yaml
 from pipeline import config
 from tests.helpers import (
     PG_PASSWORD, PG_USER, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
-    tiny_params, trial_runs_against_experiments,
+    tiny_params, trial_runs_against_experiments, warm_log,
 )
 
 # An aggressive pruner and a space with a hopeless learning rate, so a seeded search prunes for sure:
@@ -229,8 +229,12 @@ def test_too_many_jobs_and_a_bad_storage_are_one_line_before_any_work(tmp_path: 
 @pytest.mark.slow
 def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+    before = len(warm_log())
     proc = _search(repo, "--trials", "4", "--jobs", "2", "--study", "t")
     out = proc.stdout
+    if os.environ.get("PIPELINE_WARM") != "0":  # the search itself ran in a warm server's child, as a stage does
+        served = re.findall(rf" in {re.escape(str(repo))}: pipeline\.search [^\n]*-> (\w+)", warm_log()[before:])
+        assert served == ["run"], served
     for k in range(4):
         assert f"trial {k} [t-t{k}]" in out, out
 
