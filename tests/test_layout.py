@@ -144,6 +144,14 @@ def test_a_stage_module_run_by_itself_fails_with_the_usage_line(module: str, tmp
         and f"(`python -m stages.{module}` runs nothing)" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
+def test_dvc_reads_its_files_with_the_c_parser() -> None:
+    """DVC parses dvc.lock, dvc.yaml and params.yaml many times a command (69 times for one queued experiment) with
+    ruamel.yaml's `YAML(typ="safe")`: in C with ruamel.yaml.clib (pyproject.toml), 15 times slower in Python without."""
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__name__ == "CParser", "ruamel.yaml.clib is missing: DVC parses in Python"
+
+
 def test_the_longest_unit_of_work_is_dealt_first() -> None:
     """conftest's order for xdist: a group's tests stay together, costed as their sum; unknown tests count as the
     median; ties keep the collection order."""
