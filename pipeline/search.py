@@ -121,7 +121,7 @@ def workspace_lock(root: Path, study: str) -> Iterator[None]:
                               "it to end, or run this one from a clone of the repository (its --storage may name the "
                               "same study: then the two share the trials)") from None
         handle.truncate(0)
-        handle.write(f"search of study {study!r} (pid {os.getpid()})")
+        handle.write(f"search of study {study!r} (pid {warm.caller_pid()})")  # the process its user started
         handle.flush()
         yield
     finally:

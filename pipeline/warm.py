@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 IN_CHILD = False  # set in a forked child before it runs the stage: the stage then never hands off again
+CLIENT_PID: int | None = None  # set in a forked child: the pid of the process that handed it the command
 
 # Third-party modules every stage imports, loaded once by the server (never the project's own). torch's compiler,
 # which the stages' public calls import, is loaded through the same calls (preload; tests/test_stage_deps.py).
@@ -194,6 +195,12 @@ def stage_environment(environ: MutableMapping[str, str] = os.environ) -> None:
     """Give this process the environment every stage starts with (STAGE_ENV); call before torch is imported."""
     for key, value in STAGE_ENV.items():
         environ.setdefault(key, value)
+
+
+def caller_pid() -> int:
+    """The pid a person sees for this command: in a warm child its client's (the process they started, which relays
+    their signals), else this process's."""
+    return CLIENT_PID or os.getpid()
 
 
 def enabled() -> bool:
@@ -378,7 +385,7 @@ def start_in_background() -> None:
 @dataclass
 class Request:
     """What a client sent: its command line and the module that runs it, folder, environment, import path, streams
-    (as received fds)."""
+    (as received fds); and its pid (SO_PEERCRED)."""
 
     argv: list[str]
     module: str
@@ -388,6 +395,7 @@ class Request:
     streams: list[list[Any] | None]
     process: dict[str, Any]
     fds: list[int]
+    client_pid: int
 
 
 class Server:
@@ -537,7 +545,7 @@ class Server:
             if pid == 0:
                 self._become_child(conn)
                 return Request(req["argv"], req["module"], req["cwd"], req["env"], req["path"], req["streams"],
-                               req["process"], fds)
+                               req["process"], fds, peer)
         finally:
             if fds and (not IN_CHILD):
                 for fd in fds:
@@ -732,7 +740,8 @@ def run_child(request: Request) -> None:
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     importlib.invalidate_caches()
-    importlib.import_module("pipeline.warm").IN_CHILD = True  # the project's own copy, fresh from the cwd
+    own = importlib.import_module("pipeline.warm")  # the project's own copy, fresh from the cwd
+    own.IN_CHILD, own.CLIENT_PID = True, request.client_pid
     try:
         _run_module(request.module)
     except SystemExit as exc:  # as the interpreter reads it: None is 0, a message (printed by it) is 1
