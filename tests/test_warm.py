@@ -106,7 +106,7 @@ def test_sigkill_of_the_client_kills_the_stage_within_a_second(long_training: Pa
     before = warm_log()
     client = spawn([sys.executable, "-m", "stages", "train", "mlp"], repo)
     wait_for_checkpoint(repo, "train@mlp", client)
-    (child,) = [int(a.split()[1]) for a in _served(warm_log()[len(before):], "train mlp")]
+    (child,) = [int(a.split()[1]) for a in _served(warm_log()[len(before):], "train mlp", repo)]
     assert _alive(child)
     client.send_signal(signal.SIGKILL)
     client.communicate()
