@@ -344,8 +344,11 @@ def queue_env(env: dict[str, str]) -> dict[str, str]:
     """
     if env.get("PIPELINE_WARM", "1") == "0" or not enabled():
         return dict(env)
-    folder = private_dir() / f"bin-{_venv_key()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    try:
+        folder = private_dir() / f"bin-{_venv_key()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except (OSError, WarmError):  # no private folder: the experiments run cold, as their stages then do
+        return dict(env)
     shim, text = folder / "dvc", f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pipeline.warm run dvc "$@"\n'
     if not shim.is_file() or shim.read_text() != text:
         fresh = folder / f".dvc-{os.getpid()}"

@@ -360,6 +360,27 @@ def test_bad_params_and_model_names_are_the_cold_lines_warm_and_start_no_server(
 # ---------------------------------------------------------------- fast checks
 
 
+def test_queue_env_puts_a_warm_dvc_first_on_path_or_leaves_the_environment(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc queue start`'s environment (the search's, the tests'): a `dvc` that hands itself off first on PATH; with
+    warm stages off, or no private folder, the environment as it is (the experiments then run cold)."""
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    monkeypatch.setenv("PIPELINE_WARM_DIR", str(own))
+    env = {"PATH": "/usr/bin:/bin", "X": "1"}
+    got = warm.queue_env(env)
+    first = Path(got["PATH"].split(os.pathsep)[0])
+    assert got["PATH"] == f"{first}{os.pathsep}/usr/bin:/bin" and got["X"] == "1" and first.parent == own
+    shim = first / "dvc"
+    assert os.access(shim, os.X_OK) and f"{sys.executable} -m pipeline.warm run dvc" in shim.read_text()
+    assert warm.queue_env({**env, "PIPELINE_WARM": "0"}) == {**env, "PIPELINE_WARM": "0"}
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    monkeypatch.setenv("PIPELINE_WARM_DIR", str(shared))
+    assert warm.queue_env(env) == env
+
+
 @pytest.mark.bad_input
 def test_a_folder_others_can_open_is_refused_in_one_line(tmp_path: Path) -> None:
     folder = tmp_path / "open"
