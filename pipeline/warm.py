@@ -337,9 +337,10 @@ def queue_env(env: dict[str, str]) -> dict[str, str]:
     """`env` for `dvc queue start`: a `dvc` first on PATH that runs DVC's command line in a warm child.
 
     DVC's queue workers run each experiment as the command `dvc exp exec-run …`, found on PATH
-    (dvc/repo/experiments/queue/tasks.py; no setting names it). This `dvc` is `python -m pipeline.warm
-    run dvc`: each experiment's DVC process starts warm, about 1 s of CPU less, and runs cold, as
-    before, where no server runs. With warm stages off, `env` as it is. tests/test_experiments.py
+    (dvc/repo/experiments/queue/tasks.py; no setting names it), and on Linux `dvc queue start` starts
+    the workers themselves as `dvc exp queue-worker …` the same way. This `dvc` is `python -m
+    pipeline.warm run dvc`: each of those DVC processes starts warm (an exec-run about 1 s of CPU
+    less), and runs cold, as before, where no server runs. With warm stages off, `env` as it is. tests/test_experiments.py
     fails when the workers stop running it.
     """
     if env.get("PIPELINE_WARM", "1") == "0" or not enabled():

@@ -127,6 +127,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
 
 
 QUEUED_AT_ONCE = 4
+ROUNDS_BUSY = (False, False, True)  # two rounds as the machine is, then one with every core kept busy
 OPENING_S = 5  # after its start, well past the moment a stage has the store created or opened (under load)
 
 
@@ -143,7 +144,6 @@ def _opened_the_store(repo: Path, since: int) -> Callable[[], bool]:
         return bool(all_started) and time.monotonic() - all_started[0] > OPENING_S
 
     return opened
-ROUNDS_BUSY = (False, False, True)  # two rounds as the machine is, then one with every core kept busy
 
 
 def test_queued_experiments_started_together_on_a_workspace_without_a_store(baseline: Path, tmp_path: Path) -> None:
