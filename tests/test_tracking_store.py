@@ -219,29 +219,47 @@ def test_the_private_schema_lookup_matches_a_store_made_through_the_public_api(t
     assert store._schema_head() == made
 
 
-def test_stages_setting_the_same_experiment_tag_at_once_all_succeed(tmp_path: Path) -> None:
-    """Queued experiments save the same runs-table view together; MLflow's SQL store looks, then inserts, so the
-    second writer of a new tag hit the unique key (seen in a clean-clone run). store.set_experiment_tag writes again."""
+@pytest.mark.parametrize("write", ["experiment tag", "dataset"])
+def test_stages_writing_the_same_row_at_once_all_succeed(write: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued experiments save the same runs-table view, and log the same data file as a dataset, together; MLflow's
+    SQL store looks, then inserts, so the second writer of a new row hit the table's unique key and its run went to
+    the spool (both seen in clean-clone runs). The stages' writes (store.once_more_if_raced) write again."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking.run import StageRun
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # where a spool would go
     clients = [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}") for _ in range(4)]
     exp_id = clients[0].create_experiment("regression")
+    rounds = 40 if write == "experiment tag" else 10  # a new row each round (a new digest: a new dataset)
+    runs = [[StageRun(c, c.create_run(exp_id).info.run_id, exp_id) for _ in range(rounds)] if write == "dataset" else []
+            for c in clients]
     failures: list[BaseException] = []
     start = threading.Barrier(len(clients))
 
-    def writer(client: MlflowClient) -> None:
-        start.wait()
-        for k in range(40):
+    def writer(client: MlflowClient, stage_runs: list[StageRun]) -> None:
+        for k in range(rounds):
+            start.wait()
             try:
-                store.set_experiment_tag(client, exp_id, f"mlflow.sharedViewState.v{k}", f'{{"n": {k}}}')
+                if write == "experiment tag":
+                    store.set_experiment_tag(client, exp_id, f"mlflow.sharedViewState.v{k}", f'{{"n": {k}}}')
+                else:
+                    stage_runs[k].log_dataset(tmp_path / "train.parquet", "train", f"{k:032x}", "training", 10)
             except BaseException as exc:  # noqa: BLE001 - every failure is the test's finding
                 failures.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=writer, args=(c, r)) for c, r in zip(clients, runs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not failures, failures[:3]
-    tags = clients[0].get_experiment(exp_id).tags
-    assert all(tags[f"mlflow.sharedViewState.v{k}"] == f'{{"n": {k}}}' for k in range(40))
+    assert not (tmp_path / ".mlflow-spool").exists(), [r.spool_reason for rs in runs for r in rs if r.spool]
+    if write == "experiment tag":
+        tags = clients[0].get_experiment(exp_id).tags
+        assert all(tags[f"mlflow.sharedViewState.v{k}"] == f'{{"n": {k}}}' for k in range(rounds))
+    else:
+        for stage_runs in runs:
+            for k, run in enumerate(stage_runs):
+                (found,) = clients[0].get_run(run.run_id).inputs.dataset_inputs
+                assert found.dataset.digest == f"{k:032x}"

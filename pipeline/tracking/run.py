@@ -36,8 +36,8 @@ from pipeline.tracking.provenance import context_tags, process_started, process_
 from pipeline.tracking.spool import SpoolUnwritable, defer, spool_run_end, open_spool, spooled_run_ids, unwritable
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_server,
-    is_sqlite, login_tag, now_ms, permission_refused, permission_status, point_fluent_api_at, preflight, print_run_link,
-    redact, set_experiment_tag, sqlite_file, tracking_uri, workspace_root,
+    is_sqlite, login_tag, now_ms, once_more_if_raced, permission_refused, permission_status, point_fluent_api_at,
+    preflight, print_run_link, redact, set_experiment_tag, sqlite_file, tracking_uri, workspace_root,
 )
 
 # The UI's "Share" button stores a runs-table view as an experiment tag with this prefix; the page
@@ -299,7 +299,7 @@ class StageRun:
         source = LocalArtifactDatasetSource(str(Path(path).resolve()))
         dataset = Dataset(name=name, digest=digest, source_type="local", source=source.to_json())
         tags = [InputTag("mlflow.data.context", context), InputTag("rows", str(rows))]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+        once_more_if_raced(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)]))
 
     @_spooling
     def log_torch_model(self, weights: str | Path, input_example: np.ndarray) -> str:

@@ -24,7 +24,7 @@ from base64 import b64encode
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import mlflow
@@ -50,6 +50,7 @@ BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params
 
 
+T = TypeVar("T")  # what a retried write returns
 _USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # `user:password@` after a scheme, up to the last @ of the host part
 
 
@@ -440,18 +441,25 @@ def _tag_kind(client: MlflowClient, exp: Any, exp_id: str) -> None:
 
 
 def set_experiment_tag(client: MlflowClient, exp_id: str, key: str, value: str) -> None:
-    """`client.set_experiment_tag`, once more when another stage set the same tag at the same moment.
+    """`client.set_experiment_tag`, once more when another stage set the same tag at the same moment."""
+    once_more_if_raced(lambda: client.set_experiment_tag(exp_id, key, value))
 
-    MLflow's SQL store looks for the tag, then inserts it: two stages of queued experiments saving the same view at
-    once, the second failed on the table's unique key (a clean-clone run: its run went to the spool). The tag
-    exists then, so the second call updates it.
+
+def once_more_if_raced(write: Callable[[], T]) -> T:
+    """`write()`, a write that MLflow's SQL store does by looking for a row, then inserting it; once more when
+    another process inserted the same row at the same moment.
+
+    Stages of queued experiments run together: two saving the same runs-table view (an experiment
+    tag), or logging the same data file as a dataset, and the second failed on the table's unique key
+    (seen in clean-clone runs: its run went to the spool). The row exists then, so the second
+    call finds it.
     """
     try:
-        client.set_experiment_tag(exp_id, key, value)
+        return write()
     except OUTAGE as exc:
         if "unique constraint" not in str(exc).lower():
             raise
-        client.set_experiment_tag(exp_id, key, value)
+        return write()
 
 
 def permission_status(exc: BaseException) -> int | None:
