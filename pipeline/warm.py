@@ -613,6 +613,7 @@ class Server:
         except OSError:
             data = b""
         if not data:
+            self.selector.unregister(conn)  # the end of its stream stays readable: one kill, not one per loop
             log(f"child {child}: its client is gone; killing its process group")
             for kill in (os.killpg, os.kill):
                 with suppress(ProcessLookupError, PermissionError):
@@ -629,7 +630,8 @@ class Server:
             conn = self.children.pop(pid, None)
             self.last_work = time.monotonic()
             if conn is not None:
-                self.selector.unregister(conn)
+                with suppress(KeyError):  # unless its client is gone (_client_event)
+                    self.selector.unregister(conn)
                 conn.setblocking(True)
                 self._answer(conn, f"exit {status}", f"child {pid} ")
                 conn.close()

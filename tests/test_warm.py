@@ -114,6 +114,8 @@ def test_sigkill_of_the_client_kills_the_stage_within_a_second(long_training: Pa
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _alive(child), "the stage went on after its client was killed"
+    gone = re.findall(rf"child {child}: its client is gone", warm_log()[len(before):])
+    assert len(gone) == 1, f"{len(gone)} lines"  # the server saw the end of the client's stream once, not in a loop
     checkpoint = repo / ".checkpoints" / "train@mlp.safetensors"
     mtime = checkpoint.stat().st_mtime
     time.sleep(1.5)
