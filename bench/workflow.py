@@ -77,36 +77,44 @@ def user_loop(repo: Path, repeats: int, bare_mlp: float) -> list[Row]:
     ]
 
 
-def train_stage(repo: Path, repeats: int) -> tuple[Row, float]:
+def _cold_note(best: dict[str, float], baseline: str) -> str:
+    """The same command in a process of its own (COLD), against `baseline`; not timed with --tiny (no "cold" run)."""
+    if "cold" not in best:
+        return "cold: not timed (--tiny)"
+    return f"cold (a process of its own) {best['cold']:.2f} s, {best['cold'] / best[baseline]:.2f}x"
+
+
+def train_stage(repo: Path, repeats: int, cold: bool = True) -> tuple[Row, float]:
     """`python -m stages train mlp` (the whole stage, tracked; warm) against a bare script doing the same training.
 
     The bare script (bench/bare_train.py) reads the Parquet splits, runs an eager loop for as
     many epochs as the stage ran (early stopping included), and saves the weights. Returns the
-    row (the cold stage in its note) and the bare script's seconds (the baseline of the rerun row too).
+    row (the cold stage in its note, unless not `cold`) and the bare script's seconds (the baseline of the rerun row
+    too).
     """
     timed(repo, PY, "-m", "stages", "train", "mlp")  # warm the store and the file cache; learn the epochs run
     epochs = json.loads((repo / "metrics" / "train" / "mlp.json").read_text())["steps_run"]
     stage = (PY, "-m", "stages", "train", "mlp")
     best = _best(repeats, repo, {
-        "warm": (stage, {}), "cold": (stage, COLD),
+        "warm": (stage, {}), **({"cold": (stage, COLD)} if cold else {}),
         "bare": ((PY, str(ROOT / "bench" / "bare_train.py"), str(epochs), str(repo / "bare.safetensors")), {}),
     })
     row = Row("train@mlp stage, warm", best["warm"], best["bare"], "s", "bare script (read, eager loop, save)",
-              ("<=", 1.0), f"{epochs} epochs in both; cold (a process of its own) {best['cold']:.2f} s, "
-              f"{best['cold'] / best['bare']:.2f}x")
+              ("<=", 1.0), f"{epochs} epochs in both; {_cold_note(best, 'bare')}")
     return row, best["bare"]
 
 
-def startup(repo: Path, repeats: int) -> Row:
-    """A stage's fixed cost (train@linear_gd with one step), warm, against importing torch and mlflow and opening the store."""
+def startup(repo: Path, repeats: int, cold: bool = True) -> Row:
+    """A stage's fixed cost (train@linear_gd with one step), warm, against importing torch and mlflow and opening the
+    store; the same stage cold in the note, unless not `cold`."""
     set_params(repo, {"linear_gd.steps": 1})
     store = f"sqlite:///{repo / 'mlflow.db'}"
     floor = f"import torch, mlflow; from mlflow.tracking import MlflowClient; MlflowClient({store!r}).search_experiments()"
     stage = (PY, "-m", "stages", "train", "linear_gd")
-    best = _best(repeats, repo, {"warm": (stage, {}), "cold": (stage, COLD), "floor": ((PY, "-c", floor), {})})
+    best = _best(repeats, repo, {"warm": (stage, {}), **({"cold": (stage, COLD)} if cold else {}),
+                                 "floor": ((PY, "-c", floor), {})})
     return Row("warm stage start-up (1-step train@linear_gd)", best["warm"], best["floor"], "s",
-               "import torch, mlflow + open the SQLite store", ("<=", 0.3),
-               f"cold (a process of its own) {best['cold']:.2f} s, {best['cold'] / best['floor']:.2f}x")
+               "import torch, mlflow + open the SQLite store", ("<=", 0.3), _cold_note(best, "floor"))
 
 
 WIDE = {"mlp.hidden": [128, 128]}  # a choice of the committed search space; more work per step than the default
@@ -187,7 +195,8 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
     queued experiments and stages sharing the cores, and the test suite; each in throwaway repos.
 
     `tiny`: the sharing and queue rows reuse the two repos already reproduced (tiny MLPs) instead of
-    reproducing two at WIDE: they check that the code runs, as every --tiny figure does.
+    reproducing two at WIDE, and no stage is timed cold beside its warm figure (about 12 s): they check that the
+    code runs, as every --tiny figure does.
     """
     cold = None if tiny else timed(copy_project(work / "cold", updates), PY, "-m", "dvc", "repro", extra=COLD).seconds
     first_repo = copy_project(work / "first", updates)
@@ -195,13 +204,13 @@ def workflow_rows(work: Path, updates: dict[str, Any], repeats: int, with_suite:
         first = timed(first_repo, PY, "-m", "dvc", "repro").seconds
         repo = copy_project(work / "loop", updates)
         warm_repro = timed(repo, PY, "-m", "dvc", "repro").seconds
-        stage, bare = train_stage(repo, repeats)  # rewrites the same bytes: DVC sees nothing changed
+        stage, bare = train_stage(repo, repeats, cold=not tiny)  # rewrites the same bytes: DVC sees nothing changed
         rows = [
             Row("cold dvc repro (5 stages), warm server", warm_repro, None, "s", target=("<=", 15),
                 note=f"without a server (PIPELINE_WARM=0): {cold:.1f} s" if cold else "not timed without a server: --tiny"),
             Row("first ./tasks.sh repro (server start + repro)", server_start + first, None, "s", target=("<=", 24),
                 note=f"server start {server_start:.1f} s, dvc repro {first:.1f} s"),
-            stage, *user_loop(repo, repeats, bare), startup(repo, repeats),
+            stage, *user_loop(repo, repeats, bare), startup(repo, repeats, cold=not tiny),
         ]
         wide = [repo, first_repo] if tiny else [copy_project(work / f"wide{i}", {**updates, **WIDE}) for i in range(2)]
         for each in [] if tiny else wide:

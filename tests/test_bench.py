@@ -59,8 +59,16 @@ def test_tiny_benchmark_prints_every_row() -> None:
             assert re.search(r"\d", line[len(name) + 2 :]), f"row {name!r} has no figure: {line}"
     assert "full test suite (pytest, fresh clone): skipped (--tiny or --no-suite)" in out, out
     assert "2 queued [128,128] experiments, -j 2: skipped (--tiny)" in out, out
+    assert out.count("cold: not timed (--tiny)") == 2, out  # the train stage's and the start-up's notes
     # a real DVC run: changing mlp.lr reruns exactly train@mlp and evaluate
     assert re.search(r"stages rerun after mlp\.lr changed: train@mlp, evaluate", out), table
+
+
+def test_a_cold_figure_is_noted_beside_its_warm_one_unless_tiny() -> None:
+    from bench.workflow import _cold_note
+
+    assert _cold_note({"warm": 0.5, "cold": 3.0, "bare": 1.5}, "bare") == "cold (a process of its own) 3.00 s, 2.00x"
+    assert _cold_note({"warm": 0.5, "bare": 1.5}, "bare") == "cold: not timed (--tiny)"
 
 
 def test_bad_arguments_are_one_line_errors() -> None:
