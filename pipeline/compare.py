@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import config
+from pipeline import config, warm
 from pipeline.errors import PipelineError
 
 FORMATS = ("table", "csv", "json", "markdown")
@@ -297,4 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # in a warm server's child where one runs (pipeline/warm.py): MLflow, which reads the runs, loaded already
+    warm.stage_environment()  # the variables the server was started with (else it answers "cold")
+    code = warm.handoff("compare", "compare")
+    sys.exit(main() if code is None else code)

@@ -1,5 +1,5 @@
 """The warm stage server: third-party modules loaded once, a child forked per stage (and per `./tasks.sh sync`, per
-search, and per DVC command of a search).
+search and comparison, and per DVC command of a search).
 
 Every stage process used to pay `import torch, mlflow` (seconds, more under load) before any
 work. A server, one per virtual environment, imports those modules once and waits on a Unix
@@ -88,10 +88,11 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # same heavy modules, as `module:function` (`./tasks.sh sync` is `python -m pipeline.warm run sync`; cold, it spends
 # about 3 s importing mlflow). `python -m pipeline.warm run dvc …` is DVC's command line, for the DVC commands the
 # search runs (a trial's queueing, the looks at its batch, its experiments' `dvc exp exec-run`: queue_env) and the
-# suite's. `python -m pipeline.search` hands itself off as a stage does (about 1.5 s of CPU less: MLflow). Neither
-# starts a server where none runs.
-MODULES = {"stages": "stages", "sync": "pipeline.tracking.spool:main", "dvc": "dvc.cli:main", "search": "pipeline.search"}
-NO_START = frozenset({"dvc", "search"})  # commands run cold where no server runs, without starting one
+# suite's. `python -m pipeline.search` and `python -m pipeline.compare` hand themselves off as a stage does (about 1.5
+# s of CPU less each: MLflow). None of these starts a server where none runs.
+MODULES = {"stages": "stages", "sync": "pipeline.tracking.spool:main", "dvc": "dvc.cli:main", "search": "pipeline.search",
+           "compare": "pipeline.compare"}
+NO_START = frozenset({"dvc", "search", "compare"})  # commands run cold where no server runs, without starting one
 HEADER = struct.Struct("!Q")
 PR_SET_PDEATHSIG = 1
 

@@ -894,6 +894,15 @@ def warm_log(env: dict[str, str] | None = None) -> str:
     return log.read_text() if log.exists() else ""
 
 
+def answers(log: str, command: str, cwd: Path | None = None, full: bool = False) -> list[str]:
+    """A warm server's answers in `log`, oldest first, to the requests for `command` (a stage: 'train mlp'; another
+    command by its module and any first arguments: 'dvc.cli:main exp exec-run'), from `cwd` (default: any folder):
+    'run' or 'cold'; with `full`, the whole answer ('run <pid>', 'cold <why>')."""
+    where = re.escape(str(cwd)) if cwd else "[^\n]*"
+    found = re.findall(rf" in {where}: {re.escape(command)}(?: [^\n]*)? -> ((run|cold)\b[^\n]*)", log)
+    return [whole if full else word for whole, word in found]
+
+
 def served_stages(log: str, answer: str) -> list[str]:
     """The stages (not the other commands, named by their module: `dvc.cli:main …`, `pipeline.search …`) a warm
     server's log shows answered with `answer` ('run' or 'cold')."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline import config
-from tests.helpers import dvc, set_params, sh, tiny_params, warm_log
+from tests.helpers import answers, dvc, set_params, sh, tiny_params, warm_log
 
 # Stated tolerance: DDP with per-rank slices and averaged gradients takes the same steps as one
 # process, up to the order of float additions (measured ~3e-8 on these params).
@@ -47,8 +46,7 @@ def test_two_gloo_processes_match_one(project: Path) -> None:
     repro = dvc(project, "repro", "train@mlp")
     assert "Traceback" not in repro.stdout + repro.stderr
     # the stage and its two ranks all start warm: torchrun's variables are not start-up variables
-    served = re.findall(rf" in {re.escape(str(project))}: train mlp -> (\w+)", warm_log()[before:])
-    assert served == ["run"] * 3, warm_log()[before:]
+    assert answers(warm_log()[before:], "train mlp", project) == ["run"] * 3, warm_log()[before:]
 
     runs = _mlp_runs(project)
     assert len(runs) == 1, "rank 0 alone logs: one run, not one per rank"

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from pipeline.files import round_sig
-from tests.helpers import busy_cpus, clone, dvc, experiments, model_names, run_queue, sh, warm_log
+from tests.helpers import answers, busy_cpus, clone, dvc, experiments, model_names, run_queue, sh, warm_log
 
 pytestmark = pytest.mark.slow
 
@@ -168,8 +168,7 @@ def test_queued_experiments_started_together_on_a_workspace_without_a_store(base
             status = run_queue(repo, jobs=QUEUED_AT_ONCE)
         round_ = f"round {number + 1}{' (busy)' if busy else ''}"
         if os.environ.get("PIPELINE_WARM") != "0":  # the workers ran each experiment's `dvc exp exec-run` warm
-            served = re.findall(rf" in {re.escape(str(repo))}: dvc\.cli:main exp exec-run [^\n]*-> (\w+)",
-                                warm_log()[before:])
+            served = answers(warm_log()[before:], "dvc.cli:main exp exec-run", repo)
             assert served == ["run"] * QUEUED_AT_ONCE, f"{round_}: {served} (pipeline/warm.py, queue_env)"
         for name in names:
             line = next((line for line in status.splitlines() if name in line), "")

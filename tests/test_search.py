@@ -24,7 +24,7 @@ import yaml
 
 from pipeline import config
 from tests.helpers import (
-    PG_PASSWORD, PG_USER, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
+    PG_PASSWORD, PG_USER, answers, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
     tiny_params, trial_runs_against_experiments, warm_log,
 )
 
@@ -233,8 +233,7 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     proc = _search(repo, "--trials", "4", "--jobs", "2", "--study", "t")
     out = proc.stdout
     if os.environ.get("PIPELINE_WARM") != "0":  # the search itself ran in a warm server's child, as a stage does
-        served = re.findall(rf" in {re.escape(str(repo))}: pipeline\.search [^\n]*-> (\w+)", warm_log()[before:])
-        assert served == ["run"], served
+        assert answers(warm_log()[before:], "pipeline.search", repo) == ["run"], warm_log()[before:]
     for k in range(4):
         assert f"trial {k} [t-t{k}]" in out, out
 

@@ -26,8 +26,8 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    DVC, ROOT, SYNC, copy_project, dvc, model_names, outputs, run_env, served_stages, sh, statuses, store_content,
-    wait_for_checkpoint, warm_log, warm_server,
+    DVC, ROOT, SYNC, answers, copy_project, dvc, model_names, outputs, run_env, served_stages, sh, statuses,
+    store_content, wait_for_checkpoint, warm_log, warm_server,
 )
 
 LONG_MLP = {"mlp.epochs": 100_000, "mlp.patience": 100_000, "checkpoint.min_seconds": 0.0}
@@ -39,12 +39,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _served(log: str, stage: str, cwd: Path | None = None) -> list[str]:
-    """The server's answers to the requests for `stage` (from `cwd`): 'run <pid>', 'cold <why>', oldest first."""
-    where = re.escape(str(cwd)) if cwd else "[^\n]*"
-    return re.findall(rf" in {where}: {re.escape(stage)} -> ((?:run|cold) [^\n]*)", log)
 
 
 def _log_of(repo: Path, since: int) -> str:
@@ -71,9 +65,8 @@ def test_warm_and_cold_stages_give_the_same_bytes_runs_and_lines(tmp_path: Path)
     warm_proc = dvc(hot, "repro")
     served = warm_log()[len(before):]
     for stage in ("generate", *(f"train {m}" for m in model_names()), "evaluate"):
-        answers = _served(served, stage, hot)
-        assert [a.split()[0] for a in answers] == ["run"], f"{stage} did not run warm: {answers}"
-        assert not _served(served, stage, cold)
+        assert answers(served, stage, hot) == ["run"], f"{stage} did not run warm: {answers(served, stage, hot, full=True)}"
+        assert not answers(served, stage, cold)
     assert outputs(hot) == outputs(cold) and outputs(hot)
     assert (hot / "dvc.lock").read_bytes() == (cold / "dvc.lock").read_bytes()
     assert _masked(warm_proc.stdout, hot) == _masked(cold_proc.stdout, cold)
@@ -106,7 +99,7 @@ def test_sigkill_of_the_client_kills_the_stage_within_a_second(long_training: Pa
     before = warm_log()
     client = spawn([sys.executable, "-m", "stages", "train", "mlp"], repo)
     wait_for_checkpoint(repo, "train@mlp", client)
-    (child,) = [int(a.split()[1]) for a in _served(warm_log()[len(before):], "train mlp", repo)]
+    (child,) = [int(a.split()[1]) for a in answers(warm_log()[len(before):], "train mlp", repo, full=True)]
     assert _alive(child)
     client.send_signal(signal.SIGKILL)
     client.communicate()
@@ -130,7 +123,7 @@ def test_a_killed_server_fails_its_stage_like_a_killed_stage_and_the_next_runs_c
     with warm_server(tmp_path / "own") as (state, env):
         client = spawn([sys.executable, "-m", "stages", "train", "mlp"], repo, env)
         wait_for_checkpoint(repo, "train@mlp", client)
-        (child,) = [int(a.split()[1]) for a in _served(warm_log(env), "train mlp")]
+        (child,) = [int(a.split()[1]) for a in answers(warm_log(env), "train mlp", full=True)]
         os.kill(state["pid"], signal.SIGKILL)
         _, err = client.communicate(timeout=30)
         assert client.returncode == 137
@@ -141,7 +134,7 @@ def test_a_killed_server_fails_its_stage_like_a_killed_stage_and_the_next_runs_c
         assert statuses(repo) == {"generate": ["FINISHED"], "train@mlp": ["RUNNING"]}
         log_before = warm_log(env)
         sh(repo, sys.executable, "-m", "stages", "train", "linear_gd", env=env)
-        assert not _served(warm_log(env)[len(log_before):], "train linear_gd")  # it ran cold: no server answered it
+        assert not answers(warm_log(env)[len(log_before):], "train linear_gd")  # it ran cold: no server answered it
         assert statuses(repo) == {"generate": ["FINISHED"], "train@mlp": ["KILLED"], "train@linear_gd": ["FINISHED"]}
         deadline = time.monotonic() + 60  # the cold stage started a new server in the background
         while warm.running() is None and time.monotonic() < deadline:
@@ -201,7 +194,7 @@ def test_requests_of_another_venv_or_start_up_run_cold_and_the_server_stays(tmp_
         assert sh(repo, sys.executable, "-m", "stages", "generate", env=env | rank).returncode == 0
         proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"MKL_NUM_THREADS": "1"})
         assert proc.returncode == 0 and (repo / "data" / "truth.json").exists()
-        (first, second) = _served(warm_log(env), "generate", repo)
+        (first, second) = answers(warm_log(env), "generate", repo, full=True)
         assert first.startswith("run ") and second == "cold other start-up variables (MKL_NUM_THREADS)"
         assert warm.running() is not None
         assert (warm.thread_count({"OMP_NUM_THREADS": "3"}), warm.thread_count({"OMP_NUM_THREADS": "2,1"})) == (3, None)
@@ -299,9 +292,7 @@ def test_sync_runs_in_a_warm_child_with_the_lines_and_exit_codes_of_a_cold_one(t
     assert results["warm",] == results["cold",] and results["warm",][0] == 0 and "nothing to sync" in results["warm",][1]
     assert results["warm", "--bogus"] == results["cold", "--bogus"] == (
         2, "", "sync: unknown arguments --bogus; allowed: none, --upgrade-store, --help\n")
-    served = re.findall(rf" in {re.escape(str(repo))}: pipeline\.tracking\.spool:main (?:--bogus )?-> (\w+)",
-                        warm_log()[before:])
-    assert served == ["run", "run"], warm_log()[before:]
+    assert answers(warm_log()[before:], "pipeline.tracking.spool:main", repo) == ["run", "run"], warm_log()[before:]
 
 
 def test_dvc_commands_run_in_a_warm_child_as_in_a_process_of_their_own_and_start_no_server(tmp_path: Path) -> None:
@@ -316,8 +307,7 @@ def test_dvc_commands_run_in_a_warm_child_as_in_a_process_of_their_own_and_start
         hot = subprocess.run([*DVC, *args], cwd=repo, env=run_env(), capture_output=True, text=True, timeout=120)
         assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
     assert cold.returncode != 0 and "no-such-stage" in cold.stderr  # the last one fails
-    served = re.findall(rf" in {re.escape(str(repo))}: dvc\.cli:main [^\n]*-> (\w+)", warm_log()[before:])
-    assert served == ["run"] * len(commands), warm_log()[before:]
+    assert answers(warm_log()[before:], "dvc.cli:main", repo) == ["run"] * len(commands), warm_log()[before:]
     assert not served_stages(_log_of(repo, before), "run"), "a DVC command is not counted as a stage"
 
     none = tmp_path / "no-server"
