@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    SYNC, background, create_user, dvc, files_holding, free_port, model_names, pipeline_stages, predict_rest, run_env, sh,
+    SYNC, background, clone, create_user, dvc, files_holding, free_port, model_names, pipeline_stages, predict_rest, run_env, sh,
     warm_log,
 )
 
@@ -176,24 +176,24 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
     assert leaks == [] and not any(alice[1] in text for text in (*outputs, warm_log())), leaks
 
 
-def test_dvc_remote_fresh_clone_is_up_to_date(project: Path, tmp_path: Path) -> None:
-    """repro, push to a folder remote; a fresh clone pulls and finds nothing to recompute."""
+def test_dvc_remote_fresh_clone_is_up_to_date(baseline: Path, tmp_path: Path) -> None:
+    """A reproduced project pushes to a folder remote; a fresh clone pulls and finds nothing to recompute."""
     remote = tmp_path / "dvc-remote"
-    dvc(project, "repro")
+    project = clone(baseline, tmp_path / "repo")  # the suite's repro, its outputs in the DVC cache
     dvc(project, "remote", "add", "-d", "storage", str(remote))
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "pipeline outputs and remote")
     pushed = dvc(project, "push")
     assert any(remote.rglob("*")), pushed.stdout
 
-    clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    assert not (clone / "models" / "mlp.safetensors").exists()
-    dvc(clone, "pull")
+    fresh = tmp_path / "fresh"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(fresh))
+    assert not (fresh / "models" / "mlp.safetensors").exists()
+    dvc(fresh, "pull")
     for out in ("data/train.parquet", "models/mlp.safetensors", "metrics/evaluation/mlp.json"):
-        assert (clone / out).read_bytes() == (project / out).read_bytes(), out
-    status = dvc(clone, "status")
+        assert (fresh / out).read_bytes() == (project / out).read_bytes(), out
+    status = dvc(fresh, "status")
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
-    repro = dvc(clone, "repro")
+    repro = dvc(fresh, "repro")
     assert "Running stage" not in repro.stdout, repro.stdout
-    assert not (clone / "mlflow.db").exists()  # no stage ran, so nothing was logged
+    assert not (fresh / "mlflow.db").exists()  # no stage ran, so nothing was logged
