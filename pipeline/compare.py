@@ -297,7 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # in a warm server's child where one runs (pipeline/warm.py): MLflow, which reads the runs, loaded already
-    warm.stage_environment()  # the variables the server was started with (else it answers "cold")
-    code = warm.handoff("compare", "compare")
-    sys.exit(main() if code is None else code)
+    warm.exit_from("compare", main)  # in a warm server's child where one runs: MLflow, which reads the runs, loaded

@@ -534,7 +534,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # the search itself in a warm server's child where one runs (pipeline/warm.py): MLflow, for its parent run, loaded
-    warm.stage_environment()  # the variables the server was started with (else it answers "cold")
-    code = warm.handoff("search", "search")
-    sys.exit(main() if code is None else code)
+    warm.exit_from("search", main)  # in a warm server's child where one runs: MLflow, for its parent run, loaded
