@@ -55,6 +55,8 @@ STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is n
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
 OBJECTIVE = "best_val_loss"
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
+# `dvc exp show` failing as an experiment's temp files vanish (vanished_under_exps): look again this often, this late
+VANISHED_TRIES, VANISHED_PAUSE_S = 3, 0.5
 KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 # How often a batch's trials are looked up (`dvc exp show --json`, 0.5 s of CPU a call through the warm server, 0.8 s
 # without, taken from the trials themselves): every 2 s after a change, 1.5 times longer each time nothing changed,
@@ -389,6 +391,11 @@ def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, flo
     experiments, from `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed),
     success for an experiment run outside the queue."""
     proc = _dvc(root, "exp", "show", "--json")
+    for _ in range(VANISHED_TRIES):
+        if proc.returncode == 0 or not vanished_under_exps(proc.stderr):
+            break
+        time.sleep(VANISHED_PAUSE_S)
+        proc = _dvc(root, "exp", "show", "--json")
     if proc.returncode != 0:
         raise SearchError(f"dvc exp show failed: {_failure(proc)}")
     out: dict[str, tuple[str, float | None]] = {}
@@ -401,6 +408,13 @@ def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, flo
             if name:
                 out[name] = (state, data.get(OBJECTIVE))
     return out
+
+
+def vanished_under_exps(stderr: str) -> bool:
+    """Whether DVC failed only because a file of its experiments' temp area (.dvc/tmp/exps/) vanished as it read it:
+    an experiment being cleaned up (killed, or just finished) leaves its run folder a moment after its run file,
+    and `dvc exp show` then fails; a look a moment later does not."""
+    return bool(re.search(r"No such file or directory: '[^']*[/\\]\.dvc[/\\]tmp[/\\]exps[/\\]", stderr))
 
 
 def stop_trials(root: Path, names: Sequence[str]) -> tuple[list[str], list[str]]:
