@@ -80,8 +80,11 @@ PER_REQUEST = frozenset({"PYTHONUNBUFFERED", "TORCHINDUCTOR_CACHE_DIR"})
 LAUNCH_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 THREADS = "OMP_NUM_THREADS"
 # Every stage process starts with these (a value the user set wins), cold or warm, before torch loads:
-# OpenMP threads that wait spin briefly, then sleep (pipeline/cores.py says what it was measured against).
-STAGE_ENV = {"GOMP_SPINCOUNT": "1000"}
+# OpenMP threads that wait spin briefly, then sleep (pipeline/cores.py says what it was measured against);
+# MKL (torch's matrix products on x86 CPUs) takes its COMPATIBLE code branch, whose results are the same bits on
+# Intel and AMD CPUs (its default branch picks kernels by CPU maker: an AMD EPYC and an Intel Xeon trained other
+# weights from the same data, so a clone's `dvc repro` changed dvc.lock); no cost measured (bench/RESULTS.md).
+STAGE_ENV = {"GOMP_SPINCOUNT": "1000", "MKL_CBWR": "COMPATIBLE"}
 DEFAULT_IDLE_MINUTES = 15.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # What a child may run with the client's arguments: the stages (`python -m stages`), and the commands that load the
@@ -126,9 +129,15 @@ def private_dir() -> Path:
     return folder
 
 
+def _prefix() -> str:
+    """The virtual environment, by its real path: one reached through a symlink (a project folder opened by another
+    path, a workspace whose .venv links to a shared one) is the same venv, and its stages are served."""
+    return os.path.realpath(sys.prefix)
+
+
 def _venv_key() -> str:
     """One server per virtual environment: a short hash of its prefix."""
-    return hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return hashlib.sha256(_prefix().encode()).hexdigest()[:12]
 
 
 def paths(folder: Path | None = None) -> dict[str, Path]:
@@ -146,7 +155,7 @@ def install_stamp() -> str:
     sites = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
     names = sorted(name for site in sites if os.path.isdir(site) for name in os.listdir(site)
                    if name.endswith((".dist-info", ".egg-info", ".pth")))
-    digest = hashlib.sha256("\n".join([os.path.realpath(sys.executable), sys.prefix, *names]).encode())
+    digest = hashlib.sha256("\n".join([os.path.realpath(sys.executable), _prefix(), *names]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -173,7 +182,7 @@ def interpreter() -> dict[str, Any]:
     `sys._xoptions` is the only place Python gives the -X options (CPython, documented in `sys`).
     """
     flags = {name: getattr(sys.flags, name) for name in type(sys.flags).__match_args__ if name != "safe_path"}
-    return {"executable": sys.executable, "flags": flags, "warnoptions": list(sys.warnoptions),
+    return {"executable": os.path.realpath(sys.executable), "flags": flags, "warnoptions": list(sys.warnoptions),
             "xoptions": {k: str(v) for k, v in sys._xoptions.items()}}
 
 
@@ -225,7 +234,7 @@ def _request(argv: list[str], module: str) -> bytes:
     return json.dumps({
         "process": _process_settings(),
         "argv": argv, "module": module, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
-        "prefix": sys.prefix,
+        "prefix": _prefix(),
         "stamp": install_stamp(), "code": CODE,
         "interpreter": interpreter(),
         "streams": [_stream_settings(s) for s in (sys.stdin, sys.stdout, sys.stderr)],
@@ -563,7 +572,7 @@ class Server:
         """Why this request must run cold (None: it may run here)."""
         if self.stopping:
             return "stopping"
-        if req["prefix"] != sys.prefix:
+        if req["prefix"] != _prefix():
             return "other venv"
         if req["stamp"] != self.stamp or req["code"] != CODE or install_stamp() != self.stamp:
             return "stale"

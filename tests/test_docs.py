@@ -262,15 +262,20 @@ def tiny_text(text: str, updates: dict[str, Any]) -> str:
 
 
 def venv_stub(repo: Path) -> None:
-    """.venv as this test run's environment, linked (never installed into): tasks.sh finds its install stamp."""
-    venv = repo / ".venv"
+    """.venv as this test run's environment, linked (never installed into): tasks.sh finds its install stamp, and the
+    stages are served by this run's warm server (a venv is known by its real path). An environment without the stamp
+    (not made by tasks.sh) gets a folder of links with the stamp of its own, and a warm server of its own."""
+    venv, prefix = repo / ".venv", Path(run_env()["PATH"].split(":")[0]).parent
+    stamp = subprocess.run("cksum < pyproject.toml", shell=True, cwd=repo, capture_output=True, text=True, check=True)
+    installed = f".installed-{stamp.stdout.split()[0]}"
+    if (prefix / installed).exists():
+        venv.symlink_to(prefix)
+        return
     venv.mkdir()
-    prefix = Path(run_env()["PATH"].split(":")[0]).parent
     for entry in prefix.iterdir():
         if not entry.name.startswith("."):
             (venv / entry.name).symlink_to(entry)
-    stamp = subprocess.run("cksum < pyproject.toml", shell=True, cwd=repo, capture_output=True, text=True, check=True)
-    (venv / f".installed-{stamp.stdout.split()[0]}").touch()
+    (venv / installed).touch()
 
 
 def workspace(doc: Path, baseline: Path, dest: Path) -> Path:

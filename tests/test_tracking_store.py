@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -217,6 +218,42 @@ def test_the_private_schema_lookup_matches_a_store_made_through_the_public_api(t
     with closing(sqlite3.connect(tmp_path / "new.db")) as con:
         (made,) = con.execute("SELECT version_num FROM alembic_version").fetchone()
     assert store._schema_head() == made
+
+
+def _store_dump(path: Path) -> tuple[object, ...]:
+    """A SQLite store's schema (each table's lines in any order: MLflow's migrations recreate some tables with their
+    constraints in another order each time), version, experiments (but their times) and row counts."""
+    with closing(sqlite3.connect(path)) as con:
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return (sorted((kind, name, table, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+                       for kind, name, table, sql in con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")),
+                con.execute("SELECT version_num FROM alembic_version").fetchall(),
+                con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments").fetchall(),
+                {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables})
+
+
+def test_a_new_store_is_the_store_mlflow_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new SQLite store is a copy of an empty one kept in the venv (made once by `mlflow db upgrade`): once MLflow
+    opens it, it is the store MLflow makes itself, Default experiment included, but for the times."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))  # a venv without the empty store yet
+    monkeypatch.chdir(tmp_path)  # where MLflow puts the Default experiment's artifacts: the same for both
+    store.new_sqlite_store(tmp_path / "copied.db")
+    (empty,) = (tmp_path / "venv" / "share" / "regression-pipeline").iterdir()
+    made = empty.stat().st_mtime_ns
+    with closing(sqlite3.connect(empty)) as con:
+        assert con.execute("SELECT count(*) FROM experiments").fetchone() == (0,)  # MLflow adds Default on opening
+    for name in ("copied.db", "made.db"):
+        MlflowClient(f"sqlite:///{tmp_path / name}").search_experiments()
+    assert _store_dump(tmp_path / "copied.db") == _store_dump(tmp_path / "made.db")
+    store.new_sqlite_store(tmp_path / "again.db")  # the empty store is made once
+    assert empty.stat().st_mtime_ns == made and (tmp_path / "again.db").read_bytes() == empty.read_bytes()
+    assert not [p.name for p in (*tmp_path.iterdir(), *empty.parent.iterdir()) if p.suffix not in (".db", "")]  # no part left
+
+    monkeypatch.setattr("sys.prefix", sys.base_prefix)  # no venv: nothing kept, MLflow makes the store
+    store.new_sqlite_store(tmp_path / "outside.db")
+    assert not (tmp_path / "outside.db").exists()
 
 
 @pytest.mark.parametrize("write", ["experiment tag", "dataset"])

@@ -194,8 +194,12 @@ def test_requests_of_another_venv_or_start_up_run_cold_and_the_server_stays(tmp_
         assert sh(repo, sys.executable, "-m", "stages", "generate", env=env | rank).returncode == 0
         proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"MKL_NUM_THREADS": "1"})
         assert proc.returncode == 0 and (repo / "data" / "truth.json").exists()
-        (first, second) = answers(warm_log(env), "generate", repo, full=True)
+        linked = tmp_path / "linked-venv"  # this venv by another path: the same venv, served
+        linked.symlink_to(Path(sys.prefix).resolve())
+        assert sh(repo, str(linked / "bin" / "python"), "-m", "stages", "generate", env=env).returncode == 0
+        (first, second, third) = answers(warm_log(env), "generate", repo, full=True)
         assert first.startswith("run ") and second == "cold other start-up variables (MKL_NUM_THREADS)"
+        assert third.startswith("run "), third
         assert warm.running() is not None
         assert (warm.thread_count({"OMP_NUM_THREADS": "3"}), warm.thread_count({"OMP_NUM_THREADS": "2,1"})) == (3, None)
 
@@ -411,10 +415,10 @@ def test_stages_training_at_once_share_the_cores(tmp_path: Path, monkeypatch: py
     assert cores.claim(most=16) == 8  # alone again
 
 
-def test_every_stage_process_starts_with_the_wait_policy() -> None:
+def test_every_stage_process_starts_with_the_wait_policy_and_mkls_reproducible_branch() -> None:
     env: dict[str, str] = {}
     warm.stage_environment(env)
-    assert env == {"GOMP_SPINCOUNT": "1000"}
-    env = {"GOMP_SPINCOUNT": "5"}
+    assert env == {"GOMP_SPINCOUNT": "1000", "MKL_CBWR": "COMPATIBLE"}
+    env = {"GOMP_SPINCOUNT": "5", "MKL_CBWR": "AUTO"}
     warm.stage_environment(env)
-    assert env == {"GOMP_SPINCOUNT": "5"}  # the user's own value wins
+    assert env == {"GOMP_SPINCOUNT": "5", "MKL_CBWR": "AUTO"}  # the user's own values win

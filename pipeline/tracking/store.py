@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -263,6 +264,34 @@ def _schema_head() -> str:
     return _get_latest_schema_revision()
 
 
+def new_sqlite_store(path: Path) -> None:
+    """Make the new SQLite store `path` as a copy of an empty store of this MLflow's schema (tables, no experiment).
+
+    MLflow makes a new store by running every schema migration it has, about 1.3 s of CPU for each new workspace's
+    first stage (and each test's); the empty store is made once per virtual environment by MLflow's own `mlflow db
+    upgrade` of an empty file and kept in the venv, named by MLflow's version and schema. Opening the copy, MLflow
+    adds its Default experiment as it does to a store it made. Outside a venv, or where the venv is read-only,
+    MLflow makes the store as before. Call it holding store_lock(path).
+    """
+    if sys.prefix == sys.base_prefix:
+        return
+    empty = Path(sys.prefix) / "share" / "regression-pipeline" / f"mlflow-{mlflow.__version__}-{_schema_head()}.db"
+    try:
+        if not empty.exists():
+            from mlflow.db import upgrade  # the `mlflow db upgrade` command: on an empty file, tables at the head
+
+            empty.parent.mkdir(parents=True, exist_ok=True)
+            making = empty.with_name(f".{empty.name}.{os.getpid()}")
+            making.unlink(missing_ok=True)
+            upgrade.main([f"sqlite:///{making}"], standalone_mode=False)
+            os.replace(making, empty)  # whole or not there: stages of other workspaces may make it at once
+        copying = path.with_name(f"{path.name}.{os.getpid()}.new")  # ignored by git, like the store
+        shutil.copyfile(empty, copying)
+        os.replace(copying, path)
+    except OSError:
+        return  # a read-only venv: MLflow makes the store
+
+
 def check_sqlite_store(path: Path, timeout: float = CHECK_TIMEOUT) -> None:
     """Read the schema version and take (then roll back) a write lock: one line naming the file on failure."""
     aside = f"move it aside (`mv {path} {path}.broken`) to start a new store, or restore it from a backup ({path.name}.*.bak)"
@@ -409,6 +438,8 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     point_fluent_api_at(uri)
     if is_sqlite(uri):
         with store_lock(sqlite_file(uri)):  # the lock pre-flight waits on: nobody sees the store half made
+            if not sqlite_file(uri).exists():
+                new_sqlite_store(sqlite_file(uri))
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
