@@ -360,10 +360,11 @@ def queue_env(env: dict[str, str]) -> dict[str, str]:
     (dvc/repo/experiments/queue/tasks.py; no setting names it), and on Linux `dvc queue start` starts
     the workers themselves as `dvc exp queue-worker …` the same way. This `dvc` is `python -m
     pipeline.warm run dvc`: each of those DVC processes starts warm (an exec-run about 1 s of CPU
-    less), and runs cold, as before, where no server runs. With warm stages off, `env` as it is. tests/test_experiments.py
-    fails when the workers stop running it.
+    less), and runs cold, as before, where no server runs. With warm stages off, `env` as it is. In a warm child too
+    (a search runs in one): the workers are processes of their own, clients of the server. tests/test_experiments.py
+    and tests/test_search.py fail when the workers stop running it.
     """
-    if env.get("PIPELINE_WARM", "1") == "0" or not enabled():
+    if "0" in (env.get("PIPELINE_WARM"), os.environ.get("PIPELINE_WARM")) or not sys.platform.startswith("linux"):
         return dict(env)
     try:
         folder = private_dir() / f"bin-{_venv_key()}"

@@ -234,6 +234,8 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
     out = proc.stdout
     if os.environ.get("PIPELINE_WARM") != "0":  # the search itself ran in a warm server's child, as a stage does
         assert answers(warm_log()[before:], "pipeline.search", repo) == ["run"], warm_log()[before:]
+        # ... and its trials' DVC processes too (warm.queue_env, from the search's child)
+        assert answers(warm_log()[before:], "dvc.cli:main exp exec-run", repo) == ["run"] * 4, warm_log()[before:]
     for k in range(4):
         assert f"trial {k} [t-t{k}]" in out, out
 
