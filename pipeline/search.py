@@ -55,8 +55,10 @@ STORAGE_VAR = "OPTUNA_STORAGE"  # the team's study database, when --storage is n
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,49}$")
 OBJECTIVE = "best_val_loss"
 MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken pipeline, not a bad point)
-# `dvc exp show` failing as an experiment's temp files vanish (vanished_under_exps): look again this often, this late
-VANISHED_TRIES, VANISHED_PAUSE_S = 3, 0.5
+# `dvc exp show` failing as an experiment's temp files vanish (vanished_under_exps): look again every second for this
+# long (a killed trial's worker, cleaning up under load, took more than 1.5 s in a clean-clone run)
+VANISHED_WAIT_S = 15.0
+WORKERS_GONE_S = 60.0  # how long a batch waits for the workers told to stop to exit before it queues (workers_gone)
 KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 # How often a batch's trials are looked up (`dvc exp show --json`, 0.5 s of CPU a call through the warm server, 0.8 s
 # without, taken from the trials themselves): every 2 s after a change, 1.5 times longer each time nothing changed,
@@ -294,6 +296,7 @@ class Search:
     def run_batch(self, batch: list[tuple[Any, str, dict[str, Any]]]) -> list[tuple[float | None, str]]:
         """Trials through the DVC queue (`dvc queue start -j J`), each in a temp workspace of its own; wait for all
         of them in `dvc exp show --json`; (objective or None, error line) per trial."""
+        workers_gone(self.root)  # a worker told to stop takes a new entry as it goes, and leaves it running forever
         for _, name, point in batch:
             # --wait-for-lock: queueing holds the repo lock a moment; another search queueing then waits its turn
             proc = _dvc(self.root, "--wait-for-lock", "exp", "run", "--queue", *set_args(point), "--name", name,
@@ -390,11 +393,9 @@ def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, flo
     """{experiment name: (state, best_val_loss in the `metrics` file, None without one)} of the workspace's
     experiments, from `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed),
     success for an experiment run outside the queue."""
-    proc = _dvc(root, "exp", "show", "--json")
-    for _ in range(VANISHED_TRIES):
-        if proc.returncode == 0 or not vanished_under_exps(proc.stderr):
-            break
-        time.sleep(VANISHED_PAUSE_S)
+    proc, deadline = _dvc(root, "exp", "show", "--json"), time.monotonic() + VANISHED_WAIT_S
+    while proc.returncode != 0 and vanished_under_exps(proc.stderr) and time.monotonic() < deadline:
+        time.sleep(1.0)
         proc = _dvc(root, "exp", "show", "--json")
     if proc.returncode != 0:
         raise SearchError(f"dvc exp show failed: {_failure(proc)}")
@@ -408,6 +409,22 @@ def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, flo
             if name:
                 out[name] = (state, data.get(OBJECTIVE))
     return out
+
+
+def workers_gone(root: Path, limit: float = WORKERS_GONE_S) -> None:
+    """Wait (at most `limit` seconds) until the workspace's DVC queue workers have exited.
+
+    A worker told to stop (`dvc queue stop`: the last batch's, or a killed search's) can still take an entry queued
+    before it exits, then exit without running it: the entry stays "Running" with its run file gone, and every `dvc
+    exp show` of the workspace fails on it (seen in test_killed_search_resumes). So no trial is queued while one runs.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        status = _dvc(root, "queue", "status")
+        found = re.search(r"Worker status: (\d+) active, (\d+) idle", status.stdout)
+        if status.returncode != 0 or not found or found.groups() == ("0", "0"):
+            return
+        time.sleep(0.5)
 
 
 def vanished_under_exps(stderr: str) -> bool:

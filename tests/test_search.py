@@ -431,12 +431,13 @@ def test_restart_removes_the_studys_stale_queued_trials(tmp_path: Path) -> None:
     assert "--timeout 1e-09 s reached" in proc.stdout, proc.stdout
 
 
-def test_state_survives_an_experiments_run_file_vanishing(tmp_path: Path) -> None:
+def test_state_survives_an_experiments_run_file_vanishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An experiment being cleaned up leaves its run folder under .dvc/tmp/exps/run/ a moment after its run file, and a
     `dvc exp show` in that moment fails: the search looks again rather than ending (it did, in a killed search's
-    resume). A run folder without its file is that moment, held; it goes a second later."""
+    resume). A run folder without its file is that moment, held; it goes a few seconds later."""
     import threading
 
+    from pipeline import search
     from pipeline.search import SearchError, experiments_state, vanished_under_exps
 
     repo = copy_project(tmp_path / "repo")
@@ -444,9 +445,11 @@ def test_state_survives_an_experiments_run_file_vanishing(tmp_path: Path) -> Non
     folder.mkdir(parents=True)
     held = dvc(repo, "exp", "show", "--json", check=False)
     assert held.returncode != 0 and vanished_under_exps(held.stderr), held.stderr  # DVC still fails in that moment
-    with pytest.raises(SearchError, match=r"dvc exp show failed: .*No such file or directory: .*0123abcd\.run"):
-        experiments_state(repo)  # a folder that stays: the search says why, after its few looks
-    timer = threading.Timer(1.0, folder.rmdir)
+    with monkeypatch.context() as short:
+        short.setattr(search, "VANISHED_WAIT_S", 1.5)
+        with pytest.raises(SearchError, match=r"dvc exp show failed: .*No such file or directory: .*0123abcd\.run"):
+            experiments_state(repo)  # a folder that stays: the search says why, after its looks
+    timer = threading.Timer(3.0, folder.rmdir)
     timer.start()
     try:
         assert experiments_state(repo) == {}
