@@ -94,9 +94,9 @@ LAUNCH_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 THREADS = "OMP_NUM_THREADS"
 # Every stage process starts with these (a value the user set wins), cold or warm, before torch loads:
 # OpenMP threads that wait spin briefly, then sleep (pipeline/cores.py says what it was measured against);
-# MKL (torch's matrix products on x86 CPUs) takes its COMPATIBLE code branch, whose results are the same bits on
-# Intel and AMD CPUs (its default branch picks kernels by CPU maker: an AMD EPYC and an Intel Xeon trained other
-# weights from the same data, so a clone's `dvc repro` changed dvc.lock); no cost measured (bench/RESULTS.md).
+# MKL (torch's matrix products on x86 CPUs) takes its COMPATIBLE code branch, the one Intel documents for the same
+# results on Intel and compatible CPUs (its default branch picks kernels by CPU maker: an AMD EPYC and an Intel Xeon
+# trained other weights from the same data, so a clone's `dvc repro` changed dvc.lock); no cost measured.
 STAGE_ENV = {"GOMP_SPINCOUNT": "1000", "MKL_CBWR": "COMPATIBLE"}
 DEFAULT_IDLE_MINUTES = 15.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -359,8 +359,8 @@ def queue_env(env: dict[str, str]) -> dict[str, str]:
     DVC's queue workers run each experiment as the command `dvc exp exec-run …`, found on PATH
     (dvc/repo/experiments/queue/tasks.py; no setting names it), and on Linux `dvc queue start` starts
     the workers themselves as `dvc exp queue-worker …` the same way. This `dvc` is `python -m
-    pipeline.warm run dvc`: each of those DVC processes starts warm (an exec-run about 1 s of CPU
-    less), and runs cold, as before, where no server runs. With warm stages off, `env` as it is. In a warm child too
+    pipeline.warm run dvc`: each of those DVC processes starts warm (an exec-run 1.39 s of CPU against about
+    1.6 s cold: mostly DVC's own work), and runs cold, as before, where no server runs. With warm stages off, `env` as it is. In a warm child too
     (a search runs in one): the workers are processes of their own, clients of the server. tests/test_experiments.py
     and tests/test_search.py fail when the workers stop running it.
     """

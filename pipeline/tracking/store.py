@@ -437,9 +437,10 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
         use_server(uri)  # a no-op after the stage's pre-flight: one /health check per stage
     point_fluent_api_at(uri)
     if is_sqlite(uri):
-        with store_lock(sqlite_file(uri)):  # the lock pre-flight waits on: nobody sees the store half made
-            if not sqlite_file(uri).exists():
-                new_sqlite_store(sqlite_file(uri))
+        path = sqlite_file(uri)
+        with store_lock(path):  # the lock pre-flight waits on: nobody sees the store half made
+            if not path.exists():
+                new_sqlite_store(path)
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
