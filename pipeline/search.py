@@ -37,8 +37,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,6 @@ from typing import Any
 from pipeline import config, warm
 from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError, raise_interrupt
-from pipeline.processes import output_of_detaching
 
 STORE_FILE = "optuna.db"
 LOCK_FILE = "search.lock"  # held by the one search of a workspace while it runs
@@ -64,10 +64,6 @@ KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials 
 # without, taken from the trials themselves): every 2 s after a change, 1.5 times longer each time nothing changed,
 # at most every 8 s.
 POLL_S, POLL_GROWTH, POLL_MAX_S = 2.0, 1.5, 8.0
-# While `dvc queue start`'s workers run a batch: a look a minute whether any of it is left (most batches of short
-# trials end before the first), and 60 s after none is, the workers are told to stop (a worker that never noticed
-# its empty queue held a CI run 600 s; processes.py).
-WORKER_POLL_S, WORKER_GRACE_S = 60.0, 60.0
 
 
 class SearchError(PipelineError):
@@ -304,19 +300,20 @@ class Search:
             if proc.returncode != 0:
                 raise SearchError(f"cannot queue trial {name}: {_failure(proc)}")
         names, polls, delay, before = [name for _, name, _ in batch], 0, POLL_S, None
-        while True:
-            found = experiments_state(self.root, self.metrics)
-            now = [found.get(n, ("failed", None))[0] for n in names]
-            states = set(now)
-            if "queued" in states and polls % 5 == 0:
-                # now and then while one of ours waits: a worker that went idle and quit just as we queued would
-                # leave it stranded (workers already running are not started twice)
-                self._run_workers(names)
-            elif not states & {"queued", "running"}:
-                break
-            delay = poll_delay(delay, changed=now != before)
-            polls, before = polls + 1, now
-            time.sleep(delay)
+        with self._workers() as start_workers:
+            while True:
+                found = experiments_state(self.root, self.metrics)
+                now = [found.get(n, ("failed", None))[0] for n in names]
+                states = set(now)
+                if "queued" in states and polls % 5 == 0:
+                    # now and then while one of ours waits: a worker that went idle and quit just as we queued would
+                    # leave it stranded (workers already running are not started twice)
+                    start_workers()
+                elif not states & {"queued", "running"}:
+                    break
+                delay = poll_delay(delay, changed=now != before)
+                polls, before = polls + 1, now
+                time.sleep(delay)
         out = []
         for _, name, _ in batch:
             state, value = found.get(name, ("failed", None))
@@ -327,26 +324,35 @@ class Search:
                 out.append((None, error_line(logs.stdout) if logs.returncode == 0 else _failure(logs)))
         return out
 
-    def _run_workers(self, names: list[str]) -> None:
-        """`dvc queue start -j J`, returning when its workers have quit, or have been told to (processes.py says why):
-        at most 2 * WORKER_GRACE_S after none of `names` is queued or running any more."""
+    @contextmanager
+    def _workers(self) -> Iterator[Callable[[], None]]:
+        """A batch's queue workers: `start()` runs `dvc queue start -j J`; at the end, those started are told to stop.
+
+        Left alone, an idle worker quits at its next look at the queue, up to 10 s later (DVC's
+        TemporaryWorker), and the next batch would wait that long for it (workers_gone). The workers
+        inherit `dvc queue start`'s output: it goes to a file, which no one waits on (a pipe would
+        stay open as long as they run).
+        """
         cmd = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.args.jobs)]
-        proc = subprocess.Popen(cmd, cwd=self.root, env=warm.queue_env(self.env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # its experiments' DVC processes start warm
+        started = False
+        with tempfile.TemporaryFile("w+") as output:
 
-        def busy() -> bool:
-            found = experiments_state(self.root)
-            return any(found.get(n, ("", None))[0] in ("queued", "running") for n in names)
+            def start() -> None:
+                nonlocal started
+                output.seek(0)
+                output.truncate()
+                proc = subprocess.run(cmd, cwd=self.root, env=warm.queue_env(self.env), stdout=output,
+                                      stderr=subprocess.STDOUT, text=True)  # its experiments' DVC processes warm
+                started = True
+                if proc.returncode != 0:
+                    output.seek(0)
+                    raise SearchError(f"dvc queue start failed: {error_line(output.read())}")
 
-        try:
-            out, err = output_of_detaching(proc, busy, lambda: _dvc(self.root, "queue", "stop"),
-                                           WORKER_POLL_S, WORKER_GRACE_S)
-        finally:
-            if proc.poll() is None:  # interrupted while waiting: as subprocess.run does
-                proc.kill()
-        if proc.returncode != 0:
-            done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-            raise SearchError(f"dvc queue start failed: {_failure(done)}")
+            try:
+                yield start
+            finally:
+                if started:
+                    _dvc(self.root, "queue", "stop")
 
     def tell(self, trial: Any, name: str, value: float | None) -> tuple[str, float | None]:
         """Finish a trial in Optuna (COMPLETE, PRUNED or FAIL) and in MLflow; return its state and value.
@@ -428,10 +434,12 @@ def workers_gone(root: Path, limit: float = WORKERS_GONE_S) -> None:
 
 
 def vanished_under_exps(stderr: str) -> bool:
-    """Whether DVC failed only because a file of its experiments' temp area (.dvc/tmp/exps/) vanished as it read it:
-    an experiment being cleaned up (killed, or just finished) leaves its run folder a moment after its run file,
-    and `dvc exp show` then fails; a look a moment later does not."""
-    return bool(re.search(r"No such file or directory: '[^']*[/\\]\.dvc[/\\]tmp[/\\]exps[/\\]", stderr))
+    """Whether DVC failed only because a file of its experiments' temp area (.dvc/tmp/exps/) was missing as it read
+    it: an experiment being cleaned up (killed, or just finished) leaves its run folder a moment after its run file,
+    and one being set up has its temp workspace a moment before that workspace's .dvc folder (`directory '…' does not
+    exist`, seen as a batch was looked up while its trials started); `dvc exp show` then fails, a look a moment later
+    does not."""
+    return bool(re.search(r"(No such file or directory: '|directory ')[^']*[/\\]\.dvc[/\\]tmp[/\\]exps[/\\]", stderr))
 
 
 def stop_trials(root: Path, names: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -21,6 +21,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -44,7 +45,6 @@ from bench.workspace import ROOT, TINY, committed_params, free_port, set_params,
 from bench.workspace import env as run_env
 from pipeline import warm
 from pipeline.files import md5_file
-from pipeline.processes import output_of_detaching
 
 
 def tiny_params() -> dict[str, Any]:
@@ -570,35 +570,28 @@ def check_logged_models(repo: Path, log_dir: Path, serve: str | None = None) -> 
                     assert len(body) < 1000, (case, body[:2000])  # no echo of the request
 
 
-def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500, jobs: int = 2,
-              grace_s: float = 60) -> str:
-    """`dvc queue start -j <jobs>`, wait until its workers quit (or `grace_s` after the queue is idle, are told to:
-    pipeline/processes.py says why), stop them; return the last `dvc queue status`."""
-    end = time.monotonic() + deadline_s
+def run_queue(repo: Path, env: dict[str, str] | None = None, deadline_s: float = 1500, jobs: int = 2) -> str:
+    """`dvc queue start -j <jobs>`, wait until nothing is queued or running, stop the workers and wait until they have
+    exited (as the search does, pipeline/search.py: left alone, they quit up to 10 s later); the last `dvc queue
+    status`. Its output goes to a file: the workers inherit it, and a pipe would stay open as long as they run."""
+    from pipeline.search import poll_delay, workers_gone
 
-    def status_while_busy() -> tuple[str, bool]:
-        """`dvc queue status`, and whether anything is queued or running (past the deadline: an error)."""
-        status = dvc(repo, "queue", "status").stdout
-        busy = any(word in status for word in ("Queued", "Running"))
-        if busy and time.monotonic() > end:
-            raise AssertionError(f"queue still busy after {deadline_s:.0f} s:\n{status}")
-        return status, busy
-
-    start = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
-                             env=warm.queue_env(env or run_env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)  # as the search starts its workers: each experiment's DVC process warm
+    with tempfile.TemporaryFile("w+") as output:
+        start = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
+                               env=warm.queue_env(env or run_env()), stdout=output, stderr=subprocess.STDOUT,
+                               text=True)  # as the search starts its workers: each experiment's DVC process warm
+        output.seek(0)
+        assert start.returncode == 0, f"dvc queue start exited {start.returncode}:\n{output.read()}"
+    end, delay, before = time.monotonic() + deadline_s, 0.0, ""
     try:
-        out, _ = output_of_detaching(start, lambda: status_while_busy()[1],
-                                     lambda: dvc(repo, "queue", "stop", check=False), 15, grace_s)
-        assert start.returncode == 0, f"dvc queue start exited {start.returncode}:\n{out}"
-        while (found := status_while_busy())[1]:
-            time.sleep(5)
-        return found[0]
+        while any(word in (status := dvc(repo, "queue", "status").stdout) for word in ("Queued", "Running")):
+            assert time.monotonic() < end, f"queue still busy after {deadline_s:.0f} s:\n{status}"
+            delay, before = poll_delay(delay, changed=status != before), status
+            time.sleep(delay)
+        return status
     finally:
         dvc(repo, "queue", "stop", check=False)
-        if start.stdout and not start.stdout.closed:  # an error while waiting: the workers are stopping now
-            with suppress(subprocess.TimeoutExpired, ValueError):
-                start.communicate(timeout=60)
+        workers_gone(repo)
 
 
 def experiments(repo: Path) -> dict[str, dict[str, Any]]:

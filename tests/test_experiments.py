@@ -127,7 +127,7 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
 
 
 QUEUED_AT_ONCE = 4
-ROUNDS_BUSY = (False, False, True)  # two rounds as the machine is, then one with every core kept busy
+ROUNDS_BUSY = (False, True)  # one round as the machine is, then one with every core kept busy
 OPENING_S = 5  # after its start, well past the moment a stage has the store created or opened (under load)
 
 

@@ -30,7 +30,7 @@ def test_edited_params_and_stale_outputs_do_not_reach_tests_or_copies(tmp_path: 
     # The tests that read the defaults pass in that workspace (they failed there when they read params.yaml).
     tests = ["tests/test_defaults.py::test_params_file_is_valid_and_flattens_for_mlflow",
              "tests/test_config.py::test_repository_params_are_valid", "tests/test_sweep_params.py"]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
                           cwd=user, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert yaml.safe_load((user / "params.yaml").read_text())["mlp"]["hidden"] == [3]  # the user's edit is untouched
