@@ -44,7 +44,7 @@ from pipeline.tracking import lineage, registry
 from pipeline.tracking.provenance import process_started
 from pipeline.tracking.store import (
     BATCH, OUTAGE, PARAM_BATCH, PermissionRefused, TrackingError, backup_store, connect, failure_reason, is_sqlite,
-    permission_status, preflight, redact, sqlite_file, tracking_uri, upgrade_store, workspace_root,
+    new_sqlite_store, permission_status, preflight, redact, sqlite_file, tracking_uri, upgrade_store, workspace_root,
 )
 
 SPOOL_DIR = ".mlflow-spool"  # runs kept locally while the store was down; `./tasks.sh sync` replays them
@@ -118,6 +118,7 @@ def open_spool(
     folder = _new_folder(tags.get("stage") or "run")
     try:
         folder.mkdir(parents=True)
+        new_sqlite_store(folder / "spool.db")  # a copy, not MLflow's migrations (1.3 s of CPU; store.py)
         client = MlflowClient(f"sqlite:///{folder / 'spool.db'}")
         exp_id = client.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
         # MLflow's context tags (user, source), as mlflow.start_run adds them: a run spooled from its start has them

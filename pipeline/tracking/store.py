@@ -271,7 +271,8 @@ def new_sqlite_store(path: Path) -> None:
     first stage (and each test's); the empty store is made once per virtual environment by MLflow's own `mlflow db
     upgrade` of an empty file and kept in the venv, named by MLflow's version and schema. Opening the copy, MLflow
     adds its Default experiment as it does to a store it made. Outside a venv, or where the venv is read-only,
-    MLflow makes the store as before. Call it holding store_lock(path).
+    MLflow makes the store as before. Call it holding store_lock(path), or on a path no other process knows yet (a
+    new spool).
     """
     if sys.prefix == sys.base_prefix:
         return
