@@ -437,9 +437,11 @@ def vanished_under_exps(stderr: str) -> bool:
     """Whether DVC failed only because a file of its experiments' temp area (.dvc/tmp/exps/) was missing as it read
     it: an experiment being cleaned up (killed, or just finished) leaves its run folder a moment after its run file,
     and one being set up has its temp workspace a moment before that workspace's .dvc folder (`directory '…' does not
-    exist`, seen as a batch was looked up while its trials started); `dvc exp show` then fails, a look a moment later
-    does not."""
-    return bool(re.search(r"(No such file or directory: '|directory ')[^']*[/\\]\.dvc[/\\]tmp[/\\]exps[/\\]", stderr))
+    exist`, seen as a batch was looked up while its trials started), and a trial's run file is empty a moment before
+    DVC writes it (`unable to read: '.dvc/tmp/exps/run/…/….run', JSON file structure is corrupted`, seen in CI);
+    `dvc exp show` then fails, a look a moment later does not."""
+    return bool(re.search(r"(No such file or directory: '|directory '|unable to read: ')([^']*[/\\])?"
+                          r"\.dvc[/\\]tmp[/\\]exps[/\\]", stderr))
 
 
 def stop_trials(root: Path, names: Sequence[str]) -> tuple[list[str], list[str]]:

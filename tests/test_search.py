@@ -390,6 +390,10 @@ def test_state_survives_an_experiments_run_file_vanishing(tmp_path: Path, monkey
     assert vanished_under_exps("ERROR: failed to show experiments - directory '/w/.dvc/tmp/exps/tmpwb45kb93/.dvc' does "
                                "not exist")
     assert not vanished_under_exps("ERROR: failed to show experiments - directory '/w/.dvc' does not exist")
+    # a trial's run file read as DVC writes it (DVC's line, seen in CI as two searches looked up their batches)
+    assert vanished_under_exps("ERROR: failed to show experiments - unable to read: '.dvc/tmp/exps/run/c525e520/c525e5"
+                               "20.run', JSON file structure is corrupted: Expecting value: line 1 column 1 (char 0)")
+    assert not vanished_under_exps("ERROR: unable to read: 'dvc.lock', YAML file structure is corrupted")
 
 
 def test_on_epoch_hears_every_epoch_and_what_it_raises_stops_fit() -> None:
