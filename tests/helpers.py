@@ -78,6 +78,15 @@ def sh(repo: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = N
 
 
 DVC = [sys.executable, "-m", "pipeline.warm", "run", "dvc"]  # `python -m dvc`, warm where a server runs
+SUITE_WARM = os.environ.get("PIPELINE_WARM")  # the suite's own choice, before a test's stage_start changes it
+
+
+def suite_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default run_env()) with the suite's warm setting: for a test whose stages start cold (stage_start),
+    the commands around the one it tests (a sync, the repro after an interruption) start as the suite's do; a cold
+    process costs 4-5 s of CPU, and warm and cold give the same results (tests/test_warm.py)."""
+    out = {k: v for k, v in (env or run_env()).items() if k != "PIPELINE_WARM"}
+    return out if SUITE_WARM is None else {**out, "PIPELINE_WARM": SUITE_WARM}
 
 
 def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -999,11 +1008,12 @@ def files_holding(secret: str, *roots: Path) -> list[Path]:
 
 
 @contextmanager
-def busy_cpus(count: int | None = None, until: Callable[[], bool] = lambda: False) -> Iterator[int]:
-    """Keep `count` CPUs (default: every one) busy with spinning processes for a block, or until `until()` (asked
-    twice a second) is true; they are killed then."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
-                for _ in range(count or os.cpu_count() or 1)]
+def busy_cpus(count: int | None = None, after: Callable[[], bool] = lambda: True,
+              until: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """Keep `count` CPUs (default: every one) busy with spinning processes during a block: from when `after()` is
+    true until `until()` is (each asked twice a second), or the block's end. Yields how many spin once started."""
+    count = count or os.cpu_count() or 1
+    spinners: list[subprocess.Popen[bytes]] = []
     done = threading.Event()
 
     def stop() -> None:
@@ -1012,6 +1022,11 @@ def busy_cpus(count: int | None = None, until: Callable[[], bool] = lambda: Fals
             proc.wait()
 
     def watch() -> None:
+        while not spinners and not after():
+            if done.wait(0.5):
+                return
+        spinners.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                        for _ in range(count))
         while not done.wait(0.5):
             if until():
                 stop()
@@ -1020,7 +1035,7 @@ def busy_cpus(count: int | None = None, until: Callable[[], bool] = lambda: Fals
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        yield len(spinners)
+        yield count
     finally:
         done.set()
         watcher.join()

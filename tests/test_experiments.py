@@ -128,18 +128,27 @@ def test_queued_grid_lands_in_workspace_store(project: Path) -> None:
 
 QUEUED_AT_ONCE = 4
 ROUNDS_BUSY = (False, True)  # one round as the machine is, then one with every core kept busy
-OPENING_S = 5  # after its start, well past the moment a stage has the store created or opened (under load)
+OPENING_S = 2  # after its start, past the moment a stage has the store created or opened (under load)
+
+
+def _logged(repo: Path, since: int, what: str, count: int) -> Callable[[], bool]:
+    """Whether the warm log shows `count` of `what` (a stage or command) run for the queued experiments since line
+    `since` (in the workspace, or in their temp workspaces). With warm stages off (no log of their starts): always."""
+    pattern = rf" in {re.escape(str(repo))}(/\.dvc/tmp/exps/\S*)?: {re.escape(what)}\b[^\n]* -> run"
+    return lambda: os.environ.get("PIPELINE_WARM") == "0" or len(re.findall(pattern, warm_log()[since:])) >= count
 
 
 def _opened_the_store(repo: Path, since: int) -> Callable[[], bool]:
     """Whether every queued experiment's evaluate (each one's first stage) has run OPENING_S seconds: the race this
-    test is about is over, and the busy processes need not slow the rest of the round. With warm stages off (no
-    log of their starts): never, the processes spin to the end."""
+    test is about is over, and the busy processes need not slow the rest of the suite. With warm stages off: never,
+    the processes spin to the end."""
     all_started: list[float] = []  # when the log first showed every one
+    every = _logged(repo, since, "evaluate", QUEUED_AT_ONCE)
 
     def opened() -> bool:
-        if not all_started and len(re.findall(rf" in {re.escape(str(repo))}/\.dvc/tmp/exps/[^\n]*: evaluate -> run",
-                                              warm_log()[since:])) >= QUEUED_AT_ONCE:
+        if os.environ.get("PIPELINE_WARM") == "0":
+            return False
+        if not all_started and every():
             all_started.append(time.monotonic())
         return bool(all_started) and time.monotonic() - all_started[0] > OPENING_S
 
@@ -164,7 +173,9 @@ def test_queued_experiments_started_together_on_a_workspace_without_a_store(base
             names += re.findall(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
         assert len(names) == QUEUED_AT_ONCE, names
         before = len(warm_log())
-        with busy_cpus(until=_opened_the_store(repo, before)) if busy else nullcontext():
+        # busy from the first experiment's start (its DVC process, before its stages) until the stores are open
+        first = _logged(repo, before, "dvc.cli:main exp exec-run", 1)
+        with busy_cpus(after=first, until=_opened_the_store(repo, before)) if busy else nullcontext():
             status = run_queue(repo, jobs=QUEUED_AT_ONCE)
         round_ = f"round {number + 1}{' (busy)' if busy else ''}"
         if os.environ.get("PIPELINE_WARM") != "0":  # the workers ran each experiment's `dvc exp exec-run` warm

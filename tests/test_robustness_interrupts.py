@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.files import atomic_path
 from tests.helpers import (
-    TINY, assert_untouched, clone, dvc, output_of, outputs, runs, set_params, stage_pid, statuses, stray_temp_files, wait_for_checkpoint,
+    TINY, assert_untouched, clone, dvc, output_of, outputs, runs, set_params, stage_pid, statuses, stray_temp_files, suite_env,
+    wait_for_checkpoint,
 )
 
 
@@ -87,8 +88,8 @@ def test_interrupted_stage_is_killed_and_next_repro_completes(
     assert_untouched(repo, before, lock)
 
     set_params(repo, {"linear_gd.steps": TINY["linear_gd.steps"] + 10})
-    dvc(repo, "repro")
-    assert "up to date" in dvc(repo, "status").stdout
+    dvc(repo, "repro", env=suite_env())  # the repro after the interruptions, started as the suite's are
+    assert "up to date" in dvc(repo, "status", env=suite_env()).stdout
     final = statuses(repo)
     assert final["train@linear_gd"] == ["KILLED", "FINISHED"]  # other params: the checkpoint was not used
     assert final["evaluate"] == ["FINISHED"]

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import clone, dvc, edit_checkpoint_state, output_of, run_env, runs, set_params, stage_pids
+from tests.helpers import (
+    clone, dvc, edit_checkpoint_state, output_of, run_env, runs, set_params, stage_pids, suite_env,
+)
 
 
 # Long enough to kill mid-training (about 50 steps per epoch on TINY data), a checkpoint every epoch.
@@ -95,7 +97,7 @@ def test_killed_training_resumes_to_the_same_outputs_and_the_same_run(
         assert "train@mlp: interrupted (stopped by signal SIGTERM" in killed and "the next run resumes from it" in killed
     assert (repo / CHECKPOINT).exists()
 
-    text = output_of(dvc(repo, "repro", "train@mlp"))
+    text = output_of(dvc(repo, "repro", "train@mlp", env=suite_env()))  # the resume, started as the suite's stages
     epoch = resumed_from(text)
     assert 1 <= epoch < params["mlp.epochs"]
     assert mlp_outs(repo) == reference[nproc]

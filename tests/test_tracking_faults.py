@@ -25,6 +25,7 @@ import pytest
 
 from tests.helpers import (
     SYNC, FaultProxy, Match, copy_project, differences, dvc, proxied_server, run_env, set_params, sh, store_content,
+    suite_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -115,8 +116,9 @@ def stage(repo: Path, proxy: FaultProxy, name: str) -> subprocess.CompletedProce
 
 
 def sync(repo: Path, proxy: FaultProxy) -> subprocess.CompletedProcess[str]:
-    """`./tasks.sh sync` without its install step."""
-    return sh(repo, *SYNC, check=False, env=env_for(proxy))
+    """`./tasks.sh sync` without its install step, started as the suite's commands are (warm), also where the test's
+    stages start cold."""
+    return sh(repo, *SYNC, check=False, env=suite_env(env_for(proxy)))
 
 
 def outputs(repo: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
