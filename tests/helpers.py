@@ -323,6 +323,15 @@ def clone(baseline: Path, dest: Path) -> Path:
     return dest
 
 
+def clone_with_params(baseline: Path, dest: Path, updates: dict[str, Any]) -> Path:
+    """A clone of the baseline with `updates` committed: the stages whose params did not change are up to date (their
+    outputs, DVC cache and run cache come with it), so an experiment or a search trial runs only the others."""
+    clone(baseline, dest)
+    set_params(dest, updates)
+    sh(dest, "git", "commit", "-qam", "params")
+    return dest
+
+
 STORE_PATH_COLUMNS = (  # where MLflow's SQLite store writes the workspace's absolute path
     ("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
     ("model_versions", "storage_location"), ("model_versions", "source"), ("datasets", "dataset_source"),

@@ -23,7 +23,7 @@ import yaml
 
 from pipeline import config
 from tests.helpers import (
-    PG_PASSWORD, PG_USER, answers, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
+    PG_PASSWORD, PG_USER, answers, clone_with_params, copy_project, dvc, experiments, free_port, pg_bin, run_checked, run_env, set_params, sh,
     tiny_params, trial_runs_against_experiments, warm_log,
 )
 
@@ -157,8 +157,8 @@ def test_too_many_jobs_and_a_bad_storage_are_one_line_before_any_work(tmp_path: 
 
 
 @pytest.mark.slow
-def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", TRIAL_PARAMS)
+def test_search_two_at_a_time_end_to_end(baseline: Path, tmp_path: Path) -> None:
+    repo = clone_with_params(baseline, tmp_path / "repo", TRIAL_PARAMS)
     before = len(warm_log())
     proc = _search(repo, "--trials", "4", "--jobs", "2", "--study", "t")
     out = proc.stdout
@@ -247,10 +247,10 @@ def test_search_two_at_a_time_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_search_resumes(tmp_path: Path) -> None:
+def test_killed_search_resumes(baseline: Path, tmp_path: Path) -> None:
     # seed 2: trials 0, 1 and 2 draw three different points (a point drawn again comes from DVC's run cache, and
     # trial 1 must train to be killed while it does)
-    repo = copy_project(tmp_path / "repo", {**TRIAL_PARAMS, "seed": 2})
+    repo = clone_with_params(baseline, tmp_path / "repo", {**TRIAL_PARAMS, "seed": 2})
     cmd = [sys.executable, "-m", "pipeline.search", "--trials", "2", "--study", "k"]
     proc = subprocess.Popen(cmd, cwd=repo, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -284,7 +284,7 @@ def test_killed_search_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any, tmp_path: Path) -> None:
+def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any, baseline: Path, tmp_path: Path) -> None:
     """Two machines of a team: two workspaces, one Optuna study and one MLflow server on PostgreSQL."""
     host_port = postgres.rsplit("@", 1)[1].split("/", 1)[0]
     # a database of its own: Optuna and MLflow would both keep an alembic_version table in one
@@ -293,7 +293,7 @@ def test_two_searches_share_one_postgres_study(postgres: str, start_server: Any,
     storage = f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@{host_port}/optuna"
     server = start_server(BACKEND_STORE_URI=postgres)
     env = run_env(MLFLOW_TRACKING_URI=server.url, OPTUNA_STORAGE=storage)
-    repos = [copy_project(tmp_path / f"machine{i}", TRIAL_PARAMS) for i in (1, 2)]
+    repos = [clone_with_params(baseline, tmp_path / f"machine{i}", TRIAL_PARAMS) for i in (1, 2)]
     cmd = [sys.executable, "-m", "pipeline.search", "--trials", "4", "--study", "team"]
     first = subprocess.Popen(cmd, cwd=repos[0], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -478,12 +478,12 @@ def test_processes_of_one_study_draw_different_points(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_searches_in_one_workspace(tmp_path: Path) -> None:
+def test_two_searches_in_one_workspace(baseline: Path, tmp_path: Path) -> None:
     """A second search on a busy workspace is refused before it starts; a clone joins the same study and draws its own
     points; every MLflow run's params are those its weights were trained with, and DVC's run cache agrees."""
     search = {"space": {"mlp.lr": {"log": [0.001, 0.03]}, "mlp.hidden": {"choice": [[4], [8]]}},
               "pruner": {"kind": "none"}}
-    repos = [copy_project(tmp_path / f"clone{i}", {**TRIAL_PARAMS, "search": search}) for i in (1, 2)]
+    repos = [clone_with_params(baseline, tmp_path / f"clone{i}", {**TRIAL_PARAMS, "search": search}) for i in (1, 2)]
     storage = f"sqlite:///{repos[0] / 'optuna.db'}"
     cmd = [sys.executable, "-m", "pipeline.search", "--trials", "4", "--study", "w", "--storage", storage]
     first = subprocess.Popen(cmd, cwd=repos[0], env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -533,8 +533,8 @@ def test_two_searches_in_one_workspace(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failed_trial_says_the_stages_error(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", {**TRIAL_PARAMS, "search": {"space": {"mlp.lr": {"choice": [1.0e30]}}}})
+def test_a_failed_trial_says_the_stages_error(baseline: Path, tmp_path: Path) -> None:
+    repo = clone_with_params(baseline, tmp_path / "repo", {**TRIAL_PARAMS, "search": {"space": {"mlp.lr": {"choice": [1.0e30]}}}})
     before = len(warm_log())
     proc = _search(repo, "--trials", "1", "--study", "f", check=False)
     if os.environ.get("PIPELINE_WARM") != "0":
