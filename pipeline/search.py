@@ -58,6 +58,10 @@ MAX_FAILURES = 3  # trials failing in a row before the search gives up (a broken
 # `dvc exp show` failing as an experiment's temp files vanish (vanished_under_exps): look again every second for this
 # long (a killed trial's worker, cleaning up under load, took more than 1.5 s in a clean-clone run)
 VANISHED_WAIT_S = 15.0
+# A `dvc exp show` that reads a trial's temp workspace as DVC deletes it can hang for ever (pygit2's BlobIO waits on
+# a reader thread that died with the deleted pack; seen in CI, a killed search's resume): killed after this, and
+# asked again, as many times as there are momentary failures' looks
+SHOW_TIMEOUT_S = 60.0
 WORKERS_GONE_S = 60.0  # how long a batch waits for the workers told to stop to exit before it queues (workers_gone)
 KILL_WAIT_S = 60  # how long a start waits for a killed search's running trials to stop after `dvc queue kill`
 # How often a batch's trials are looked up (`dvc exp show --json`, 0.5 s of CPU a call through the warm server, 0.8 s
@@ -153,10 +157,16 @@ def set_args(point: dict[str, Any]) -> list[str]:
     return [a for k, v in point.items() for a in ("-S", f"{k}={json.dumps(v)}")]
 
 
-def _dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """A DVC command in a warm server's child where one runs (pipeline/warm.py), else in a process of its own."""
-    return subprocess.run([sys.executable, "-m", "pipeline.warm", "run", "dvc", *args], cwd=root, env=env,
-                          capture_output=True, text=True)
+def _dvc(root: Path, *args: str, env: dict[str, str] | None = None,
+         timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """A DVC command in a warm server's child where one runs (pipeline/warm.py), else in a process of its own.
+    Past `timeout` it is killed (a warm child with its client) and its result is a failure saying so."""
+    cmd = [sys.executable, "-m", "pipeline.warm", "run", "dvc", *args]
+    try:
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, -signal.SIGKILL, "", f"ERROR: `dvc {' '.join(args)}` hung for "
+                                           f"{timeout:g} s and was killed")
 
 
 def error_line(output: str) -> str:
@@ -399,10 +409,18 @@ def experiments_state(root: Path, metrics: str = "") -> dict[str, tuple[str, flo
     """{experiment name: (state, best_val_loss in the `metrics` file, None without one)} of the workspace's
     experiments, from `dvc exp show --json`; state is DVC's queue state (queued, running, success, failed),
     success for an experiment run outside the queue."""
-    proc, deadline = _dvc(root, "exp", "show", "--json"), time.monotonic() + VANISHED_WAIT_S
-    while proc.returncode != 0 and vanished_under_exps(proc.stderr) and time.monotonic() < deadline:
-        time.sleep(1.0)
-        proc = _dvc(root, "exp", "show", "--json")
+    def show() -> subprocess.CompletedProcess[str]:
+        return _dvc(root, "exp", "show", "--json", timeout=SHOW_TIMEOUT_S)
+
+    proc, deadline, hangs = show(), time.monotonic() + VANISHED_WAIT_S, 0
+    while proc.returncode != 0:
+        if proc.returncode == -signal.SIGKILL and hangs < 2:  # hung (or killed): ask again, twice at most
+            hangs, deadline = hangs + 1, time.monotonic() + VANISHED_WAIT_S
+        elif vanished_under_exps(proc.stderr) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        else:
+            break
+        proc = show()
     if proc.returncode != 0:
         raise SearchError(f"dvc exp show failed: {_failure(proc)}")
     out: dict[str, tuple[str, float | None]] = {}

@@ -394,6 +394,17 @@ def test_state_survives_an_experiments_run_file_vanishing(tmp_path: Path, monkey
     assert vanished_under_exps("ERROR: failed to show experiments - unable to read: '.dvc/tmp/exps/run/c525e520/c525e5"
                                "20.run', JSON file structure is corrupted: Expecting value: line 1 column 1 (char 0)")
     assert not vanished_under_exps("ERROR: unable to read: 'dvc.lock', YAML file structure is corrupted")
+    # a look that hung (killed past SHOW_TIMEOUT_S, as one reading a vanishing temp workspace did in CI) is asked again
+    real, calls = search._dvc, []
+
+    def hangs_once(root: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(kwargs.get("timeout"))
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(args, -signal.SIGKILL, "", "ERROR: `dvc exp show --json` hung")
+        return real(root, *args, **kwargs)
+
+    monkeypatch.setattr(search, "_dvc", hangs_once)
+    assert experiments_state(repo) == {} and calls == [search.SHOW_TIMEOUT_S] * 2
 
 
 def test_on_epoch_hears_every_epoch_and_what_it_raises_stops_fit() -> None:
