@@ -18,10 +18,10 @@ import pytest
 
 from pipeline import warm
 from tests.helpers import (
-    DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, Reproduced, Server, StageImports,
+    DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, ColdRepro, Reproduced, Server,
     background, bare_nodeid, built_once, committed_params, copy_project, copy_with_store, dvc, free_port,
-    known_durations, longest_first, mlflow_server_command, pg_bin, pg_owner, run_checked, run_env, served_stages, sh,
-    stage_name, warm_log,
+    known_durations, longest_first, mlflow_server_command, outputs, pg_bin, pg_owner, run_checked, run_env,
+    served_stages, sh, stage_name, store_content, warm_log,
 )
 
 
@@ -93,25 +93,52 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
 
 
 @pytest.fixture(scope="session")
-def stage_imports(tmp_path_factory: pytest.TempPathFactory) -> StageImports:
-    """What each stage's process imports: a tiny project reproduced with every stage a process of its own.
+def cold_repro(tmp_path_factory: pytest.TempPathFactory) -> ColdRepro:
+    """The run's cold `dvc repro` of a tiny project, every stage a process of its own: what each stage's process
+    imported, and what the repro left (test_warm compares a warm repro with it).
 
     tests/import_probe is a sitecustomize on PYTHONPATH (so the stages start cold: a warm
-    server's child would show the server's preloaded modules): every stage's process records,
-    at exit, which modules under pipeline/ and stages/ it loaded, and which torch compiler
-    modules. Only tests/test_stage_deps.py asks for it (one worker, one repro).
+    server's child would show the server's preloaded modules, and the server runs no request
+    whose start-up variables differ): every stage's process records, at exit, which modules
+    under pipeline/ and stages/ it loaded, and which torch compiler modules. Built once for all
+    the workers (helpers.built_once): a cold stage costs 6-7 s of CPU.
     """
-    repo = copy_project(tmp_path_factory.mktemp("imports-repo") / "repo")
-    out = tmp_path_factory.mktemp("imports")
-    # DVC's own command line (not the warm `dvc` helper, a project process the probe would record as well)
-    sh(repo, sys.executable, "-m", "dvc", "repro",
-       env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
-    modules: dict[str, set[str]] = {}
-    compiler: dict[str, set[str]] = {}
-    for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
-        modules.setdefault(stage_name(record["argv"]), set()).update(record["modules"])
-        compiler.setdefault(stage_name(record["argv"]), set()).update(record["compiler"])
-    return StageImports(repo, modules, compiler)
+    def build(folder: Path) -> dict[str, Any]:
+        from mlflow.tracking import MlflowClient
+
+        repo = copy_project(folder / "repo")
+        out = folder / "imports"
+        out.mkdir()
+        # DVC's own command line (not the warm `dvc` helper, a project process the probe would record as well)
+        proc = sh(repo, sys.executable, "-m", "dvc", "repro",
+                  env=run_env(PYTHONPATH=str(ROOT / "tests" / "import_probe"), STAGE_IMPORTS_DIR=str(out)))
+        modules: dict[str, set[str]] = {}
+        compiler: dict[str, set[str]] = {}
+        for record in map(json.loads, (p.read_text() for p in out.glob("*.json"))):
+            modules.setdefault(stage_name(record["argv"]), set()).update(record["modules"])
+            compiler.setdefault(stage_name(record["argv"]), set()).update(record["compiler"])
+        return {"stdout": proc.stdout, "stderr": proc.stderr, "outputs": outputs(repo),
+                "lock": (repo / "dvc.lock").read_text(), "git_status": sh(repo, "git", "status", "--porcelain").stdout,
+                "store": store_content(MlflowClient(f"sqlite:///{repo / 'mlflow.db'}"), "regression"),
+                "modules": {k: sorted(v) for k, v in modules.items()},
+                "compiler": {k: sorted(v) for k, v in compiler.items()}}
+
+    folder, said = built_once(tmp_path_factory, "cold-repro", build)
+    sets = {key: {stage: set(names) for stage, names in said[key].items()} for key in ("modules", "compiler")}
+    return ColdRepro(folder / "repo", **said | sets)
+
+
+@pytest.fixture(scope="session")
+def preloaded(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """The modules a fresh interpreter holds after the warm server's preload (pipeline/warm.py run as a file, as the
+    server runs it, from /): what every warm child finds loaded. Built once for all the workers (5 s of CPU)."""
+    def build(folder: Path) -> list[str]:
+        probe = (f"import json, runpy, sys; runpy.run_path({str(ROOT / 'pipeline' / 'warm.py')!r}, "
+                 "run_name='probe')['preload'](); print(json.dumps(sorted(sys.modules)))")
+        return json.loads(subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True,
+                                         check=True, cwd="/", env=run_env()).stdout)
+
+    return set(built_once(tmp_path_factory, "preloaded", build)[1])
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +206,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
-        # a session fixture only one module uses (tests/test_stage_deps.py's probe) is built once too, not per worker
+        # a session fixture only one module uses is built once too, not per worker
         if any(f.scope == "module" or (f.scope == "session" and len(modules_using[f]) == 1) for f in fixtures(item)):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
     items[:] = longest_first(items, known_durations())

@@ -109,10 +109,17 @@ class Reproduced:
 
 
 @dataclass
-class StageImports:
-    """A tiny project reproduced with each stage a process of its own, and what each stage's process imported."""
+class ColdRepro:
+    """A tiny project reproduced with each stage a process of its own: what each stage's process imported, and what
+    the repro left, read when it finished (the project's folder is shared: copy it before changing anything)."""
 
     repo: Path
+    stdout: str
+    stderr: str
+    outputs: dict[str, str]  # helpers.outputs
+    lock: str  # dvc.lock
+    git_status: str  # `git status --porcelain`
+    store: dict[str, Any]  # helpers.store_content of its experiment, through JSON (tuples as lists)
     modules: dict[str, set[str]]  # the project's modules (pipeline/, stages/), by stage
     compiler: dict[str, set[str]]  # the torch._dynamo, torch._inductor, torch.export modules each stage loaded
 
@@ -128,9 +135,7 @@ def known_durations() -> dict[str, float]:
         return {}
 
 
-def built_once(
-    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]],
-) -> tuple[Path, dict[str, Any]]:
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
     """A folder that `build` fills, and what it returned (JSON): built once for all the xdist workers of this run.
 
     The first worker builds it in the run's temp folder the workers share, under a file lock; the others wait for

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 from dvc.repo import Repo
-from tests.helpers import ROOT, StageImports, committed_params
+from tests.helpers import ROOT, ColdRepro, committed_params
 
 
 pytestmark = pytest.mark.slow
@@ -49,9 +49,15 @@ def _code_deps(stages: dict) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def ran(stage_imports: StageImports) -> dict[str, set[str]]:
+def ran(cold_repro: ColdRepro) -> dict[str, set[str]]:
     """Project modules each stage's process loaded, package markers with no code left out."""
-    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in stage_imports.modules.items()}
+    return {stage: {m for m in mods if (ROOT / m).stat().st_size} for stage, mods in cold_repro.modules.items()}
+
+
+@pytest.fixture(scope="module")
+def repo(cold_repro: ColdRepro, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the cold repro's project (the run's workers share the original), for the edits below."""
+    return shutil.copytree(cold_repro.repo, tmp_path_factory.mktemp("deps") / "repo", symlinks=True)
 
 
 def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, set[str]]) -> None:
@@ -65,9 +71,8 @@ def test_every_stage_depends_on_exactly_the_project_code_it_runs(ran: dict[str, 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
-    stage_imports: StageImports, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
+    repo: Path, ran: dict[str, set[str]], module: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    repo = stage_imports.repo
     monkeypatch.chdir(repo)  # DVC names stages relative to the working directory
     path = repo / module
     before = path.read_text()
@@ -81,20 +86,11 @@ def test_editing_a_module_reruns_exactly_the_stages_that_run_it(
     assert changed == {stage for stage, mods in ran.items() if module in _deps(mods, stage)}
 
 
-COMPILER = ("torch._dynamo", "torch._inductor", "torch.export")
-
-
-def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(stage_imports: StageImports,
-                                                                      request: pytest.FixtureRequest) -> None:
+def test_the_warm_server_preloads_every_compiler_module_a_stage_loads(cold_repro: ColdRepro, preloaded: set[str]) -> None:
     """torch.use_deterministic_algorithms and the optimizers import torch's compiler (seconds, cold): a stage
     started warm finds every such module loaded already, so it imports none anew."""
-    if hasattr(request.config, "workerinput"):  # the probe (a cold repro) is built by one worker, not by each
-        assert request.node.nodeid.endswith("@test_stage_deps"), request.node.nodeid
-    probe = (f"import runpy, sys; runpy.run_path({str(ROOT / 'pipeline' / 'warm.py')!r}, run_name='probe')['preload']()\n"
-             f"print('\\n'.join(m for m in sys.modules if m.startswith({COMPILER!r})))")
-    preloaded = set(subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, check=True,
-                                   cwd="/").stdout.split())
-    assert set(stage_imports.compiler) == set(stage_imports.modules), "every stage process was probed"
-    assert any(stage_imports.compiler.values()), "no stage loaded the compiler: the probe saw nothing"
-    for stage, loaded in stage_imports.compiler.items():
-        assert loaded <= preloaded, f"{stage} loads {sorted(loaded - preloaded)[:10]}, which the warm server does not"
+    assert set(cold_repro.compiler) == set(cold_repro.modules), "every stage process was probed"
+    assert any(cold_repro.compiler.values()), "no stage loaded the compiler: the probe saw nothing"
+    for stage, loaded in cold_repro.compiler.items():
+        missing = loaded - preloaded
+        assert not missing, f"{stage} loads {sorted(missing)[:10]}, which the warm server does not"

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import pytest
 
 from pipeline import cores, warm
 from tests.helpers import (
-    DVC, ROOT, SYNC, answers, copy_project, dvc, model_names, outputs, run_env, served_stages, sh, statuses,
+    DVC, ROOT, SYNC, ColdRepro, answers, copy_project, dvc, model_names, outputs, run_env, served_stages, sh, statuses,
     store_content, wait_for_checkpoint, warm_log, warm_server,
 )
 
@@ -57,29 +58,31 @@ def _masked(text: str, repo: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_warm_and_cold_stages_give_the_same_bytes_runs_and_lines(tmp_path: Path) -> None:
-    cold, hot = copy_project(tmp_path / "cold"), copy_project(tmp_path / "warm")
+def test_warm_and_cold_stages_give_the_same_bytes_runs_and_lines(tmp_path: Path, cold_repro: ColdRepro) -> None:
+    """A warm repro against the run's cold one (conftest.cold_repro: the same tiny project, every stage a process of
+    its own)."""
+    hot = copy_project(tmp_path / "warm")
     started = time.time() * 1000
     before = warm_log()
-    cold_proc = dvc(cold, "repro", env=run_env(PIPELINE_WARM="0"))
     warm_proc = dvc(hot, "repro")
     served = warm_log()[len(before):]
-    for stage in ("generate", *(f"train {m}" for m in model_names()), "evaluate"):
+    stages = ("generate", *(f"train {m}" for m in model_names()), "evaluate")
+    for stage in stages:
         assert answers(served, stage, hot) == ["run"], f"{stage} did not run warm: {answers(served, stage, hot, full=True)}"
-        assert not answers(served, stage, cold)
-    assert outputs(hot) == outputs(cold) and outputs(hot)
-    assert (hot / "dvc.lock").read_bytes() == (cold / "dvc.lock").read_bytes()
-    assert _masked(warm_proc.stdout, hot) == _masked(cold_proc.stdout, cold)
-    assert _masked(warm_proc.stderr, hot) == _masked(cold_proc.stderr, cold)
+    assert {s.replace(" ", "@") for s in stages} <= set(cold_repro.modules), "each cold stage was a process of its own"
+    assert outputs(hot) == cold_repro.outputs and cold_repro.outputs
+    assert (hot / "dvc.lock").read_text() == cold_repro.lock
+    assert _masked(warm_proc.stdout, hot) == _masked(cold_repro.stdout, cold_repro.repo)
+    assert _masked(warm_proc.stderr, hot) == _masked(cold_repro.stderr, cold_repro.repo)
 
     from mlflow.tracking import MlflowClient
 
-    content = [store_content(MlflowClient(f"sqlite:///{repo / 'mlflow.db'}"), "regression", since=int(started))
-               for repo in (cold, hot)]
+    content = [cold_repro.store, json.loads(json.dumps(  # as the cold one's: through JSON
+        store_content(MlflowClient(f"sqlite:///{hot / 'mlflow.db'}"), "regression", since=int(started))))]
     for run in content[0]["runs"] + content[1]["runs"]:
         run["tags"] = {k: v for k, v in run["tags"].items() if not k.startswith(("git.", "mlflow.source."))}
     assert content[1] == content[0]
-    assert sh(hot, "git", "status", "--porcelain").stdout == sh(cold, "git", "status", "--porcelain").stdout
+    assert sh(hot, "git", "status", "--porcelain").stdout == cold_repro.git_status
 
 
 # ---------------------------------------------------------------- signals and deaths
@@ -145,24 +148,34 @@ def test_a_killed_server_fails_its_stage_like_a_killed_stage_and_the_next_runs_c
 # ---------------------------------------------------------------- never stale, only you
 
 
+@pytest.fixture
+def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """The suite's warm server, which has served other tests' stages (its state, the environment that reaches it);
+    one of the test's own where the suite starts its stages cold. For the tests that only ask it things."""
+    state = request.getfixturevalue("warm_server")
+    if state is not None:
+        yield state, run_env()
+        return
+    with warm_server(tmp_path / "own") as own:
+        yield own
+
+
 @pytest.mark.slow
-def test_the_server_loads_no_project_code_no_thread_no_cuda_no_store(tmp_path: Path) -> None:
-    with warm_server(tmp_path / "own") as (state, env):
-        ready = next(line for line in warm_log(env).splitlines() if " ready: " in line)
-        assert "python threads 1, CUDA initialised False, no store opened" in ready
-        pid = state["pid"]
-        opened = []
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with suppress(FileNotFoundError):  # closed since the listing (a loaded machine: the start still ending)
-                opened.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        assert not [f for f in opened if f.endswith((".db", ".sqlite"))], opened
-        assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")  # it holds no project folder
+def test_the_server_loads_no_project_code_no_thread_no_cuda_no_store(
+    running: tuple[dict[str, Any], dict[str, str]], preloaded: set[str],
+) -> None:
+    state, env = running
+    pid = state["pid"]
+    (ready,) = [line for line in warm_log(env).splitlines() if f" ready: pid {pid}," in line]
+    assert "python threads 1, CUDA initialised False, no store opened" in ready
+    opened = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with suppress(FileNotFoundError):  # closed since the listing (a request's streams, handed to its child)
+            opened.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    assert not [f for f in opened if f.endswith((".db", ".sqlite"))], opened
+    assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")  # it holds no project folder
     # what the server imports (PRELOAD) brings in none of the project's modules: a child imports them fresh
-    probe = subprocess.run([sys.executable, "-P", "-c", (
-        f"import runpy, sys; runpy.run_path({str(ROOT / 'pipeline' / 'warm.py')!r}, run_name='probe')['preload'](); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', 'stages', 'bench', 'tests')))")],
-        capture_output=True, text=True, cwd="/", check=True, env=run_env())
-    assert probe.stdout.strip() == "[]"
+    assert not [m for m in preloaded if m.split(".")[0] in ("pipeline", "stages", "bench", "tests")]
 
 
 @pytest.mark.slow
@@ -183,25 +196,27 @@ def test_an_edited_server_exits_and_its_requests_run_cold(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_requests_of_another_venv_or_start_up_run_cold_and_the_server_stays(tmp_path: Path) -> None:
-    with warm_server(tmp_path / "own") as (state, env):
-        request = {"argv": ["stages", "generate"], "cwd": str(tmp_path), "env": {}, "path": [], "prefix": "/elsewhere",
-                   "stamp": "x", "interpreter": {}, "streams": [None, None, None]}
-        assert _raw_request(Path(state["socket"]), request) == "cold other venv"
-        repo = copy_project(tmp_path / "repo")
-        # what torchrun gives each rank runs warm: its variables, and its thread count, which the child applies
-        rank = {"OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "x", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-        assert sh(repo, sys.executable, "-m", "stages", "generate", env=env | rank).returncode == 0
-        proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"MKL_NUM_THREADS": "1"})
-        assert proc.returncode == 0 and (repo / "data" / "truth.json").exists()
-        linked = tmp_path / "linked-venv"  # this venv by another path: the same venv, served
-        linked.symlink_to(Path(sys.prefix).resolve())
-        assert sh(repo, str(linked / "bin" / "python"), "-m", "stages", "generate", env=env).returncode == 0
-        (first, second, third) = answers(warm_log(env), "generate", repo, full=True)
-        assert first.startswith("run ") and second == "cold other start-up variables (MKL_NUM_THREADS)"
-        assert third.startswith("run "), third
-        assert warm.running() is not None
-        assert (warm.thread_count({"OMP_NUM_THREADS": "3"}), warm.thread_count({"OMP_NUM_THREADS": "2,1"})) == (3, None)
+def test_requests_of_another_venv_or_start_up_run_cold_and_the_server_stays(
+    running: tuple[dict[str, Any], dict[str, str]], tmp_path: Path,
+) -> None:
+    state, env = running
+    request = {"argv": ["stages", "generate"], "cwd": str(tmp_path), "env": {}, "path": [], "prefix": "/elsewhere",
+               "stamp": "x", "interpreter": {}, "streams": [None, None, None]}
+    assert _raw_request(Path(state["socket"]), request) == "cold other venv"
+    repo = copy_project(tmp_path / "repo")
+    # what torchrun gives each rank runs warm: its variables, and its thread count, which the child applies
+    rank = {"OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "x", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert sh(repo, sys.executable, "-m", "stages", "generate", env=env | rank).returncode == 0
+    proc = sh(repo, sys.executable, "-m", "stages", "generate", env=env | {"MKL_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and (repo / "data" / "truth.json").exists()
+    linked = tmp_path / "linked-venv"  # this venv by another path: the same venv, served
+    linked.symlink_to(Path(sys.prefix).resolve())
+    assert sh(repo, str(linked / "bin" / "python"), "-m", "stages", "generate", env=env).returncode == 0
+    (first, second, third) = answers(warm_log(env), "generate", repo, full=True)
+    assert first.startswith("run ") and second == "cold other start-up variables (MKL_NUM_THREADS)"
+    assert third.startswith("run "), third
+    assert warm.running() is not None
+    assert (warm.thread_count({"OMP_NUM_THREADS": "3"}), warm.thread_count({"OMP_NUM_THREADS": "2,1"})) == (3, None)
 
 
 def _raw_request(path: Path, request: dict[str, Any]) -> str:
