@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,8 +20,8 @@ import pytest
 from pipeline import warm
 from tests.helpers import (
     DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, ColdRepro, Reproduced, Server,
-    background, bare_nodeid, built_once, committed_params, copy_project, copy_with_store, dvc, free_port,
-    known_durations, longest_first, mlflow_server_command, outputs, pg_bin, pg_owner, run_checked, run_env,
+    bare_nodeid, built_once, committed_params, copy_project, copy_with_store, dvc, free_port,
+    known_durations, longest_first, mlflow_server, outputs, pg_bin, pg_owner, run_checked, run_env,
     served_stages, sh, stage_name, store_content, warm_log,
 )
 
@@ -244,18 +245,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Any]:
     """Start scripts/mlflow-server.sh on a free local port; stop its process group afterwards."""
-    started: list[Server] = []
+    numbers = itertools.count()  # one folder and log per server
     with ExitStack() as stack:
 
         def start(*args: str, **env: str) -> Server:
-            n = len(started)  # one folder and log per server
-            folder, port = tmp_path / f"server{n}", free_port()
-            cmd, server_env = mlflow_server_command(folder, port)
-            url = f"http://127.0.0.1:{port}"
-            stack.enter_context(background([*cmd, *args], f"{url}/health", tmp_path / f"server{n}.log",
-                                           env=server_env | env))
-            started.append(Server(url, folder))
-            return started[-1]
+            return stack.enter_context(mlflow_server(tmp_path / f"server{next(numbers)}", *args, **env))
 
         yield start
 

@@ -897,12 +897,21 @@ SYNC = [sys.executable, "-m", "pipeline.warm", "run", "sync"]  # `./tasks.sh syn
 
 
 @contextmanager
+def mlflow_server(folder: Path, *args: str, **env: str) -> Iterator[Server]:
+    """scripts/mlflow-server.sh (with `args`, and `env` added to its environment) on a free local port, its store in
+    `folder` and its log beside it, for the length of a block; its whole process group is stopped after."""
+    port = free_port()
+    cmd, server_env = mlflow_server_command(folder, port)
+    url = f"http://127.0.0.1:{port}"
+    with background([*cmd, *args], f"{url}/health", folder.parent / f"{folder.name}.log", env=server_env | env):
+        yield Server(url, folder)
+
+
+@contextmanager
 def proxied_server(folder: Path) -> Iterator[FaultProxy]:
     """A real `mlflow server` with its store in `folder`, behind a FaultProxy; both stopped afterwards."""
-    port = free_port()
-    cmd, env = mlflow_server_command(folder / "store", port)
-    with background(cmd, f"http://127.0.0.1:{port}/health", folder / "server.log", env=env):
-        front = FaultProxy(f"http://127.0.0.1:{port}")
+    with mlflow_server(folder / "store") as server:
+        front = FaultProxy(server.url)
         try:
             yield front
         finally:

@@ -13,16 +13,27 @@ import os
 import queue
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import Server, mlflow_server
 
 EXPERIMENT = "registry-race"
 DIGEST = "f" * 32
 WORKERS = int(os.environ.get("RACE_WORKERS", 8))
 ROUNDS = int(os.environ.get("RACE_ROUNDS", 6))
 CLAIM = re.compile(r"^regression-race\d+ v(\d+): (first|new|already) champion\b")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `mlflow server` for both races (about 6 s of CPU to start): each has an experiment and registered
+    models of its own."""
+    with mlflow_server(tmp_path_factory.mktemp("race") / "server") as running:
+        yield running
 
 
 def _reported(scores: list[float], index: int) -> float:
@@ -68,8 +79,8 @@ def _evaluate(index: int, rounds: list[tuple[str, list[float], bool]], barrier: 
 
 
 @pytest.mark.slow
-def test_concurrent_evaluates_leave_the_best_as_champion(start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = start_server()
+def test_concurrent_evaluates_leave_the_best_as_champion(server: Server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     from mlflow.tracking import MlflowClient
@@ -145,7 +156,7 @@ STAGE_RACE_ROUNDS = 2
 
 
 @pytest.mark.slow
-def test_eight_evaluate_stages_at_once_leave_the_best_as_champion(baseline: Path, start_server: Any,
+def test_eight_evaluate_stages_at_once_leave_the_best_as_champion(baseline: Path, server: Server,
                                                                   tmp_path: Path) -> None:
     """8 workspace copies, each with its own linear_gd weights (the baseline's, its bias shifted by another amount,
     so another test MSE) and the finished train@linear_gd run with a logged model that evaluate looks them up by,
@@ -167,7 +178,6 @@ def test_eight_evaluate_stages_at_once_leave_the_best_as_champion(baseline: Path
     from pipeline.files import md5_file
     from tests.helpers import clone, run_env, set_params
 
-    server = start_server()
     env = run_env(MLFLOW_TRACKING_URI=server.url)
     client = MlflowClient(server.url)
     experiment_id = client.create_experiment("stage-race")
