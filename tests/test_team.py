@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers import (
-    SYNC, background, clone, create_user, dvc, files_holding, free_port, model_names, pipeline_stages, predict_rest, run_env, sh,
-    warm_log,
+    SYNC, Server, background, clone, create_user, dvc, files_holding, free_port, mlflow_server, model_names,
+    pipeline_stages, predict_rest, run_env, set_params, sh, warm_log,
 )
 
 
 pytestmark = pytest.mark.slow
 
 STAGES = set(pipeline_stages())
+ADMIN = ("admin", "Admin-pass-for-tests-1")
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One basic-auth `mlflow server` (scripts/mlflow-server.sh --auth) for the module's two tests of it, each with
+    users and an experiment of its own; each test changes only its own copy (dataclasses.replace) of what it yields."""
+    with mlflow_server(tmp_path_factory.mktemp("auth") / "server", "--auth", MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1],
+                       MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key") as server:
+        yield server
 
 
 def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any) -> None:
@@ -64,16 +76,15 @@ def test_pipeline_logs_through_tracking_server(project: Path, start_server: Any)
     assert (stored / "pyfunc_model.py").is_file() and (stored / "code" / "pipeline" / "models.py").is_file()
 
 
-def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -> None:
+def test_basic_auth_server_needs_credentials(project: Path, auth_server: Server) -> None:
     """With --auth, anonymous requests and stages are refused in one line; a created user can log."""
-    admin = ("admin", "Admin-pass-for-tests-1")
-    server = start_server("--auth", MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key",
-                          MLFLOW_AUTH_ADMIN_PASSWORD=admin[1])
+    server, admin = dataclasses.replace(auth_server), ADMIN
+    set_params(project, {"mlflow.experiment": "auth"})  # the other test of the server logs to `regression`
     with pytest.raises(urllib.error.HTTPError) as refused:
         server.api("experiments/search", max_results="1")
     assert refused.value.code == 401
-    alice = ("alice", "Alice-pass-for-tests-1")
-    server.request("/api/2.0/mlflow/users/create", {"username": alice[0], "password": alice[1]}, auth=admin)
+    carol = ("carol", "Carol-pass-for-tests-1")
+    server.request("/api/2.0/mlflow/users/create", {"username": carol[0], "password": carol[1]}, auth=admin)
 
     anonymous = sh(project, "python", "-m", "stages", "generate", check=False, env=run_env(MLFLOW_TRACKING_URI=server.url))
     assert anonymous.returncode == 1
@@ -81,28 +92,28 @@ def test_basic_auth_server_needs_credentials(project: Path, start_server: Any) -
     assert "Traceback" not in anonymous.stderr
 
     sh(project, "python", "-m", "stages", "generate", env=run_env(
-        MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=alice[0], MLFLOW_TRACKING_PASSWORD=alice[1]))
-    server.auth = alice
-    exp = server.api("experiments/get-by-name", experiment_name="regression")["experiment"]
+        MLFLOW_TRACKING_URI=server.url, MLFLOW_TRACKING_USERNAME=carol[0], MLFLOW_TRACKING_PASSWORD=carol[1]))
+    server.auth = carol
+    exp = server.api("experiments/get-by-name", experiment_name="auth")["experiment"]
     runs = server.api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    assert [(r["info"]["run_name"], r["info"]["user_id"]) for r in runs] == [("generate", "alice")]
+    assert [(r["info"]["run_name"], r["info"]["user_id"]) for r in runs] == [("generate", "carol")]
     # a worker trusts a password it checked for 60 s (each check is a slow hash by design): a wrong one still fails
     assert "\nauth_cache_ttl_seconds = 60\n" in (server.folder / "basic_auth.ini").read_text()
-    server.auth = (alice[0], alice[1] + "-wrong")
+    server.auth = (carol[0], carol[1] + "-wrong")
     with pytest.raises(urllib.error.HTTPError) as wrong:
-        server.api("experiments/get-by-name", experiment_name="regression")
+        server.api("experiments/get-by-name", experiment_name="auth")
     assert wrong.value.code == 401
 
 
 def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
-    project: Path, start_server: Any, tmp_path: Path,
+    project: Path, auth_server: Server, tmp_path: Path,
 ) -> None:
     """docs/team.md's path for a user who is not an admin, end to end on a basic-auth server, the password inside
     MLFLOW_TRACKING_URI: generate -> train -> evaluate (the registry included) -> compare, sync -> serve the champion.
     Nothing is spooled; the password is in no output, log, run, tag, param or file. A second user refused by the
     registry mid-run gets one line, and nothing is spooled as an outage."""
-    admin, alice, bob = ("admin", "Admin-pass-for-tests-1"), ("alice", "Alice-uri-Pass-9z"), ("bob", "Bob-env-Pass-4k")
-    server = start_server("--auth", MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key", MLFLOW_AUTH_ADMIN_PASSWORD=admin[1])
+    admin, alice, bob = ADMIN, ("alice", "Alice-uri-Pass-9z"), ("bob", "Bob-env-Pass-4k")
+    server = dataclasses.replace(auth_server)
     create_user(server, admin, alice)
     create_user(server, admin, bob)
     server.auth = alice
@@ -172,7 +183,8 @@ def test_non_admin_user_runs_registers_and_serves_with_the_password_in_the_uri(
         assert predict_rest(f"http://127.0.0.1:{port}", rows) == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert f"serve: regression-mlp version 1 (alias @champion) from {shown}" in log.read_text(), log.read_text()
 
-    leaks = files_holding(alice[1], tmp_path)  # the project, the server's store (every run, tag, param), the logs
+    # the project, the logs, the server's store (every run, tag, param) and its log
+    leaks = files_holding(alice[1], tmp_path, server.folder.parent)
     assert leaks == [] and not any(alice[1] in text for text in (*outputs, warm_log())), leaks
 
 
