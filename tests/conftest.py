@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import bench.workspace
 from pipeline import warm
 from tests.helpers import (
     DURATIONS, PG_DB, PG_PASSWORD, PG_TOOLS, PG_USER, REMOTE_TOKEN, ROOT, SECRETS, ColdRepro, Reproduced, Server,
@@ -127,6 +128,17 @@ def cold_repro(tmp_path_factory: pytest.TempPathFactory) -> ColdRepro:
     folder, said = built_once(tmp_path_factory, "cold-repro", build)
     sets = {key: {stage: set(names) for stage, names in said[key].items()} for key in ("modules", "compiler")}
     return ColdRepro(folder / "repo", **said | sets)
+
+
+@pytest.fixture(scope="session")
+def default_repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's `dvc repro` of the project at its committed defaults (not tiny): what README's figures and the
+    defaults' scores come from. Built once for all the workers; copy it (helpers.clone) before changing anything."""
+    def build(folder: Path) -> dict[str, str]:
+        dvc(bench.workspace.copy_project(folder / "repo", {}), "repro", timeout=1200)
+        return {}
+
+    return built_once(tmp_path_factory, "default-repro", build)[0] / "repo"
 
 
 @pytest.fixture(scope="session")
