@@ -300,3 +300,32 @@ def test_stages_writing_the_same_row_at_once_all_succeed(write: str, tmp_path: P
             for k, run in enumerate(stage_runs):
                 (found,) = clients[0].get_run(run.run_id).inputs.dataset_inputs
                 assert found.dataset.digest == f"{k:032x}"
+
+
+def test_a_sync_that_cannot_look_its_run_up_stops_instead_of_making_a_second_one(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """spool._store_run: only a store that says the run does not exist (it was replaced) gets a new run; a store that
+    fails to answer (busy, a server error) stops the sync, so the run it holds is not copied a second time."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import spool
+
+    store.new_sqlite_store(tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("regression")
+    run = client.create_run(exp_id, run_name="train@linear")
+    folder = tmp_path / "spooled"
+    folder.mkdir()
+
+    def busy(run_id: str) -> None:
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(client, "get_run", busy)
+        with pytest.raises(MlflowException, match="database is locked"):
+            spool._store_run(client, exp_id, run, folder, {"run_id": run.info.run_id})
+    assert [r.info.run_id for r in client.search_runs([exp_id])] == [run.info.run_id]  # no second copy
+    assert spool._store_run(client, exp_id, run, folder, {"run_id": run.info.run_id}) == run.info.run_id
+    gone = spool._store_run(client, exp_id, run, folder, {"run_id": "0" * 32})  # a replaced store: a new run
+    assert gone != run.info.run_id and len(client.search_runs([exp_id])) == 2

@@ -200,8 +200,10 @@ def _store_run(dest: MlflowClient, exp_id: str, run: Any, folder: Path, meta: di
         try:
             dest.get_run(run_id)
             return run_id
-        except MlflowException:  # the store was replaced since: the run comes back as a new one
-            pass
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # busy, refused, a server error: not a lost run, and a
+                raise  # new one would be a second copy (sync stops, the spool stays for the next one)
+            # the store was replaced since: the run comes back as a new one
     found = dest.search_runs([exp_id], filter_string=f"tags.`{SYNCED_TAG}` = '{folder.name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
