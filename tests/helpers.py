@@ -694,6 +694,7 @@ class FaultProxy:
         self.match: Match | None = None
         self.mode = "503"
         self.broken = False
+        self.once = False  # heal after the first request that fails
         self.failed: list[str] = []  # "METHOD path" of each request answered with a fault
         self.count = 0
         self.kill: tuple[int, int] | None = None
@@ -720,6 +721,7 @@ class FaultProxy:
                         proxy.kill, proxy.killed_at, fault = None, f"{self.command} {self.path}", "drop"
                     if fault:
                         proxy.failed.append(f"{self.command} {self.path}")
+                        proxy.broken = proxy.broken and not proxy.once
                 if fault == "drop":
                     self.close_connection = True
                     return
@@ -767,10 +769,10 @@ class FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def fail_when(self, match: Match, mode: str = "503") -> None:
-        """Fail from the first request `match` accepts on, until `heal`."""
+    def fail_when(self, match: Match, mode: str = "503", once: bool = False) -> None:
+        """Fail from the first request `match` accepts on, until `heal` (`once`: that request only)."""
         with self.lock:
-            self.match, self.mode, self.broken, self.failed = match, mode, False, []
+            self.match, self.mode, self.broken, self.failed, self.once = match, mode, False, [], once
 
     def fail_now(self, mode: str = "drop") -> None:
         """Fail every request from now on (the server is gone), until `heal`."""
